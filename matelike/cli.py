@@ -14,6 +14,20 @@ from typing import Callable, Sequence
 
 # Modules that contribute subcommands, in the order they appear in `matelike --help`.
 MODULES: tuple[str, ...] = (
+    "matelike.data_check",
+    "matelike.pack",
+    "matelike.demo_data",
+    "matelike.evaluate",
+    "matelike.tokenizer",
+    "matelike.pretrain",
+    "matelike.sft",
+    "matelike.dpo",
+    "matelike.pairs",
+    "matelike.chat",
+    "matelike.serve",
+    "matelike.bench.serve",
+    "matelike.model_cli",
+    "matelike.bench.generate",
 )
 
 

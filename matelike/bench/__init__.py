@@ -1,0 +1,1 @@
+"""`matelike bench ...`: throughput figures, each command printing one JSON line."""

@@ -1,0 +1,202 @@
+"""`matelike bench tokenize` and `matelike bench pack`: data-stage throughput and peak memory, one JSON line each.
+
+The benchmark corpus is generated here, no download: Chinese-like documents of words drawn from a Zipf
+distribution over a synthetic lexicon built from common characters, with clause punctuation, some English
+words and numbers. It has the statistics that matter for BPE speed (frequent short words, a long tail of
+rare ones, clause-length pre-tokens) without shipping a large corpus. Each measured command runs in a
+child process, so its peak resident memory (ru_maxrss of children, which covers pack's workers) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from matelike.cli import CommandTable
+
+# About 500 frequent Chinese characters; the lexicon draws from them with a Zipf skew, plus rare CJK.
+COMMON_CHARS = (
+    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面"
+    "而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性"
+    "好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第"
+    "向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管"
+    "特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做必战先回则任取据处"
+    "队南给色光门即保治北造百规热领七海口东导器压志世金增争济阶油思术极交受联什认六共权收证改清己美再采转更单"
+    "风切打白教速花带安场身车例真务具万每目至达走积示议声报斗完类八离华名确才科张信马节话米整空元况今集温传土"
+    "许步群广石记需段研界拉林律叫且究观越织装影算低持音众书布复容儿须际商非验连断深难近矿千周委素技备半办青省"
+    "列习响约支般史感劳便团往酸历市克何除消构府称太准精值号率族维划选标写存候毛亲快效斯院查江型眼王按格养易置"
+    "派层片始却专状育厂京识适属圆包火住调满县局照参红细引听该铁价严"
+)
+ENGLISH = ("the", "model", "data", "GPU", "AI", "iPhone", "Python", "Beijing", "OK", "WiFi", "App", "CEO")
+PUNCT = ("，", "，", "，", "、", "。", "。", "！", "？", "；", "：")
+
+
+def synthetic_documents(seed: int = 0, lexicon_size: int = 30_000) -> Iterator[str]:
+    """Endless Chinese-like documents (deterministic for a seed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    chars = np.array(list(COMMON_CHARS))
+    char_p = 1.0 / np.arange(1, len(chars) + 1) ** 0.9
+    char_p /= char_p.sum()
+    lengths = rng.choice([1, 2, 3, 4], size=lexicon_size, p=[0.3, 0.5, 0.12, 0.08])
+    picks = rng.choice(len(chars), size=int(lengths.sum()), p=char_p)
+    rare = rng.random(picks.size) < 0.01  # a rare character now and then: the long tail BPE leaves as bytes
+    words: list[str] = []
+    pos = 0
+    for n in lengths:
+        w = "".join(chr(int(rng.integers(0x4E00, 0x9FA5))) if rare[pos + k] else chars[picks[pos + k]]
+                    for k in range(n))
+        words.append(w)
+        pos += n
+    words += list(ENGLISH)
+    word_p = 1.0 / np.arange(1, len(words) + 1) ** 1.05
+    word_p /= word_p.sum()
+    while True:
+        # Draw in bulk (numpy), assemble in Python: fast enough to write 200 MB in well under a minute.
+        draws = rng.choice(len(words), size=1_000_000, p=word_p).tolist()
+        clause_lens = rng.integers(2, 12, size=150_000).tolist()
+        puncts = rng.integers(0, len(PUNCT), size=150_000).tolist()
+        numbers = rng.integers(0, 100_000, size=150_000).tolist()
+        doc_lens = rng.integers(3, 60, size=5_000).tolist()
+        w = c = 0
+        for n_clauses in doc_lens:
+            if c + n_clauses > len(clause_lens) or w + 12 * n_clauses > len(draws):
+                break
+            parts: list[str] = []
+            for _ in range(n_clauses):
+                n = clause_lens[c]
+                parts.append("".join([words[i] for i in draws[w:w + n]]))
+                w += n
+                if numbers[c] % 17 == 0:
+                    parts.append(str(numbers[c]))
+                parts.append(PUNCT[puncts[c]])
+                c += 1
+            yield "".join(parts)
+
+
+def write_corpus(path: Path, n_bytes: int, seed: int = 0, as_jsonl: bool = True) -> int:
+    """Write synthetic documents to `path` until it holds at least `n_bytes`; returns the number of documents."""
+    n_docs = size = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in synthetic_documents(seed):
+            line = json.dumps({"text": doc}, ensure_ascii=False) if as_jsonl else doc
+            f.write(line + "\n")
+            size += len(line.encode("utf-8")) + 1
+            n_docs += 1
+            if size >= n_bytes:
+                break
+    return n_docs
+
+
+def _run_child(cmd: list[str]) -> tuple[float, int, str]:
+    """Run `cmd`; returns (wall seconds, peak RSS in MB of it and its descendants, stdout)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, max over waited children
+    # ru_maxrss of children is a running maximum; an earlier larger child would hide this one.
+    peak_mb = peak // 1024 if peak > before else -1
+    return wall, peak_mb, r.stdout
+
+
+def _workdir(args: argparse.Namespace):
+    return tempfile.TemporaryDirectory(prefix="matelike-bench-", dir=args.tmp_dir)
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    with _workdir(args) as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        t0 = time.perf_counter()
+        docs = write_corpus(corpus, int(args.mb * 1e6), seed=args.seed)
+        gen_s = time.perf_counter() - t0
+        n_bytes = corpus.stat().st_size
+        cmd = [sys.executable, "-m", "matelike", "tokenizer", "train", "--input", str(corpus), "--out",
+               str(Path(tmp) / "tok"), "--vocab-size", str(args.vocab_size), "--quiet"]
+        if args.max_chars:
+            cmd += ["--max-chars", str(args.max_chars)]
+        wall, peak_mb, _ = _run_child(cmd)
+        info = json.loads((Path(tmp) / "tok" / "tokenizer_train.json").read_text(encoding="utf-8"))
+    print(json.dumps({
+        "bench": "tokenize",
+        "input_mb": round(n_bytes / 1e6, 1),
+        "documents": docs,
+        "vocab_size": args.vocab_size,
+        "train_chars": info["train_chars"],
+        "seconds": round(wall, 2),
+        "mb_per_s": round(n_bytes / 1e6 / wall, 2),
+        "peak_rss_mb": peak_mb,
+        "chars_per_token": info.get("chars_per_token"),
+        "bytes_per_token": info.get("bytes_per_token"),
+        "corpus_gen_s": round(gen_s, 1),
+        "cpus": os.cpu_count(),
+    }))
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    with _workdir(args) as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        docs = write_corpus(corpus, int(args.mb * 1e6), seed=args.seed)
+        tok_dir = Path(tmp) / "tok"
+        if args.tokenizer:
+            tok_dir = Path(args.tokenizer)
+        else:
+            from matelike.tokenizer import train_tokenizer
+
+            train_tokenizer([corpus], tok_dir, vocab_size=args.vocab_size, max_chars=2_000_000, progress=False)
+        n_bytes = corpus.stat().st_size
+        results = {}
+        for workers in args.workers:
+            out = Path(tmp) / f"w{workers}.bin"
+            wall, peak_mb, _ = _run_child([sys.executable, "-m", "matelike", "data", "pack", "--tokenizer",
+                                           str(tok_dir), "--input", str(corpus), "--out", str(out), "--workers",
+                                           str(workers), "--quiet"])
+            meta = json.loads(Path(str(out) + ".json").read_text(encoding="utf-8"))
+            results[workers] = {"seconds": round(wall, 2), "mb_per_s": round(n_bytes / 1e6 / wall, 2),
+                                "peak_rss_mb": peak_mb, "tokens": meta["tokens"]}
+        best = max(results, key=lambda w: results[w]["mb_per_s"])
+    print(json.dumps({
+        "bench": "pack",
+        "input_mb": round(n_bytes / 1e6, 1),
+        "documents": docs,
+        "tokens": results[best]["tokens"],
+        "bytes_per_token": round(n_bytes / results[best]["tokens"], 3),
+        "mb_per_s": results[best]["mb_per_s"],
+        "best_workers": best,
+        "peak_rss_mb": results[best]["peak_rss_mb"],
+        "by_workers": {str(w): r for w, r in results.items()},
+        "cpus": os.cpu_count(),
+    }))
+    return 0
+
+
+def add_cli(table: "CommandTable") -> None:
+    p = table.group_command("bench", "tokenize", "tokenizer training speed and peak memory (one JSON line)",
+                            _cmd_tokenize, group_help="throughput benchmarks, one JSON line each")
+    p.add_argument("--mb", type=float, default=200.0, help="size of the generated jsonl corpus")
+    p.add_argument("--vocab-size", type=int, default=6400)
+    p.add_argument("--max-chars", type=int, default=0, help="passed to tokenizer train (0: its default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tmp-dir", help="where to write the temporary corpus (default: system temp)")
+
+    p = table.group_command("bench", "pack", "packing speed (MB/s of jsonl) and peak memory (one JSON line)",
+                            _cmd_pack, group_help="throughput benchmarks, one JSON line each")
+    p.add_argument("--mb", type=float, default=100.0, help="size of the generated jsonl corpus")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: train a 6400 vocab on the corpus)")
+    p.add_argument("--vocab-size", type=int, default=6400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tmp-dir", help="where to write the temporary corpus (default: system temp)")

@@ -1,0 +1,163 @@
+"""`matelike bench generate`: our decode/prefill speed against transformers' generate on the same directory.
+
+The bench builds a randomly initialised model of the preset, saves it as a model directory in a
+temporary folder, loads it back with both our loader and `AutoModelForCausalLM`, and times greedy
+generation of random prompts (no stop tokens, so every run produces exactly the requested length).
+Decode speed = new tokens / (time for prompt + N tokens - time for prompt + 1 token), so prefill is
+excluded. It also reports the peak resident memory of loading the `0.2b` preset in fp16 and bf16,
+each measured in a fresh subprocess. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from matelike.cli import CommandTable
+
+
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _speeds(run: Callable[[int, int], Any], batch_sizes: list[int], prompt_len: int, new: int, repeats: int) -> dict:
+    """run(batch, n_new) generates n_new tokens for `batch` prompts; returns tok/s figures."""
+    out: dict[str, float] = {}
+    run(1, 2)  # warm-up (allocator, thread pool, lazy imports)
+    for b in batch_sizes:
+        t_prefill = _best_time(lambda: run(b, 1), repeats)
+        t_total = _best_time(lambda: run(b, new + 1), repeats)
+        out[f"decode_tok_s_b{b}"] = round(b * new / max(t_total - t_prefill, 1e-9), 1)
+        out[f"prefill_tok_s_b{b}"] = round(b * prompt_len / t_prefill, 1)
+    return out
+
+
+def peak_load_memory(model_dir: str, dtype_name: str) -> dict[str, float]:
+    """Run in a fresh process: peak RSS growth (MB) while loading, then after a short generation."""
+    import torch
+
+    from matelike.generate import generate
+    from matelike.model_io import load_model
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    model, _ = load_model(model_dir, dtype=getattr(torch, dtype_name))
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    generate(model, [[1, 2, 3, 4]], max_new_tokens=8, temperature=0)
+    gen = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "weights_mb": round(weights / 1e6, 1),
+        "peak_load_mb": round((loaded - base) * 1024 / 1e6, 1),
+        "peak_generate_mb": round((gen - base) * 1024 / 1e6, 1),
+    }
+
+
+def _memory(preset: str, tmp: Path) -> dict[str, Any]:
+    import torch
+
+    from matelike.model import Transformer, get_preset
+    from matelike.model_io import save_model
+
+    model = Transformer(get_preset(preset)).to(torch.float16)
+    n_params = model.num_params()
+    save_model(model, None, tmp / preset)
+    del model
+    out: dict[str, Any] = {"preset": preset, "params": n_params}
+    for dtype in ("float16", "bfloat16"):
+        code = (
+            "import json; from matelike.bench.generate import peak_load_memory; "
+            f"print(json.dumps(peak_load_memory({str(tmp / preset)!r}, {dtype!r})))"
+        )
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out[dtype] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from matelike.generate import generate
+    from matelike.model import Transformer, get_preset
+    from matelike.model_io import load_model, save_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    result: dict[str, Any] = {
+        "bench": "generate",
+        "preset": args.preset,
+        "threads": torch.get_num_threads(),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+    }
+    with tempfile.TemporaryDirectory(prefix="matelike-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        save_model(Transformer(get_preset(args.preset)), None, tmp / "model")
+        ours, _ = load_model(tmp / "model")
+        vocab = ours.config.vocab_size
+        prompts = torch.randint(0, vocab, (max(batch_sizes), args.prompt_len), generator=torch.Generator().manual_seed(1))
+
+        def run_ours(b: int, n: int) -> Any:
+            return generate(ours, prompts[:b].tolist(), max_new_tokens=n, temperature=0)
+
+        result["ours"] = _speeds(run_ours, batch_sizes, args.prompt_len, args.new_tokens, args.repeats)
+        if not args.skip_transformers:
+            from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            hf = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32).eval()
+
+            def run_hf(b: int, n: int) -> Any:
+                ids = prompts[:b]
+                with torch.inference_mode():
+                    return hf.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=n,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+
+            result["transformers"] = _speeds(run_hf, batch_sizes, args.prompt_len, args.new_tokens, args.repeats)
+            result["ratio"] = {
+                k: round(result["ours"][k] / result["transformers"][k], 2) for k in result["ours"] if k in result["transformers"]
+            }
+        if args.memory_preset:
+            result["memory"] = _memory(args.memory_preset, tmp)
+    return result
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    print(json.dumps(run_bench(args)), flush=True)
+    return 0
+
+
+def add_cli(table: CommandTable) -> None:
+    p = table.group_command(
+        "bench", "generate", "decode/prefill tokens/s, ours vs transformers, and 0.2b load memory (one JSON line)", _cmd
+    )
+    p.add_argument("--preset", default="26m", help="model preset to time (default 26m)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64, help="decode tokens timed per run")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--repeats", type=int, default=3, help="best of N runs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-preset", default="0.2b", help="preset whose fp16/bf16 load memory is measured ('' = skip)")
+    p.add_argument("--skip-transformers", action="store_true", help="time only our generate")

@@ -1,0 +1,228 @@
+"""`matelike chat --model DIR`: interactive streaming chat in the terminal.
+
+Answers stream to stdout as they are generated; notes (dropped turns, commands) go to stderr in brackets so
+that a pipe reading stdout sees only the answers. The history keeps whole turns and drops the oldest ones
+when the next prompt plus the answer budget would not fit the model's context; the current message is never
+cut: if it cannot fit on its own it is refused with a message. Ctrl-C stops the answer being written (the
+partial answer stays in the history, as the user saw it) and returns to the prompt; `/exit` or end of input
+leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
+
+if TYPE_CHECKING:
+    from matelike.cli import CommandTable
+    from matelike.tokenizer import Tokenizer
+
+HELP = """commands:
+  /reset         forget the conversation (keeps the system prompt)
+  /system TEXT   set the system prompt (empty TEXT removes it) and start a new conversation
+  /exit          leave (also /quit or end of input)
+  /help          this text
+Ctrl-C stops the answer being written."""
+
+
+class MessageTooLong(ValueError):
+    """The current message (with the system prompt) does not fit the context on its own."""
+
+
+@dataclass
+class Fitted:
+    """The prompt for one turn: ids to generate from, the answer budget and how many old turns were dropped."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    dropped_turns: int
+
+
+@dataclass
+class Conversation:
+    """System prompt + history of whole turns (user message, assistant answer)."""
+
+    system: str | None = None
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def messages(self, user: str, first_turn: int = 0) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for u, a in self.turns[first_turn:]:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        return msgs + [{"role": "user", "content": user}]
+
+    def fit(self, tokenizer: "Tokenizer", user: str, context_len: int, max_new_tokens: int) -> Fitted:
+        """Drop the oldest turns until prompt + max_new_tokens fits `context_len` (dropped turns are forgotten).
+
+        With no history left and still too long, the answer budget shrinks to what remains; when not even
+        one answer token remains, raise MessageTooLong rather than cutting the message.
+        """
+        for first in range(len(self.turns) + 1):
+            ids, _ = tokenizer.encode_chat(self.messages(user, first), add_generation_prompt=True)
+            if len(ids) + max_new_tokens <= context_len or first == len(self.turns):
+                break
+        room = context_len - len(ids)
+        if room < 1:
+            raise MessageTooLong(
+                f"message too long: {len(ids)} tokens with the chat template"
+                f"{' and system prompt' if self.system else ''}, the model's context holds {context_len}; "
+                "shorten it")
+        del self.turns[:first]
+        return Fitted(prompt_ids=ids, max_new_tokens=min(max_new_tokens, room), dropped_turns=first)
+
+
+# A function streaming the answer's text pieces for prompt ids and an answer budget.
+StreamFn = Callable[[list[int], int], Iterator[str]]
+
+
+class ChatSession:
+    """The read-eval-print loop, separated from model loading so tests can drive it with any stream."""
+
+    def __init__(self, tokenizer: "Tokenizer", stream: StreamFn, context_len: int, max_new_tokens: int,
+                 system: str | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        self.tokenizer = tokenizer
+        self.stream = stream
+        self.context_len = context_len
+        self.max_new_tokens = max_new_tokens
+        self.conv = Conversation(system=system or None)
+        self.out = out
+        self.err = err
+
+    def note(self, text: str) -> None:
+        print(f"[{text}]", file=self.err, flush=True)
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means leave."""
+        name, _, arg = line.partition(" ")
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.conv.turns.clear()
+            self.note("conversation cleared")
+        elif name == "/system":
+            self.conv.system = arg.strip() or None
+            self.conv.turns.clear()
+            self.note(f"system prompt set: {self.conv.system}" if self.conv.system else "system prompt removed")
+        elif name == "/help":
+            print(HELP, file=self.err, flush=True)
+        else:
+            self.note(f"unknown command {name}; /help lists them")
+        return True
+
+    def answer(self, user: str) -> str | None:
+        """Stream one answer to `user` and add the turn to the history; None if the message was refused."""
+        try:
+            fitted = self.conv.fit(self.tokenizer, user, self.context_len, self.max_new_tokens)
+        except MessageTooLong as exc:
+            self.note(str(exc))
+            return None
+        if fitted.dropped_turns:
+            self.note(f"dropped {fitted.dropped_turns} oldest turn(s) to fit the {self.context_len}-token context")
+        if fitted.max_new_tokens < self.max_new_tokens:
+            self.note(f"answer limited to {fitted.max_new_tokens} tokens by the context")
+        pieces: list[str] = []
+        stream = self.stream(fitted.prompt_ids, fitted.max_new_tokens)
+        try:
+            for piece in stream:
+                pieces.append(piece)
+                self.out.write(piece)
+                self.out.flush()
+        except KeyboardInterrupt:
+            self.out.write("\n")
+            self.note("stopped")
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        self.out.write("\n")
+        self.out.flush()
+        text = "".join(pieces)
+        self.conv.turns.append((user, text))
+        return text
+
+    def run(self, lines: Callable[[], str]) -> int:
+        """Loop over input lines from `lines()` (raises EOFError at the end) until /exit or end of input."""
+        while True:
+            try:
+                line = lines()
+            except EOFError:
+                return 0
+            except KeyboardInterrupt:
+                # Ctrl-C at the prompt abandons the line being typed, as in a shell.
+                self.out.write("\n")
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return 0
+                continue
+            self.answer(line)
+
+
+def _stdin_lines(prompt: str) -> Callable[[], str]:
+    if sys.stdin.isatty():
+        return lambda: input(prompt)
+
+    def read() -> str:
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    return read
+
+
+def _model_stream(model: Any, tokenizer: "Tokenizer", args: argparse.Namespace) -> StreamFn:
+    from matelike.generate import stream_generate
+
+    def stream(prompt_ids: list[int], max_new_tokens: int) -> Iterator[str]:
+        return stream_generate(
+            model, tokenizer, prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            stop_ids=tokenizer.stop_ids,
+            seed=args.seed,
+        )
+
+    return stream
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+
+    from matelike.model_io import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    if tokenizer is None:
+        print(f"{args.model}: no tokenizer.json in the model directory", file=sys.stderr)
+        return 2
+    model.eval()
+    context_len = int(model.config.max_seq_len)
+    if not 1 <= args.max_new_tokens < context_len:
+        print(f"--max-new-tokens must be between 1 and {context_len - 1} (the context is {context_len})",
+              file=sys.stderr)
+        return 2
+    session = ChatSession(tokenizer, _model_stream(model, tokenizer, args), context_len, args.max_new_tokens,
+                          system=args.system)
+    if sys.stdin.isatty():
+        print(f"matelike chat: {args.model} (context {context_len} tokens). /help for commands.", file=sys.stderr)
+    return session.run(_stdin_lines(">>> "))
+
+
+def add_cli(table: "CommandTable") -> None:
+    p = table.command("chat", "interactive streaming chat with a model directory", _cmd_chat)
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--system", default=None, help="system prompt (change it later with /system TEXT)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer budget per turn")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed of each answer's sampling (reproducible turns)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")

@@ -1,0 +1,366 @@
+"""Model directories in the Hugging Face layout, readable by transformers, vLLM and llama.cpp's converter.
+
+Three architectures, chosen from the config:
+- dense                          -> LlamaForCausalLM
+- routed experts only            -> MixtralForCausalLM  (block_sparse_moe.experts.E.w1/w2/w3)
+- routed experts + shared expert -> Qwen2MoeForCausalLM (mlp.experts.E.*, mlp.shared_expert.*,
+  mlp.shared_expert_gate; qkv_bias false, norm_topk_prob true). Our shared expert is gated by
+  sigmoid(shared_expert_gate(x)) exactly as in Qwen2-MoE, so this export is lossless.
+
+Weights are read from safetensors only; a directory that has only pickle files (pytorch_model.bin) is
+refused, because unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from matelike.model import ModelConfig, MoE, Transformer
+
+if TYPE_CHECKING:
+    from matelike.tokenizer import Tokenizer
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be read; the message names the file."""
+
+
+def architecture(config: ModelConfig) -> str:
+    if not config.is_moe:
+        return "LlamaForCausalLM"
+    return "Qwen2MoeForCausalLM" if config.shared_expert else "MixtralForCausalLM"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """The config.json dict for `config` (all fields transformers needs; both rope spellings for old readers)."""
+    eos = getattr(tokenizer, "eos_id", None)
+    pad = getattr(tokenizer, "pad_id", eos)
+    bos = getattr(tokenizer, "im_start_id", None) if tokenizer is not None else None
+    out: dict[str, Any] = {
+        "architectures": [architecture(config)],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_size,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "initializer_range": config.init_std,
+        "attention_dropout": 0.0,
+        # Explicit (possibly null) ids: leaving them out would make transformers assume Llama's bos=1, eos=2.
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": _dtype_name(dtype),
+        "dtype": _dtype_name(dtype),
+        "use_cache": True,
+    }
+    if not config.is_moe:
+        out.update(model_type="llama", intermediate_size=config.hidden_dim, attention_bias=False, mlp_bias=False)
+    elif not config.shared_expert:
+        out.update(
+            model_type="mixtral",
+            intermediate_size=config.expert_hidden,
+            num_local_experts=config.n_experts,
+            num_experts_per_tok=config.n_experts_per_tok,
+            router_aux_loss_coef=config.aux_loss_coef,
+            router_jitter_noise=0.0,
+            sliding_window=None,
+        )
+    else:
+        out.update(
+            model_type="qwen2_moe",
+            intermediate_size=config.hidden_dim,
+            moe_intermediate_size=config.expert_hidden,
+            shared_expert_intermediate_size=config.shared_hidden,
+            num_experts=config.n_experts,
+            num_experts_per_tok=config.n_experts_per_tok,
+            norm_topk_prob=True,
+            qkv_bias=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            use_sliding_window=False,
+            sliding_window=None,
+            router_aux_loss_coef=config.aux_loss_coef,
+        )
+    return out
+
+
+def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
+    """Our ModelConfig from a config.json dict (ours or one transformers wrote); refuses what we cannot run."""
+    model_type = cfg.get("model_type")
+    if model_type not in ("llama", "mixtral", "qwen2_moe"):
+        raise ModelDirError(f"{path}: model_type {model_type!r} is not supported (llama, mixtral, qwen2_moe)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ModelDirError(f"{path}: hidden_act {cfg.get('hidden_act')!r} is not supported (silu)")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias") or (model_type == "qwen2_moe" and cfg.get("qkv_bias", True)):
+        raise ModelDirError(f"{path}: biases in attention or MLP are not supported")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ModelDirError(f"{path}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 1e6 if model_type == "mixtral" else 10000.0))
+    dim = cfg["hidden_size"]
+    n_heads = cfg["num_attention_heads"]
+    common: dict[str, Any] = dict(
+        vocab_size=cfg["vocab_size"],
+        dim=dim,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        head_dim=cfg.get("head_dim") if cfg.get("head_dim") not in (None, dim // n_heads) else None,
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        rope_theta=float(theta),
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        init_std=cfg.get("initializer_range", 0.02),
+    )
+    if model_type == "llama":
+        return ModelConfig(hidden_dim=cfg["intermediate_size"], **common)
+    if model_type == "mixtral":
+        return ModelConfig(
+            hidden_dim=cfg["intermediate_size"],
+            n_experts=cfg["num_local_experts"],
+            n_experts_per_tok=cfg["num_experts_per_tok"],
+            aux_loss_coef=cfg.get("router_aux_loss_coef", 0.01),
+            **common,
+        )
+    if not cfg.get("norm_topk_prob", False):
+        raise ModelDirError(f"{path}: qwen2_moe with norm_topk_prob false is not supported (we renormalise top-k)")
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise ModelDirError(f"{path}: qwen2_moe with dense layers (mlp_only_layers/decoder_sparse_step) unsupported")
+    hidden = cfg.get("intermediate_size", cfg["moe_intermediate_size"])
+    expert = cfg["moe_intermediate_size"]
+    shared = cfg["shared_expert_intermediate_size"]
+    return ModelConfig(  # sizes equal to their defaults stay None so a round trip gives an equal config
+        hidden_dim=hidden,
+        moe_hidden_dim=None if expert == hidden else expert,
+        n_experts=cfg["num_experts"],
+        n_experts_per_tok=cfg["num_experts_per_tok"],
+        shared_expert=True,
+        shared_hidden_dim=None if shared == expert else shared,
+        aux_loss_coef=cfg.get("router_aux_loss_coef", 0.01),
+        **common,
+    )
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our parameters under Hugging Face names (fused matrices split; tied lm_head left out)."""
+    c = model.config
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight}
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        q, k, v = layer.attn.wqkv.weight.split(layer.attn.split, dim=0)
+        sd[p + "self_attn.q_proj.weight"] = q
+        sd[p + "self_attn.k_proj.weight"] = k
+        sd[p + "self_attn.v_proj.weight"] = v
+        sd[p + "self_attn.o_proj.weight"] = layer.attn.wo.weight
+        sd[p + "input_layernorm.weight"] = layer.attn_norm.weight
+        sd[p + "post_attention_layernorm.weight"] = layer.mlp_norm.weight
+        mlp = layer.mlp
+        if not isinstance(mlp, MoE):
+            gate, up = mlp.w_gate_up.weight.split(mlp.hidden, dim=0)
+            sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = gate, up
+            sd[p + "mlp.down_proj.weight"] = mlp.w_down.weight
+            continue
+        mixtral = not c.shared_expert
+        sd[p + ("block_sparse_moe.gate.weight" if mixtral else "mlp.gate.weight")] = mlp.router.weight
+        for e in range(c.n_experts):
+            gate, up = mlp.w_gate_up[e].split(mlp.hidden, dim=0)
+            down = mlp.w_down[e]
+            if mixtral:
+                q_ = f"{p}block_sparse_moe.experts.{e}."
+                sd[q_ + "w1.weight"], sd[q_ + "w3.weight"], sd[q_ + "w2.weight"] = gate, up, down
+            else:
+                q_ = f"{p}mlp.experts.{e}."
+                sd[q_ + "gate_proj.weight"], sd[q_ + "up_proj.weight"], sd[q_ + "down_proj.weight"] = gate, up, down
+        if mlp.shared is not None and mlp.shared_gate is not None:
+            gate, up = mlp.shared.w_gate_up.weight.split(mlp.shared.hidden, dim=0)
+            sd[p + "mlp.shared_expert.gate_proj.weight"] = gate
+            sd[p + "mlp.shared_expert.up_proj.weight"] = up
+            sd[p + "mlp.shared_expert.down_proj.weight"] = mlp.shared.w_down.weight
+            sd[p + "mlp.shared_expert_gate.weight"] = mlp.shared_gate.weight
+    sd["model.norm.weight"] = model.norm.weight
+    if not c.tie_embeddings:
+        sd["lm_head.weight"] = model.lm_head.weight
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def from_hf_state_dict(config: ModelConfig, hf: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The inverse of to_hf_state_dict; names the missing tensor and file when one is absent."""
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ModelDirError(f"{path}: missing tensor {name}")
+        return hf.pop(name)
+
+    sd: dict[str, torch.Tensor] = {"embed.weight": take("model.embed_tokens.weight")}
+    for i in range(config.n_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        sd[o + "attn.wqkv.weight"] = torch.cat(
+            [take(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")], dim=0
+        )
+        sd[o + "attn.wo.weight"] = take(p + "self_attn.o_proj.weight")
+        sd[o + "attn_norm.weight"] = take(p + "input_layernorm.weight")
+        sd[o + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        if not config.is_moe:
+            sd[o + "mlp.w_gate_up.weight"] = torch.cat(
+                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0
+            )
+            sd[o + "mlp.w_down.weight"] = take(p + "mlp.down_proj.weight")
+            continue
+        mixtral = not config.shared_expert
+        sd[o + "mlp.router.weight"] = take(p + ("block_sparse_moe.gate.weight" if mixtral else "mlp.gate.weight"))
+        gate_up, down = [], []
+        for e in range(config.n_experts):
+            if mixtral:
+                q_ = f"{p}block_sparse_moe.experts.{e}."
+                gate_up.append(torch.cat([take(q_ + "w1.weight"), take(q_ + "w3.weight")], dim=0))
+                down.append(take(q_ + "w2.weight"))
+            else:
+                q_ = f"{p}mlp.experts.{e}."
+                gate_up.append(torch.cat([take(q_ + "gate_proj.weight"), take(q_ + "up_proj.weight")], dim=0))
+                down.append(take(q_ + "down_proj.weight"))
+        sd[o + "mlp.w_gate_up"] = torch.stack(gate_up)
+        sd[o + "mlp.w_down"] = torch.stack(down)
+        if config.shared_expert:
+            sd[o + "mlp.shared.w_gate_up.weight"] = torch.cat(
+                [take(p + "mlp.shared_expert.gate_proj.weight"), take(p + "mlp.shared_expert.up_proj.weight")], dim=0
+            )
+            sd[o + "mlp.shared.w_down.weight"] = take(p + "mlp.shared_expert.down_proj.weight")
+            sd[o + "mlp.shared_gate.weight"] = take(p + "mlp.shared_expert_gate.weight")
+    sd["norm.weight"] = take("model.norm.weight")
+    lm_head = hf.pop("lm_head.weight", None)
+    if config.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed.weight"]
+    elif lm_head is None:
+        raise ModelDirError(f"{path}: missing tensor lm_head.weight (tie_word_embeddings is false)")
+    else:
+        sd["lm_head.weight"] = lm_head
+    unexpected = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise ModelDirError(f"{path}: unexpected tensors {unexpected[:5]}")
+    return sd
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder then rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+
+
+def save_model(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
+    """Write `model` (and `tokenizer`, when given) as a Hugging Face model directory; returns the directory.
+
+    Other files already in out_dir (checkpoints, metrics) are left alone.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = model.embed.weight.dtype
+    tensors = {k: v.cpu() for k, v in to_hf_state_dict(model).items()}
+    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    (out / INDEX_NAME).unlink(missing_ok=True)  # a stale shard index would shadow the new single file
+    cfg = hf_config(model.config, dtype, tokenizer)
+    _write_json(out / "config.json", cfg)
+    eos = cfg["eos_token_id"]
+    im_end = getattr(tokenizer, "im_end_id", None)
+    stop = [t for t in (eos, im_end) if t is not None]
+    gen: dict[str, Any] = {
+        "bos_token_id": cfg["bos_token_id"],
+        "eos_token_id": stop or None,
+        "pad_token_id": cfg["pad_token_id"],
+    }
+    _write_json(out / "generation_config.json", gen)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+def _read_weights(path: Path, device: str | torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    if (path / WEIGHTS_NAME).is_file():
+        files = [path / WEIGHTS_NAME]
+    elif (path / INDEX_NAME).is_file():
+        try:
+            index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
+            files = [path / f for f in sorted(set(index["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelDirError(f"{path / INDEX_NAME}: not a safetensors index ({e})") from e
+    else:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickle weights are refused; convert them to safetensors)" if pickles else ""
+        raise ModelDirError(f"{path}: no {WEIGHTS_NAME}{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as st:
+                for key in st.keys():
+                    t = st.get_tensor(key)
+                    tensors[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except (OSError, RuntimeError, SafetensorError) as e:  # truncated or foreign files
+            raise ModelDirError(f"{f}: cannot read safetensors ({e})") from e
+    return tensors
+
+
+def load_model(
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[Transformer, Tokenizer | None]:
+    """Read a model directory written by save_model or by transformers (Llama, Mixtral, Qwen2-MoE).
+
+    dtype None keeps the stored dtype. The tokenizer is None when the directory has no tokenizer.json.
+    The model is returned in eval mode.
+    """
+    path = Path(model_dir)
+    cfg_path = path / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ModelDirError(f"{cfg_path}: not found (is {path} a model directory?)") from e
+    except ValueError as e:
+        raise ModelDirError(f"{cfg_path}: invalid JSON ({e})") from e
+    try:
+        config = config_from_hf(raw, cfg_path)
+    except (KeyError, TypeError) as e:
+        raise ModelDirError(f"{cfg_path}: missing or invalid field {e}") from e
+    sd = from_hf_state_dict(config, _read_weights(path, device, dtype), path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    # assign=True adopts the loaded tensors instead of copying into freshly allocated ones (half the peak memory).
+    model.load_state_dict(sd, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.reset_rope()
+    model.eval()
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from matelike.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(path)
+    return model, tokenizer

@@ -1,0 +1,45 @@
+"""`matelike serve --model DIR`: OpenAI-compatible HTTP API and web chat page (FastAPI + uvicorn).
+
+The application itself lives in serve_app.py and the generation worker in serve_worker.py; this module only
+holds the command, so `matelike --help` does not import FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matelike.cli import CommandTable
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from matelike.serve_app import create_app, load_served_model
+    from matelike.serve_worker import GenerationWorker
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    served = load_served_model(args.model, name=args.model_name, device=args.device)
+    worker = GenerationWorker(served.source, max_active=args.max_active)
+    app = create_app(served, worker, api_key=args.api_key)
+    print(f"serving {served.name} (context {served.context_len}) on http://{args.host}:{args.port}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        worker.close()
+    return 0
+
+
+def add_cli(table: "CommandTable") -> None:
+    p = table.command("serve", "OpenAI-compatible HTTP API and web chat page for a model directory", _cmd_serve)
+    p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: directory name)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--max-active", type=int, default=8,
+                   help="requests generated at once (round-robin, one token each); more wait in a queue")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -1,0 +1,265 @@
+"""`matelike sft`: supervised fine-tuning as a task of the one training engine (matelike/train/).
+
+The stage reads instruction data (matelike.sft_data: every layout, chat template, assistant-only loss,
+history-side truncation, packing with segment ids) and computes the masked cross-entropy; precision,
+accumulation, clipping, schedule, checkpoints, resume, DDP and metrics.jsonl are the engine's.
+
+Which weights train:
+- `--freeze embeddings` (default, as the seed): the token embedding is frozen. With tied embeddings (every
+  preset) that is also the output head, so the model keeps the token geometry pretraining learnt.
+- `--freeze all-but-layers`: only the transformer blocks train (embedding, final norm and head frozen).
+- `--freeze none`: everything trains.
+- `--lora-rank R`: LoRA adapters (peft) on every linear map of the blocks; the base weights are frozen.
+  The adapters are merged into a copy of the model whenever the model directory is written, so OUT is a
+  plain Hugging Face model directory with no adapter files. Checkpoints keep the unmerged adapters, so
+  `--resume` continues training them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from matelike.sft_data import IGNORE_INDEX, SFT_FORMATS, PackedSFTData, SFTSamples, collate, pack_rows
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from matelike.cli import CommandTable
+    from matelike.tokenizer import Tokenizer
+
+FREEZE_MODES = ("none", "embeddings", "all-but-layers")
+# Linear maps of our blocks that get LoRA adapters: attention (fused qkv, output) and the MLP. The MoE router
+# and the shared-expert gate stay as they are (tiny, and routing is what pretraining learnt).
+LORA_TARGETS = ("wqkv", "wo", "w_gate_up", "w_down")
+# SFT defaults that differ from the engine's (the seed: 1e-4 warming up from 0, cosine down to 1e-5).
+SFT_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 50, "seq_len": None}
+
+
+# ---- which weights train -------------------------------------------------------------------------------------
+
+def apply_freeze(model: "nn.Module", mode: str) -> dict[str, int]:
+    """Set requires_grad per `mode`; returns trainable and frozen parameter counts (tied weights once)."""
+    if mode not in FREEZE_MODES:
+        raise ValueError(f"--freeze must be one of {FREEZE_MODES}, got {mode!r}")
+    for name, p in model.named_parameters():
+        if mode == "none":
+            p.requires_grad_(True)
+        elif mode == "embeddings":
+            # embed.weight is lm_head.weight when tied: named_parameters lists it once, as embed.weight.
+            p.requires_grad_(not name.startswith("embed."))
+        else:
+            p.requires_grad_(name.startswith("layers."))
+    return param_counts(model)
+
+
+def param_counts(model: "nn.Module") -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "frozen": total - trainable}
+
+
+def add_lora(model: "nn.Module", rank: int, alpha: float, dropout: float = 0.0) -> "nn.Module":
+    """Inject LoRA adapters (peft) into the blocks' linear maps, in place; only adapters stay trainable.
+
+    `inject_adapter_in_model` keeps our Transformer class and its forward signature (segment_ids and all),
+    which a PeftModel wrapper would hide from the engine.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1, got {rank}")
+    # Regex on full module names: only inside the blocks, never the head.
+    pattern = r"layers\.\d+\..*(" + "|".join(LORA_TARGETS) + r")"
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none")
+    model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def merge_lora(model: "nn.Module") -> "nn.Module":
+    """A copy of `model` with every LoRA adapter merged into its base weight and the wrappers removed."""
+    from peft.tuners.lora import LoraLayer
+
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = plain.get_submodule(parent_name) if parent_name else plain
+            setattr(parent, child, module.get_base_layer())
+    return plain
+
+
+def has_lora(model: "nn.Module") -> bool:
+    return any("lora_" in n for n, _ in model.named_parameters())
+
+
+# ---- the engine task -------------------------------------------------------------------------------------
+
+class SFTTask:
+    """Engine Task for SFT: packed batches with a resumable cursor, token-mean masked cross-entropy."""
+
+    weight_by_tokens = True  # cross-entropy: micro-batches combine by the number of answer tokens
+
+    def __init__(self, data: PackedSFTData, val: SFTSamples | None = None, val_batch_size: int = 8) -> None:
+        self.data = data
+        self.val = val
+        self.val_batch_size = val_batch_size
+        self._val_rows = None
+        if val is None:
+            # The engine evaluates only when the task has an `evaluate`; without held-out data there is none.
+            self.evaluate = None  # type: ignore[assignment]
+        else:
+            self._val_rows = pack_rows(val.lengths, data.seq_len, np.arange(len(val)))
+
+    def batches(self, rank: int, world_size: int, cursor: Any) -> Iterator[tuple[dict, int]]:
+        for next_cursor, batch in self.data.iter_batches(rank, world_size, int(cursor or 0)):
+            yield batch, next_cursor
+
+    def epoch_size(self, world_size: int) -> int:
+        return self.data.batches_per_epoch(0, world_size)
+
+    def loss(self, model: "nn.Module", batch: dict) -> tuple["torch.Tensor", dict[str, Any], int]:
+        out = model(batch["input_ids"], batch["targets"], segment_ids=batch["segment_ids"],
+                    position_ids=batch["position_ids"])
+        n_tokens = int((batch["targets"] != IGNORE_INDEX).sum())
+        metrics: dict[str, Any] = {"padding": batch["padding_fraction"]}
+        if out.aux_loss is not None:
+            metrics["aux_loss"] = out.aux_loss.detach()
+        return out.loss, metrics, n_tokens
+
+    def evaluate(self, model: "nn.Module", rank: int, world_size: int) -> dict[str, float]:  # noqa: F811
+        """Token-mean cross-entropy on the held-out answers (no MoE aux term), rows split over ranks."""
+        import torch.nn.functional as F
+
+        from matelike.train.distributed import sum_over_ranks
+
+        assert self.val is not None and self._val_rows is not None
+        device = next(model.parameters()).device
+        total, count = 0.0, 0.0
+        mine = self._val_rows[rank::world_size]
+        for b in range(0, len(mine), self.val_batch_size):
+            batch = collate(self.val, mine[b : b + self.val_batch_size], self.data.pad_id)
+            targets = batch["targets"].to(device)
+            out = model(batch["input_ids"].to(device), segment_ids=batch["segment_ids"].to(device),
+                        position_ids=batch["position_ids"].to(device))
+            total += float(F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((targets != IGNORE_INDEX).sum())
+        total, count = sum_over_ranks([total, count])
+        return {"val_loss": total / max(count, 1.0)}
+
+
+def lora_export(tokenizer: "Tokenizer"):
+    """Engine export hook: merge adapters into a copy, then write the plain HF directory."""
+
+    def export(model: "nn.Module", out: Path) -> None:
+        from matelike.model_io import save_model
+
+        save_model(merge_lora(model) if has_lora(model) else model, tokenizer, out)
+
+    return export
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    from matelike.model_io import load_model
+    from matelike.records import BadRecordReport, DataFileError
+    from matelike.sft_data import load_sft_samples
+    from matelike.train import Trainer, TrainConfig, seed_everything
+
+    main_rank = _rank() == 0
+    seed_everything(args.seed)
+    model, tokenizer = load_model(args.init)
+    if tokenizer is None:
+        print(f"matelike sft: {args.init} has no tokenizer.json; SFT needs the model's tokenizer", file=sys.stderr)
+        return 2
+    if args.seq_len is None:
+        args.seq_len = model.config.max_seq_len
+    elif args.seq_len > model.config.max_seq_len and main_rank:
+        print(f"matelike sft: note: --seq-len {args.seq_len} exceeds the model's max_seq_len "
+              f"{model.config.max_seq_len}", file=sys.stderr)
+    model.float()  # master weights in fp32; the engine's autocast picks the compute dtype
+
+    quiet = None if main_rank else open(os.devnull, "w")
+    report = BadRecordReport(stream=quiet)
+    try:
+        samples, stats = load_sft_samples(args.data, tokenizer, args.seq_len, args.format, report)
+        val, val_stats = (load_sft_samples(args.val, tokenizer, args.seq_len, args.format, report)
+                          if args.val else (None, None))
+    except DataFileError as e:
+        print(f"matelike sft: {e}", file=sys.stderr)
+        return 2
+    if main_rank:
+        print(stats.summary(), file=sys.stderr)
+        if stats.bad:
+            print(f"matelike sft: {report.summary()} (skipped; the good records are all used)", file=sys.stderr)
+        if val_stats is not None:
+            print("validation " + val_stats.summary(), file=sys.stderr)
+    if stats.samples == 0:
+        print("matelike sft: no usable SFT samples in " + ", ".join(map(str, args.data)), file=sys.stderr)
+        return 1
+
+    if args.lora_rank:
+        model = add_lora(model, args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, args.lora_dropout)
+        counts = param_counts(model)
+    else:
+        counts = apply_freeze(model, args.freeze)
+    if main_rank:
+        mode = f"LoRA rank {args.lora_rank}" if args.lora_rank else f"freeze {args.freeze}"
+        print(f"matelike sft: {mode}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters",
+              file=sys.stderr)
+
+    config = TrainConfig.from_args(args, stage="sft", init=str(args.init), data=[str(p) for p in args.data],
+                                   format=args.format, freeze=args.freeze, lora_rank=args.lora_rank,
+                                   lora_alpha=args.lora_alpha)
+    if config.fsdp and args.lora_rank:
+        print("matelike sft: --lora-rank with --fsdp is not supported; use DDP (the default)", file=sys.stderr)
+        return 2
+    data = PackedSFTData(samples, config.seq_len, config.batch_size, tokenizer.pad_id, seed=config.seed)
+    task = SFTTask(data, val, val_batch_size=config.batch_size)
+    if main_rank:
+        config.out.mkdir(parents=True, exist_ok=True)
+        summary = {"train": stats.to_dict(), "val": val_stats.to_dict() if val_stats else None,
+                   "bad_records": report.total, "params": counts}
+        (config.out / "sft_data.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
+    trainer = Trainer(config, model, tokenizer, task, export=lora_export(tokenizer))
+    result = trainer.fit()
+    if main_rank:
+        print(f"matelike sft: {result.step}/{result.total_steps} steps, {result.tokens:,} answer tokens; "
+              f"model in {config.out}", file=sys.stderr)
+    return result.exit_code
+
+
+def add_cli(table: "CommandTable") -> None:
+    from matelike.train import add_engine_args
+
+    p = table.command("sft", "supervised fine-tuning on instruction data (assistant-only loss)", run_sft)
+    p.add_argument("--init", type=Path, required=True, help="model directory to start from (pretrained)")
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="SFT files or directories (jsonl / parquet / csv)")
+    p.add_argument("--val", type=Path, nargs="+", default=None, help="held-out SFT files: val_loss on eval")
+    p.add_argument("--format", choices=tuple(SFT_FORMATS), default="auto",
+                   help="record layout; auto detects prompt/response, alpaca or conversations per record")
+    p.add_argument("--freeze", choices=FREEZE_MODES, default="embeddings",
+                   help="weights kept fixed (ignored with --lora-rank, which freezes every base weight)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0 = off)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    add_engine_args(p, SFT_DEFAULTS)

@@ -1,0 +1,412 @@
+"""Byte-level BPE tokenizer: training in bounded memory, ChatML chat template, Hugging Face compatible files.
+
+The saved directory (tokenizer.json, tokenizer_config.json, special_tokens_map.json) loads with
+`transformers.AutoTokenizer.from_pretrained(DIR)` and gives the same ids and chat text as this module.
+
+Special tokens come first in the vocabulary: `<|endoftext|>` = 0 (document separator in pretraining and the
+padding token), `<|im_start|>` = 1, `<|im_end|>` = 2, then `<|reserved_0|>`.. for later use (tool calls,
+reasoning markers) so they can be given a meaning without resizing the embedding. They are added tokens: BPE
+merges never produce them from plain text. No BOS token and nothing is added by `encode`.
+
+End of sequence: `eos_token` in tokenizer_config.json is `<|endoftext|>`, which ends a pretraining document
+and is what `eos_id` returns. A chat turn ends with `<|im_end|>`; generation in chat mode stops on either
+(`stop_ids`), and the model directory's generation_config.json lists both as `eos_token_id`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    import tokenizers
+
+    from matelike.cli import CommandTable
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+N_RESERVED = 13  # 3 named + 13 reserved = 16 special tokens
+SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END) + tuple(f"<|reserved_{i}|>" for i in range(N_RESERVED))
+
+# Pre-tokenizer split (Qwen2/GPT-4 style): words with one leading non-letter, single digits (numbers are not
+# merged into arbitrary chunks), punctuation runs, newlines, spaces. CJK runs split at punctuation, so merges
+# learn common Chinese words and phrases without crossing clause boundaries.
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# ChatML. Assistant content and its <|im_end|> sit inside {% generation %} so transformers'
+# `return_assistant_tokens_mask` marks exactly the tokens SFT trains on (same as `encode_chat`'s mask).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Default sample size for training: about 3 bytes per Chinese character, this keeps the trainer's pair
+# tables within a few GB whatever the corpus size (see `matelike bench tokenize`).
+DEFAULT_MAX_CHARS = 20_000_000
+HELDOUT_MAX_CHARS = 1_000_000
+
+
+class Tokenizer:
+    """Our tokenizer API over a `tokenizers.Tokenizer` (byte-level BPE with the special tokens above)."""
+
+    def __init__(self, tok: "tokenizers.Tokenizer", chat_template: str = CHAT_TEMPLATE) -> None:
+        self._tok = tok
+        self.chat_template = chat_template
+        missing = [t for t in (ENDOFTEXT, IM_START, IM_END) if tok.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens {missing}")
+        self.eos_id: int = tok.token_to_id(ENDOFTEXT)
+        self.pad_id: int = self.eos_id
+        self.im_start_id: int = tok.token_to_id(IM_START)
+        self.im_end_id: int = tok.token_to_id(IM_END)
+
+    # ---- files ---------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Load from a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no tokenizer.json here (train one with `matelike tokenizer train`)")
+        template = CHAT_TEMPLATE
+        config = file.parent / "tokenizer_config.json"
+        if config.is_file():
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") or CHAT_TEMPLATE
+        return cls(HFTokenizer.from_file(str(file)), template)
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into directory `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "tokenizer.json").write_text(self._tok.to_str(pretty=True), encoding="utf-8")
+        added = {
+            str(self._tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                            "single_word": False, "special": True}
+            for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is not None
+        }
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": ENDOFTEXT,
+            "pad_token": ENDOFTEXT,
+            "unk_token": None,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "additional_special_tokens": [IM_START, IM_END],
+            # Keep spaces before punctuation on decode: byte-level decoding is exact, no clean-up wanted.
+            "clean_up_tokenization_spaces": False,
+            "split_special_tokens": False,
+            "padding_side": "right",
+            "added_tokens_decoder": added,
+            "chat_template": self.chat_template,
+        }
+        (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
+                                                    encoding="utf-8")
+        special_map = {"eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT, "additional_special_tokens": [IM_START, IM_END]}
+        (path / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the tokenizer model (vocabulary, merges, special tokens): identifies what ids mean."""
+        return hashlib.sha256(self._tok.to_str(pretty=False).encode("utf-8")).hexdigest()
+
+    @property
+    def backend(self) -> "tokenizers.Tokenizer":
+        """The wrapped `tokenizers.Tokenizer`."""
+        return self._tok
+
+    # ---- vocabulary ------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        """Token ids that end a chat reply: `<|im_end|>` and `<|endoftext|>`."""
+        return (self.im_end_id, self.eos_id)
+
+    @property
+    def special_ids(self) -> list[int]:
+        return [i for i in (self._tok.token_to_id(t) for t in SPECIAL_TOKENS) if i is not None]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, idx: int) -> str | None:
+        return self._tok.id_to_token(idx)
+
+    # ---- encoding --------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; nothing added. Special-token strings in the text map to their ids."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` on many texts at once (in parallel inside the Rust library)."""
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ---- chat ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _render(messages: Sequence[dict], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+        """ChatML text and the character spans of assistant content + `<|im_end|>` (the trained part)."""
+        parts: list[str] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for m in messages:
+            role, content = m["role"], m["content"]
+            if role == "assistant":
+                head = f"{IM_START}assistant\n"
+                body = content + IM_END
+                spans.append((pos + len(head), pos + len(head) + len(body)))
+                piece = head + body + "\n"
+            else:
+                piece = f"{IM_START}{role}\n{content}{IM_END}\n"
+            parts.append(piece)
+            pos += len(piece)
+        if add_generation_prompt:
+            parts.append(f"{IM_START}assistant\n")
+        return "".join(parts), spans
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """ChatML text: `<|im_start|>role\\ncontent<|im_end|>\\n` per message (+ `<|im_start|>assistant\\n`)."""
+        return self._render(messages, add_generation_prompt)[0]
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Ids of the chat text and the assistant mask (1 on assistant content tokens and their `<|im_end|>`).
+
+        The whole text is encoded at once (ids equal `encode(apply_chat_template(...))`); the mask comes from
+        character offsets, so a token is trained on when it overlaps an assistant span.
+        """
+        text, spans = self._render(messages, add_generation_prompt)
+        enc = self._tok.encode(text, add_special_tokens=False)
+        mask = [0] * len(enc.ids)
+        if spans:
+            k = 0
+            for i, (start, end) in enumerate(enc.offsets):
+                while k < len(spans) and spans[k][1] <= start:
+                    k += 1
+                if k == len(spans):
+                    break
+                if end > spans[k][0] and start < spans[k][1]:
+                    mask[i] = 1
+        return enc.ids, mask
+
+
+# ---- training -------------------------------------------------------------------------------------------
+def new_bpe() -> "tokenizers.Tokenizer":
+    """An untrained byte-level BPE with our pre-tokenizer and decoder."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _texts(path: Path, field: str, report) -> Iterator[str]:
+    """Document texts of one file; bad records go to `report` (from records/formats)."""
+    from matelike.formats import RecordError, pretrain_text
+    from matelike.records import BadRecord, iter_records
+
+    for line, rec in iter_records(path, columns=[field]):
+        if isinstance(rec, BadRecord):
+            report.add(rec)
+            continue
+        try:
+            yield pretrain_text(rec, field)
+        except RecordError as e:
+            report.add(BadRecord(str(path), line, e.reason))
+
+
+def _count_chars(paths: list[Path], field: str, progress: bool) -> int:
+    from tqdm import tqdm
+
+    from matelike.records import BadRecordReport
+
+    quiet = BadRecordReport(max_shown=0)  # the sampling pass reports them
+    total = 0
+    with tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, disable=not progress,
+              desc="counting", file=sys.stderr) as bar:
+        for p in paths:
+            for t in _texts(p, field, quiet):
+                total += len(t)
+            bar.update(p.stat().st_size)
+    return total
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    vocab_size: int = 6400,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    *,
+    field: str = "text",
+    heldout: Sequence[str | Path] = (),
+    min_frequency: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+    log=None,
+) -> Tokenizer:
+    """Train the byte-level BPE on `inputs` and save it to `out_dir`.
+
+    Memory is bounded by `max_chars`: when the corpus is larger, each document is kept with probability
+    max_chars / total_chars (a seeded draw), so the sample is uniform over the whole input; the texts stream
+    into the trainer and are never held at once. Without `heldout` files, about 1% of documents (at most 1M
+    characters) are withheld from training to measure compression; the figures are printed to `log`
+    (stderr by default) and saved in `out_dir/tokenizer_train.json`.
+    """
+    import numpy as np
+    from tokenizers import pre_tokenizers, trainers
+    from tqdm import tqdm
+
+    from matelike.records import BadRecordReport, expand_inputs
+
+    log = log if log is not None else sys.stderr
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} (bytes + special tokens)")
+    paths = expand_inputs(inputs)
+    heldout_paths = expand_inputs(heldout) if heldout else []
+    total_bytes = sum(p.stat().st_size for p in paths)
+    t0 = time.perf_counter()
+    # Characters never exceed bytes, so when the files are small enough no counting pass is needed.
+    total_chars = total_bytes if total_bytes <= max_chars else _count_chars(paths, field, progress)
+    keep_p = min(1.0, max_chars / max(total_chars, 1))
+    hold_p = 0.0 if heldout_paths else min(0.01, HELDOUT_MAX_CHARS / max(total_chars, 1))
+    rng = np.random.default_rng(seed)
+    report = BadRecordReport(stream=log)
+    held: list[str] = []
+    held_chars = 0
+    stats = {"docs": 0, "train_docs": 0, "train_chars": 0}
+
+    def sample() -> Iterator[list[str]]:
+        nonlocal held_chars
+        batch: list[str] = []
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress, desc="sampling",
+                  file=sys.stderr) as bar:
+            for p in paths:
+                for text in _texts(p, field, report):
+                    stats["docs"] += 1
+                    r = rng.random()
+                    if r < hold_p and held_chars < HELDOUT_MAX_CHARS:
+                        held.append(text)
+                        held_chars += len(text)
+                    elif keep_p >= 1.0 or rng.random() < keep_p:
+                        stats["train_docs"] += 1
+                        stats["train_chars"] += len(text)
+                        batch.append(text)
+                        if len(batch) >= 1000:
+                            yield batch
+                            batch = []
+                bar.update(p.stat().st_size)
+        if batch:
+            yield batch
+
+    tok = new_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tok.train_from_iterator(sample(), trainer=trainer)
+    if not stats["train_docs"]:
+        raise ValueError(f"no usable text in {', '.join(map(str, paths))} ({report.summary()})")
+    result = Tokenizer(tok)
+    result.save(out_dir)
+
+    if heldout_paths:
+        quiet = BadRecordReport(max_shown=0)
+        for p in heldout_paths:
+            for text in _texts(p, field, quiet):
+                if held_chars >= HELDOUT_MAX_CHARS:
+                    break
+                held.append(text)
+                held_chars += len(text)
+    summary = {
+        "vocab_size": result.vocab_size,
+        "files": [str(p) for p in paths],
+        "docs": stats["docs"],
+        "train_docs": stats["train_docs"],
+        "train_chars": stats["train_chars"],
+        "bad_records": report.total,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "sha256": result.sha256,
+    }
+    if held:
+        n_tokens = sum(len(ids) for ids in result.encode_batch(held))
+        summary.update({
+            "heldout_docs": len(held),
+            "heldout_chars": held_chars,
+            "chars_per_token": round(held_chars / max(n_tokens, 1), 4),
+            "bytes_per_token": round(sum(len(t.encode("utf-8")) for t in held) / max(n_tokens, 1), 4),
+        })
+    Path(out_dir, "tokenizer_train.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n",
+                                                     encoding="utf-8")
+    if report.total:
+        print(report.summary(), file=log)
+    return result
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from matelike.records import DataFileError
+
+    try:
+        tok = train_tokenizer(args.input, args.out, vocab_size=args.vocab_size, max_chars=args.max_chars,
+                              field=args.field, heldout=args.heldout or (), seed=args.seed,
+                              progress=not args.quiet)
+    except DataFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    info = json.loads(Path(args.out, "tokenizer_train.json").read_text(encoding="utf-8"))
+    print(f"trained vocab {tok.vocab_size} on {info['train_docs']} documents ({info['train_chars']} chars) "
+          f"in {info['seconds']} s -> {args.out}")
+    if "chars_per_token" in info:
+        print(f"held-out ({info['heldout_docs']} docs): {info['chars_per_token']} chars/token, "
+              f"{info['bytes_per_token']} bytes/token")
+    return 0
+
+
+def add_cli(table: "CommandTable") -> None:
+    p = table.group_command("tokenizer", "train", "train the byte-level BPE tokenizer", _cmd_train,
+                            group_help="tokenizer commands")
+    p.add_argument("--input", nargs="+", required=True, help="jsonl/parquet/txt files or directories")
+    p.add_argument("--out", required=True, help="output directory (Hugging Face tokenizer files)")
+    p.add_argument("--vocab-size", type=int, default=6400)
+    p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
+                   help="train on a uniform sample of at most about this many characters (bounds memory)")
+    p.add_argument("--field", default="text", help="text field of jsonl/parquet records")
+    p.add_argument("--heldout", nargs="+", help="files to measure compression on (default: 1%% withheld)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,0 +1,133 @@
+"""Process-group setup from torchrun's environment, DDP/FSDP2 wrapping and small collectives.
+
+One process (no torchrun) is world size 1 and needs no process group. Under torchrun the backend is NCCL when
+the process owns a GPU and gloo on CPU; multi-node works through torchrun's rendezvous unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda but no GPU is visible")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun) and start the process group when world size > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"backend": backend}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, info: DistInfo, *, fsdp: bool) -> nn.Module:
+    """DDP by default; with `fsdp`, FSDP2's fully_shard on each transformer block, then on the root."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if not info.enabled:
+            dist_required = "--fsdp needs torchrun with more than one process (or WORLD_SIZE>1)"
+            raise RuntimeError(dist_required)
+        for block in _blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """Transformer blocks to shard one by one: the children of the first ModuleList found."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            return list(module)
+    return []
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP and/or torch.compile wrappers."""
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module):
+        model = inner
+    return getattr(model, "_orig_mod", model)
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Sum floats over ranks (float64 so token counts stay exact)."""
+    if not info.enabled:
+        return list(values)
+    dev = info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's value on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Sum floats over all ranks when a process group is running (for a Task's `evaluate`), else unchanged."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,192 @@
+"""`matelike sft` on the engine: freezing, LoRA merge, bad input, outputs, and TRL on the saved directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from matelike.cli import main
+from matelike.model import Transformer, get_preset
+from matelike.model_io import load_model, save_model
+from matelike.sft import FREEZE_MODES, add_lora, apply_freeze, merge_lora
+
+CONV = [
+    {"role": "system", "content": "你是助手"},
+    {"role": "user", "content": "今天天气怎么样？"},
+    {"role": "assistant", "content": "很好，我们一起去公园散步吧。"},
+    {"role": "user", "content": "北京呢？"},
+    {"role": "assistant", "content": "北京是中国的首都。"},
+]
+
+
+def _tiny(tokenizer) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(get_preset("tiny", vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
+                                  n_kv_heads=2, hidden_dim=128, max_seq_len=128))
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory, tokenizer) -> Path:
+    d = tmp_path_factory.mktemp("init") / "model"
+    save_model(_tiny(tokenizer), tokenizer, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": f"判断评论情感：这家店的服务很好{i}", "response": "正面"}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"messages": CONV}, ensure_ascii=False) + "\n")
+    return path
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_model(model_dir)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _sft(init_dir: Path, data: Path, out: Path, *extra: str) -> int:
+    return main(["sft", "--init", str(init_dir), "--data", str(data), "--out", str(out), "--max-steps", "3",
+                 "--batch-size", "2", "--seq-len", "96", "--warmup-steps", "1", "--log-every", "1",
+                 "--dtype", "fp32", "--lr", "1e-3", "--min-lr", "1e-4", *extra])
+
+
+def test_freeze_embeddings_bitwise_unchanged_and_outputs(init_dir, sft_file, tmp_path):
+    out = tmp_path / "out"
+    assert _sft(init_dir, sft_file, out) == 0
+    before, after = _weights(init_dir), _weights(out)
+    assert torch.equal(before["embed.weight"], after["embed.weight"])
+    assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # tied to the embedding
+    changed = [k for k in before if k.startswith("layers.") and not torch.equal(before[k], after[k])]
+    assert len(changed) == len([k for k in before if k.startswith("layers.")])
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert all(0.0 <= m["padding"] < 1.0 for m in lines)
+    # Schedule: warmup 0 -> lr in 1 step, then cosine down to min-lr at the last step.
+    assert lines[0]["lr"] == pytest.approx(1e-3) and lines[-1]["lr"] == pytest.approx(1e-4)
+    summary = json.loads((out / "sft_data.json").read_text())
+    assert summary["train"]["samples"] == 48 and summary["train"]["bad"] == 0
+    assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+def test_freeze_all_but_layers(init_dir, sft_file, tmp_path):
+    out = tmp_path / "out"
+    assert _sft(init_dir, sft_file, out, "--freeze", "all-but-layers") == 0
+    before, after = _weights(init_dir), _weights(out)
+    for k in before:
+        if k.startswith("layers."):
+            assert not torch.equal(before[k], after[k]), k
+        else:
+            assert torch.equal(before[k], after[k]), k
+
+
+def test_freeze_modes_set_requires_grad(tokenizer):
+    model = _tiny(tokenizer)
+    total = sum(p.numel() for p in model.parameters())
+    counts = {m: apply_freeze(model, m) for m in FREEZE_MODES}
+    assert counts["none"] == {"trainable": total, "frozen": 0}
+    assert counts["embeddings"]["frozen"] == model.embed.weight.numel()
+    layers = sum(p.numel() for p in model.layers.parameters())
+    assert counts["all-but-layers"]["trainable"] == layers
+    with pytest.raises(ValueError, match="--freeze"):
+        apply_freeze(model, "head")
+
+
+def test_lora_merge_equals_adapter_output(tokenizer):
+    model = add_lora(_tiny(tokenizer), rank=4, alpha=8)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("wqkv" in n for n in trainable) and any("w_down" in n for n in trainable)
+    with torch.no_grad():  # LoRA's B starts at zero; give the adapters a real effect
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    x = torch.randint(0, tokenizer.vocab_size, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x).logits
+        merged_model = merge_lora(model)
+        merged = merged_model(x).logits
+    assert not any("lora_" in n for n, _ in merged_model.named_parameters())
+    assert type(merged_model.layers[0].attn.wqkv) is torch.nn.Linear
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
+    # The merge changed the weights (the adapters were not a no-op).
+    plain = _tiny(tokenizer).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(x).logits, merged, atol=1e-3)
+
+
+def test_lora_sft_saves_plain_merged_model(init_dir, sft_file, tmp_path):
+    out = tmp_path / "out"
+    assert _sft(init_dir, sft_file, out, "--lora-rank", "4") == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any("lora" in k for k in f.keys())
+    before, after = _weights(init_dir), _weights(out)
+    assert torch.equal(before["embed.weight"], after["embed.weight"])
+    assert not torch.equal(before["layers.0.attn.wqkv.weight"], after["layers.0.attn.wqkv.weight"])
+    # Norms have no adapters: bitwise the same.
+    assert torch.equal(before["layers.0.attn_norm.weight"], after["layers.0.attn_norm.weight"])
+
+
+def test_bad_input_reported_and_good_records_kept(init_dir, tmp_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps({"instruction": "说你好", "output": "你好"}, ensure_ascii=False).encode()
+    path.write_bytes(b"\n".join([good, b'{"instruction": "x", "output"', b"\xff\xfe", good,
+                                 json.dumps({"instruction": "x"}).encode(), good]))
+    out = tmp_path / "out"
+    assert _sft(init_dir, path, out) == 0
+    err = capsys.readouterr().err
+    assert f"{path}:2: invalid JSON" in err and f"{path}:3: invalid UTF-8" in err
+    assert f"{path}:5: missing field" in err
+    assert "3 bad records" in err
+    summary = json.loads((out / "sft_data.json").read_text())
+    assert summary["train"]["samples"] == 3 and summary["train"]["bad"] == 3
+
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_bytes(b"[1]\n")
+    assert _sft(init_dir, only_bad, tmp_path / "o2") == 1
+    assert "no usable SFT samples" in capsys.readouterr().err
+    assert _sft(init_dir, tmp_path / "missing.jsonl", tmp_path / "o3") == 2
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trl_sft_trainer_runs_a_step_on_the_saved_directory(init_dir, tokenizer, tmp_path, monkeypatch):
+    """The saved directory is a plain HF model: TRL's SFTTrainer trains on it (offline), with the same
+    assistant-only loss as ours."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(init_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(init_dir)
+    ds = datasets.Dataset.from_list([{"messages": CONV}] * 2)
+    cfg = trl.SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=2,
+                        report_to=[], use_cpu=True, max_length=256, save_strategy="no", logging_steps=1,
+                        assistant_only_loss=True, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = trl.SFTTrainer(model=hf_model, args=cfg, train_dataset=ds, processing_class=hf_tok)
+    result = trainer.train()
+    assert result.global_step == 1
+
+    # Our masked loss on the same conversation, from the same directory.
+    from matelike.sft import SFTTask
+    from matelike.sft_data import PackedSFTData, SFTSamples, fit_messages
+
+    model, tok = load_model(init_dir)
+    fit = fit_messages(tok, CONV, 256)
+    assert fit.turns_dropped == 0
+    samples = SFTSamples.from_lists([fit.ids], [fit.mask])
+    task = SFTTask(PackedSFTData(samples, 256, 1, tok.pad_id))
+    batch, _ = next(task.batches(0, 1, None))
+    with torch.no_grad():
+        ours, _, n = task.loss(model, batch)
+    assert n == sum(fit.mask[1:])
+    assert result.training_loss == pytest.approx(float(ours), abs=1e-3)
