@@ -81,14 +81,15 @@ class ChatSession:
     """The read-eval-print loop, separated from model loading so tests can drive it with any stream."""
 
     def __init__(self, tokenizer: "Tokenizer", stream: StreamFn, context_len: int, max_new_tokens: int,
-                 system: str | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+                 system: str | None = None, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self.tokenizer = tokenizer
         self.stream = stream
         self.context_len = context_len
         self.max_new_tokens = max_new_tokens
         self.conv = Conversation(system=system or None)
-        self.out = out
-        self.err = err
+        # Looked up now, not at import time, so that a redirected sys.stdout is honoured.
+        self.out = out if out is not None else sys.stdout
+        self.err = err if err is not None else sys.stderr
 
     def note(self, text: str) -> None:
         print(f"[{text}]", file=self.err, flush=True)
@@ -195,20 +196,31 @@ def _model_stream(model: Any, tokenizer: "Tokenizer", args: argparse.Namespace) 
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-
+    from matelike.generate import check_sampling
     from matelike.model_io import load_model
 
-    model, tokenizer = load_model(args.model, device=args.device)
+    try:
+        check_sampling(args.max_new_tokens or 1, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except ValueError as exc:  # say so before loading the model, not in the middle of the first answer
+        print(f"matelike chat: {exc}", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = load_model(args.model, device=args.device)
+    except (OSError, ValueError) as exc:
+        print(f"matelike chat: {exc}", file=sys.stderr)
+        return 2
     if tokenizer is None:
-        print(f"{args.model}: no tokenizer.json in the model directory", file=sys.stderr)
+        print(f"matelike chat: {args.model}: no tokenizer.json in the model directory", file=sys.stderr)
         return 2
     model.eval()
     context_len = int(model.config.max_seq_len)
-    if not 1 <= args.max_new_tokens < context_len:
-        print(f"--max-new-tokens must be between 1 and {context_len - 1} (the context is {context_len})",
-              file=sys.stderr)
+    # Default: 256 tokens, but never more than half the context so that some history always fits.
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else min(256, context_len // 2)
+    if not 1 <= max_new < context_len:
+        print(f"matelike chat: --max-new-tokens must be between 1 and {context_len - 1} (the context is "
+              f"{context_len})", file=sys.stderr)
         return 2
-    session = ChatSession(tokenizer, _model_stream(model, tokenizer, args), context_len, args.max_new_tokens,
+    session = ChatSession(tokenizer, _model_stream(model, tokenizer, args), context_len, max_new,
                           system=args.system)
     if sys.stdin.isatty():
         print(f"matelike chat: {args.model} (context {context_len} tokens). /help for commands.", file=sys.stderr)
@@ -219,7 +231,8 @@ def add_cli(table: "CommandTable") -> None:
     p = table.command("chat", "interactive streaming chat with a model directory", _cmd_chat)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--system", default=None, help="system prompt (change it later with /system TEXT)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer budget per turn")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer budget per turn (default 256, at most half the context)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=0.9)

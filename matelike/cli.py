@@ -25,9 +25,13 @@ MODULES: tuple[str, ...] = (
     "matelike.pairs",
     "matelike.chat",
     "matelike.serve",
+    "matelike.bench.data",
     "matelike.bench.serve",
+    "matelike.bench.train",
     "matelike.model_cli",
     "matelike.bench.generate",
+    "matelike.pipeline",
+    "matelike.report",
 )
 
 

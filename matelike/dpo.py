@@ -50,8 +50,6 @@ class PairScores:
 
 def score_pairs(model: "nn.Module", batch: dict) -> PairScores:
     """One forward pass over a collated pair batch (chosen rows, then rejected rows)."""
-    import torch
-
     device = next(model.parameters()).device
     out = model(batch["input_ids"].to(device, non_blocking=True))
     logps, counts = sequence_logps(out.logits, batch["targets"].to(device, non_blocking=True))
@@ -135,7 +133,7 @@ class DPOTask:
         self, data: "PreferenceBatches", *, loss_type: str = "sigmoid", beta: float | None = None,
         simpo_gamma: float = 0.5, ref_logps: "torch.Tensor | None" = None, ref_model: "nn.Module | None" = None,
         val: "PreferencePairs | None" = None, val_ref_logps: "torch.Tensor | None" = None, eval_batch_size: int = 8,
-        aux_loss_coef: float = 0.0,
+        aux_loss_coef: float = 0.0, rpo_alpha: float = 0.0,
     ) -> None:
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
@@ -149,6 +147,7 @@ class DPOTask:
         self.val_ref_logps = val_ref_logps
         self.eval_batch_size = eval_batch_size
         self.aux_loss_coef = aux_loss_coef
+        self.rpo_alpha = rpo_alpha
         if needs_reference(loss_type):
             if ref_model is None and ref_logps is None:
                 raise ValueError(f"loss {loss_type!r} needs reference log-probs or a reference model")
@@ -173,10 +172,18 @@ class DPOTask:
             beta=self.beta, simpo_gamma=self.simpo_gamma,
         )
         loss = out.losses.mean()
+        metrics = _pair_metrics(out, s)
+        if self.rpo_alpha:
+            # RPO (Pang et al. 2024, TRL's rpo_alpha): the chosen answers' per-token NLL keeps their likelihood
+            # from sinking along with the rejected ones', a known way DPO degrades generation.
+            nll = -(s.chosen / s.chosen_tokens.clamp(min=1)).mean()
+            loss = loss + self.rpo_alpha * nll
+            metrics["nll_chosen"] = float(nll.detach())
         if s.aux_loss is not None and self.aux_loss_coef:  # MoE load balancing stays on
             loss = loss + self.aux_loss_coef * s.aux_loss
-        metrics = _pair_metrics(out, s)
         metrics["padding_fraction"] = float(batch["padding_fraction"])
+        if s.aux_loss is not None:
+            metrics["aux_loss"] = float(s.aux_loss.detach())
         return loss, metrics, int(s.chosen_tokens.sum().item() + s.rejected_tokens.sum().item())
 
     def evaluate(self, model: "nn.Module", rank: int = 0, world_size: int = 1) -> dict[str, float]:
@@ -324,7 +331,8 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
         args.min_lr = args.lr / 10
         print(f"matelike: --min-lr not given and above --lr; using {args.min_lr:g}", file=sys.stderr)
     config = TrainConfig.from_args(args, stage="dpo", init=str(args.init), loss=args.loss, beta=beta,
-                                   simpo_gamma=args.simpo_gamma, ref_in_memory=args.ref_in_memory)
+                                   simpo_gamma=args.simpo_gamma, ref_in_memory=args.ref_in_memory,
+                                   rpo_alpha=args.rpo_alpha)
     info = D.setup(config.device)
     seed_everything(config.seed)
     model, tokenizer = load_model(args.init, device=info.device, dtype=torch.float32)
@@ -367,7 +375,7 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
         PreferenceBatches(pairs, config.batch_size, tokenizer.pad_id, seed=config.seed), loss_type=args.loss,
         beta=beta, simpo_gamma=args.simpo_gamma, ref_logps=ref_logps, ref_model=ref_model, val=val,
         val_ref_logps=val_ref, eval_batch_size=2 * config.batch_size, aux_loss_coef=model.config.aux_loss_coef
-        if model.config.is_moe else 0.0,
+        if model.config.is_moe else 0.0, rpo_alpha=args.rpo_alpha,
     )
     result = Trainer(config, model, tokenizer, task).fit()
     if info.is_main:
@@ -401,4 +409,6 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO's target reward margin")
     p.add_argument("--ref-in-memory", action="store_true",
                    help="score the reference on the fly with a frozen copy instead of precomputing once")
+    p.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="add this times the chosen answers' per-token NLL to the loss (RPO); 0 = plain loss")
     add_engine_args(p, DPO_DEFAULTS)

@@ -98,7 +98,9 @@ def preference_loss(
     return PreferenceLossOutput(losses, (beta * ratio_c).detach(), (beta * ratio_r).detach())
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of `labels` under `logits` per sequence, and the number of counted tokens.
 
     `logits`: (B, T, V) predicting the token at each position's `labels` (already shifted: labels[t] is the

@@ -6,9 +6,10 @@ numbers compare across stages:
 - Tasks (`tasks_test.jsonl`: `{task, prompt, answer}`): each prompt goes in as a user turn of the chat template
   (`--prompt-format plain` feeds the bare prompt and a newline instead), answers come from batched greedy
   decoding and are scored by `matelike.tasks.score_task`. The answer budget is 1.5x the gold answer's token
-  count plus 8 tokens, applied per item after decoding, so the result does not depend on the batch size.
-- Held-out loss (`--val FILE`, pretraining jsonl): documents joined as in packing (`<|endoftext|>` before each
-  document), cut into windows of the model's context; every token after the first is predicted once. `loss` is
+  count plus 8 tokens, cut per item after decoding, so an item's budget does not depend on its batch mates.
+- Held-out loss (`--val FILE`, pretraining jsonl): documents joined with `<|endoftext|>` as in packing, with one
+  more in front so that every text token is predicted (and every byte counted), cut into windows of the model's
+  context; every token after the first is predicted exactly once. `loss` is
   the mean cross-entropy in nats over all predicted tokens (separators included, as in training); `bpb` is the
   cross-entropy of the text tokens in bits divided by the UTF-8 bytes of the text, which compares models with
   different tokenizers.
@@ -31,8 +32,6 @@ from matelike.records import BadRecord, BadRecordReport, DataFileError, iter_rec
 from matelike.tasks import MAIN_METRIC, TASKS, score_task
 
 if TYPE_CHECKING:
-    import torch
-
     from matelike.cli import CommandTable
     from matelike.tokenizer import Tokenizer
 
@@ -99,7 +98,7 @@ def answer_budget(tokenizer: "Tokenizer", gold: str) -> int:
 
 
 def generate_answers(model: Any, tokenizer: "Tokenizer", prompts: Sequence[list[int]], budgets: Sequence[int],
-                     *, batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[str]:
+                     *, batch_size: int = 32, progress: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers (decoded text, special tokens dropped, stripped) for token-id prompts.
 
     Prompts are batched by length to keep padding small. Each row is cut to its own budget afterwards, and a
@@ -124,15 +123,18 @@ def generate_answers(model: Any, tokenizer: "Tokenizer", prompts: Sequence[list[
 
 
 def evaluate_tasks(model: Any, tokenizer: "Tokenizer", items: dict[str, list[dict[str, str]]], *,
-                   prompt_format: str = "chat", batch_size: int = 16,
+                   prompt_format: str = "chat", batch_size: int = 32, progress: bool = False,
                    ) -> tuple[dict[str, dict[str, float | int]], list[dict[str, str]]]:
-    """(metrics per task, predictions) for the loaded test items."""
+    """(metrics per task, predictions) for the loaded test items; `progress` shows a bar per task on stderr."""
+    from tqdm import tqdm
+
     metrics: dict[str, dict[str, float | int]] = {}
     predictions: list[dict[str, str]] = []
     for task, rows in items.items():
         prompts = [encode_prompt(tokenizer, r["prompt"], prompt_format) for r in rows]
         budgets = [answer_budget(tokenizer, r["answer"]) for r in rows]
-        preds = generate_answers(model, tokenizer, prompts, budgets, batch_size=batch_size)
+        with tqdm(total=len(rows), desc=f"eval {task}", unit="item", disable=not progress, leave=False) as bar:
+            preds = generate_answers(model, tokenizer, prompts, budgets, batch_size=batch_size, progress=bar.update)
         metrics[task] = score_task(task, [r["answer"] for r in rows], preds)
         predictions += [{"task": task, "prompt": r["prompt"], "answer": r["answer"], "prediction": p}
                         for r, p in zip(rows, preds)]
@@ -300,8 +302,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tasks: Sequence[str] = TASKS,
              limit: int | None = None, val: str | Path | None = None, ceval: Sequence[str | Path] = (),
-             prompt_format: str = "chat", batch_size: int = 16, device: str = "cpu",
-             val_max_tokens: int | None = None, report: BadRecordReport | None = None) -> dict[str, Any]:
+             prompt_format: str = "chat", batch_size: int = 32, device: str = "cpu",
+             val_max_tokens: int | None = None, report: BadRecordReport | None = None,
+             progress: bool = False) -> dict[str, Any]:
     """Everything `matelike eval` computes, as the JSON-ready dict (also used by `matelike run`)."""
     import torch
 
@@ -320,7 +323,7 @@ def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tas
             if empty:
                 raise EvalError(f"{tasks_file}: no test items for task(s) {', '.join(empty)}")
             result["tasks"], result["predictions"] = evaluate_tasks(
-                model, tokenizer, items, prompt_format=prompt_format, batch_size=batch_size)
+                model, tokenizer, items, prompt_format=prompt_format, batch_size=batch_size, progress=progress)
         if val is not None:
             result["val"] = heldout_loss(model, tokenizer, val, report, max_tokens=val_max_tokens)
         if ceval:
@@ -368,7 +371,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         result = run_eval(args.model, tasks_file=tasks_file, tasks=args.tasks, limit=args.limit, val=val,
                           ceval=args.ceval or (), prompt_format=args.prompt_format, batch_size=args.batch_size,
-                          device=device, val_max_tokens=args.val_max_tokens, report=report)
+                          device=device, val_max_tokens=args.val_max_tokens, report=report,
+                          progress=not args.quiet and sys.stderr.isatty())
     except (EvalError, DataFileError, ModelDirError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -404,7 +408,8 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--ceval", nargs="+", help="C-Eval layout CSV files (question, A, B, C, D, answer)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
                    help="ask as a chat user turn (default) or as bare text")
-    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--batch-size", type=_positive, default=32, help="prompts generated together")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--predictions", help="write every task answer as jsonl here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -9,6 +9,11 @@ turns it into a `PATH:LINE: reason` bad record.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from matelike.records import BadRecordReport
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT's `from` values mapped to our roles.
@@ -231,3 +236,30 @@ def guess_kind(obj: dict, field: str = "text") -> str:
         return "sft"
     except RecordError:
         return "pretrain"
+
+
+def iter_pretrain_texts(path: str | Path, text_field: str, report: "BadRecordReport",
+                        stats: dict[str, int] | None = None) -> Iterator[str]:
+    """Document texts of one pretraining file, in order; bad records go to `report`.
+
+    `stats`, when given, is updated with `records`, `documents` and `bad` counts.
+    """
+    from matelike.records import BadRecord, iter_records
+
+    stats = stats if stats is not None else {}
+    for key in ("records", "documents", "bad"):
+        stats.setdefault(key, 0)
+    for line, rec in iter_records(path, columns=[text_field]):
+        stats["records"] += 1
+        if isinstance(rec, BadRecord):
+            report.add(rec)
+            stats["bad"] += 1
+            continue
+        try:
+            text = pretrain_text(rec, text_field)
+        except RecordError as e:
+            report.add(BadRecord(str(path), line, e.reason))
+            stats["bad"] += 1
+            continue
+        stats["documents"] += 1
+        yield text

@@ -145,9 +145,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # F.rms_norm is one fused kernel (fewer ops per decode step); same maths as x * rsqrt(mean(x^2) + eps).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None = None) -> torch.Tensor:
@@ -157,10 +156,10 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None
 def rope_cos_sin(
     position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, head_dim) for the rotate-half convention, computed in fp32."""
+    """cos, sin of shape (B, T, 1, head_dim) for the rotate-half convention, computed in fp32."""
     freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].float()
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -194,12 +193,13 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        n_qk = self.n_heads + self.n_kv_heads
+        # One RoPE call over the q and k heads together: half the elementwise ops of the decode step's attention.
+        qk = apply_rope(qkv[:, :, :n_qk], cos, sin)
+        q = qk[:, :, : self.n_heads].transpose(1, 2)  # (B, H, T, D)
+        k = qk[:, :, self.n_heads :].transpose(1, 2)
+        v = qkv[:, :, n_qk:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         # mask None means plain causal attention over all keys; a decode step of one token needs no mask at all.
@@ -263,9 +263,10 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
         out = torch.zeros_like(flat)
         start = 0
+        track_grads = torch.is_grad_enabled()
         for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
+            if n == 0 and not track_grads:
+                continue  # when training, an idle expert still runs on zero rows so DDP sees (zero) gradients
             idx = token_of[start : start + n]
             gate, up = F.linear(flat[idx], self.w_gate_up[e]).split(self.hidden, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w_down[e])
@@ -383,6 +384,7 @@ class Transformer(nn.Module):
         """
         if self.embed.weight.device.type == "meta":
             return
+        self.reset_rope()  # also valid after meta-device construction + to_empty(), which leaves buffers garbage
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():

@@ -47,7 +47,7 @@ def hf_config(config: ModelConfig, dtype: torch.dtype, tokenizer: Tokenizer | No
     """The config.json dict for `config` (all fields transformers needs; both rope spellings for old readers)."""
     eos = getattr(tokenizer, "eos_id", None)
     pad = getattr(tokenizer, "pad_id", eos)
-    bos = getattr(tokenizer, "im_start_id", None) if tokenizer is not None else None
+    bos = None  # our tokenizer adds no BOS (tokenizer_config says bos_token null); keep the model config in step
     out: dict[str, Any] = {
         "architectures": [architecture(config)],
         "vocab_size": config.vocab_size,

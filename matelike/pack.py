@@ -62,17 +62,18 @@ def _init_worker(tokenizer_dir: str) -> None:
     _Worker.tokenizer = Tokenizer.load(tokenizer_dir)
 
 
-def _encode_chunk(texts: list[str], dtype: str) -> np.ndarray:
+def _encode_chunk(texts: list[str], dtype: str) -> tuple[np.ndarray, int]:
+    """Tokens of a chunk and the UTF-8 size of its text (counted here to keep the main process light)."""
     assert _Worker.tokenizer is not None
-    return encode_documents(_Worker.tokenizer, texts, np.dtype(dtype))
+    return encode_documents(_Worker.tokenizer, texts, np.dtype(dtype)), sum(len(t.encode("utf-8")) for t in texts)
 
 
 def _ordered_map(tokenizer_dir: Path, tokenizer: "Tokenizer", chunks: Iterable[tuple[int, list[str]]],
-                 dtype: np.dtype, workers: int) -> Iterator[tuple[int, list[str], np.ndarray]]:
+                 dtype: np.dtype, workers: int) -> Iterator[tuple[int, list[str], tuple[np.ndarray, int]]]:
     """Encode chunks, in input order, with at most 2*workers chunks in flight (flat memory)."""
     if workers <= 1:
         for split, texts in chunks:
-            yield split, texts, encode_documents(tokenizer, texts, dtype)
+            yield split, texts, (encode_documents(tokenizer, texts, dtype), sum(len(t.encode("utf-8")) for t in texts))
         return
     import multiprocessing as mp
 
@@ -105,12 +106,12 @@ class _Output:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.fh = open(self.tmp, "wb")
 
-    def write(self, texts: list[str], arr: np.ndarray) -> None:
+    def write(self, texts: list[str], arr: np.ndarray, n_bytes: int) -> None:
         self.fh.write(arr.tobytes())
         self.tokens += int(arr.size)
         self.documents += len(texts)
         self.text_chars += sum(len(t) for t in texts)
-        self.text_bytes += sum(len(t.encode("utf-8")) for t in texts)
+        self.text_bytes += n_bytes
 
     def finish(self, meta: dict) -> dict:
         self.fh.close()
@@ -129,26 +130,11 @@ class _Output:
 
 def _document_texts(paths: list[Path], text_field: str, report: BadRecordReport,
                     per_file: dict[str, dict]) -> Iterator[str]:
-    from matelike.formats import RecordError, pretrain_text
-    from matelike.records import BadRecord, iter_records
+    from matelike.formats import iter_pretrain_texts
 
     for path in paths:
-        stats = per_file.setdefault(str(path), {"path": str(path), "bytes": path.stat().st_size, "records": 0,
-                                                "documents": 0, "bad": 0})
-        for line, rec in iter_records(path, columns=[text_field]):
-            stats["records"] += 1
-            if isinstance(rec, BadRecord):
-                report.add(rec)
-                stats["bad"] += 1
-                continue
-            try:
-                text = pretrain_text(rec, text_field)
-            except RecordError as e:
-                report.add(BadRecord(str(path), line, e.reason))
-                stats["bad"] += 1
-                continue
-            stats["documents"] += 1
-            yield text
+        stats = per_file.setdefault(str(path), {"path": str(path), "bytes": path.stat().st_size})
+        yield from iter_pretrain_texts(path, text_field, report, stats)
 
 
 def pack(
@@ -213,8 +199,8 @@ def pack(
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="packing", disable=not progress,
                   file=sys.stderr) as bar:
-            for split, texts, arr in _ordered_map(tokenizer_dir, tokenizer, chunks(bar), dtype, workers):
-                outputs[split].write(texts, arr)
+            for split, texts, (arr, n_bytes) in _ordered_map(tokenizer_dir, tokenizer, chunks(bar), dtype, workers):
+                outputs[split].write(texts, arr, n_bytes)
     except BaseException:
         for o in outputs:
             o.abort()

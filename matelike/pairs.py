@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 GOLD_FIELDS: tuple[str, ...] = ("answer", "chosen", "response")  # first one present is the gold answer
 PROGRESS_SUFFIX = ".progress.json"
 # Settings that change what a resumed run would write; a progress file made with others is refused.
-RESUME_KEYS: tuple[str, ...] = ("data_sha256", "samples", "max_new_tokens", "temperature", "top_p", "seed")
+RESUME_KEYS: tuple[str, ...] = ("model", "data_sha256", "samples", "max_new_tokens", "temperature", "top_p", "seed")
 
 
 class PairsError(RuntimeError):
@@ -187,12 +187,13 @@ def make_pairs(
     model: "nn.Module", tokenizer: "Tokenizer", data: str | Path, out: str | Path, *, samples: int = 4,
     limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 128, temperature: float = 1.0,
     top_p: float | None = 0.95, seed: int = 0, progress: bool = False, report: "BadRecordReport | None" = None,
-    generate_fn: GenerateFn | None = None,
+    generate_fn: GenerateFn | None = None, model_id: str | None = None,
 ) -> PairCounts:
     """Write preference pairs for the first `limit` prompts of `data` to `out` (resuming); returns the counts.
 
     `batch_size` is prompts per generation call (each sampled `samples` times, so batch_size * samples
-    sequences). `generate_fn` defaults to `matelike.generate.generate` (tests pass their own).
+    sequences). `generate_fn` defaults to `matelike.generate.generate` (tests pass their own). `model_id`
+    identifies the weights (the CLI passes the weight file's sha256) so a resume with another model is refused.
     """
     from matelike.records import BadRecordReport
 
@@ -203,7 +204,7 @@ def make_pairs(
     data, out = Path(data), Path(out)
     report = report if report is not None else BadRecordReport()
     items, records = read_prompt_items(data, report)
-    settings = {"data": str(data), "data_sha256": _sha256_file(data), "samples": samples,
+    settings = {"model": model_id, "data": str(data), "data_sha256": _sha256_file(data), "samples": samples,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                 "batch_size": batch_size}
     progress_path = out.with_name(out.name + PROGRESS_SUFFIX)
@@ -272,6 +273,14 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=min(initial, total), desc="make-pairs", unit="prompt", file=sys.stderr)
 
 
+def _weights_sha256(model_dir: Path) -> str:
+    """sha256 over the model directory's safetensors files: which weights made the pairs."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(_sha256_file(f).encode())
+    return h.hexdigest()
+
+
 def _cmd_make_pairs(args: argparse.Namespace) -> int:
     import torch
 
@@ -289,8 +298,8 @@ def _cmd_make_pairs(args: argparse.Namespace) -> int:
         counts = make_pairs(
             model, tokenizer, args.data, args.out, samples=args.samples, limit=args.limit,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, progress=args.progress if args.progress is not None else sys.stderr.isatty(),
-            report=report,
+            top_p=args.top_p, seed=args.seed, report=report, model_id=_weights_sha256(Path(args.model)),
+            progress=args.progress if args.progress is not None else sys.stderr.isatty(),
         )
     except (PairsError, DataFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -307,7 +316,8 @@ def add_cli(table: "CommandTable") -> None:
     p.prog = "matelike dpo make-pairs"
     p.add_argument("--model", required=True, help="model directory (the SFT model)")
     p.add_argument("--data", required=True, help="{prompt, answer, task} / {prompt, chosen} / {prompt, response} file")
-    p.add_argument("--out", required=True, type=Path, help="pairs jsonl ({prompt, chosen, rejected}); resumes if present")
+    p.add_argument("--out", required=True, type=Path,
+                   help="pairs jsonl ({prompt, chosen, rejected}); continues where it stopped if present")
     p.add_argument("--samples", type=int, default=4, help="answers sampled per prompt (K)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (x K sequences)")

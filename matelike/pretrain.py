@@ -4,13 +4,21 @@ The data is a `TokenFile` memmap (see matelike.pack). An epoch cuts the file int
 seq_len+1 tokens (shifted by a seeded offset per epoch) and visits them in a seeded random order; every rank
 computes the same order and takes its own rows of each global batch, so N processes with batch B see exactly
 the data of one process with batch N*B. A window is gathered straight from the memmap, so the file is never
-loaded whole, and the resume cursor is just the number of micro-batches consumed.
+loaded whole, and the resume cursor is just the number of windows consumed.
+
+Many processes: `torchrun --nproc_per_node=N -m matelike pretrain ...` (DDP; add --fsdp to shard). Many
+machines, each running (with --out on a filesystem that all of them share, for checkpoints and resume):
+    torchrun --nnodes=2 --node_rank=K --nproc_per_node=G --master_addr=HOST0 --master_port=29500 \
+        -m matelike pretrain ...
+or with elastic rendezvous: --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 --rdzv-id=RUN instead of
+--node_rank/--master_addr/--master_port.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -77,13 +85,15 @@ class PretrainTask:
         return torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
 
     def batches(self, rank: int, world_size: int, cursor: Any) -> Iterator[tuple[torch.Tensor, int]]:
-        i = int(cursor or 0)
+        # The cursor counts windows consumed by all ranks together, so a run resumed with another number of
+        # processes or another batch size still continues at the same place in the data.
+        pos = int(cursor or 0)
         global_batch = self.batch_size * world_size
         while True:
-            first = i * global_batch + rank * self.batch_size
+            first = pos + rank * self.batch_size
             starts = self.sampler.starts(np.arange(first, first + self.batch_size, dtype=np.int64))
-            yield self._window(self.tokens, starts), i + 1
-            i += 1
+            pos += global_batch
+            yield self._window(self.tokens, starts), pos
 
     def epoch_size(self, world_size: int) -> int:
         return max(1, self.sampler.n_windows // (self.batch_size * world_size))
@@ -124,7 +134,10 @@ def _check_tokens(path: Path, tf: Any, vocab_size: int, tokenizer_sha: str | Non
     if sha and tokenizer_sha and sha != tokenizer_sha:
         raise ValueError(f"{path} was packed with another tokenizer (sha256 {sha[:12]}..., "
                          f"--tokenizer has {tokenizer_sha[:12]}...); repack it or pass the right --tokenizer")
-    # max() streams the memmap in chunks; a token id past the vocabulary would crash the embedding much later.
+    if sha and sha == tokenizer_sha:
+        return  # packed by this very tokenizer: every id is in range
+    # No tokenizer hash to trust: scan (in chunks, the memmap is never loaded whole) for ids past the vocabulary,
+    # which would otherwise crash the embedding somewhere in the middle of the run.
     top = int(max(int(tf.tokens[i:i + (1 << 24)].max()) for i in range(0, len(tf.tokens), 1 << 24)))
     if top >= vocab_size:
         raise ValueError(f"{path} holds token id {top} but the tokenizer has only {vocab_size} tokens")
@@ -162,7 +175,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         result = Trainer(config, model, tokenizer, task).fit()
     finally:
         teardown()
-    if result.stopped_by is None:
+    if result.stopped_by is None and os.environ.get("RANK", "0") == "0":
         print(f"matelike: pretraining done: {result.step} steps, {result.tokens:,} tokens, model in {config.out}",
               file=sys.stderr)
     return result.exit_code

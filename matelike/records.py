@@ -150,6 +150,8 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
     f.close()
     # surrogateescape keeps undecodable bytes as lone surrogates so one bad row does not abort the file;
     # utf-8-sig drops a BOM. newline="" lets the csv module handle CRLF and quoted newlines itself.
+    # The csv module's default 128 KiB field limit would reject long documents.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.reader(fh)
         try:

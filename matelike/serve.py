@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,7 +22,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from matelike.serve_worker import GenerationWorker
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    served = load_served_model(args.model, name=args.model_name, device=args.device)
+    try:
+        served = load_served_model(args.model, name=args.model_name, device=args.device)
+    except (OSError, ValueError) as exc:
+        print(f"matelike serve: {exc}", file=sys.stderr)
+        return 2
+    if args.max_active < 1:
+        print("matelike serve: --max-active must be at least 1", file=sys.stderr)
+        return 2
     worker = GenerationWorker(served.source, max_active=args.max_active)
     app = create_app(served, worker, api_key=args.api_key)
     print(f"serving {served.name} (context {served.context_len}) on http://{args.host}:{args.port}", flush=True)

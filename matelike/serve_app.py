@@ -95,21 +95,19 @@ def model_token_source(model: Any, tokenizer: "Tokenizer") -> TokenSource:
 
 
 def load_served_model(model_dir: str | Path, name: str | None = None, device: str = "cpu") -> ServedModel:
-    """Load a model directory for serving (the model in eval mode, no gradients)."""
-
+    """Load a model directory for serving (generation itself runs under torch.inference_mode)."""
     from matelike.model_io import load_model
 
     model, tokenizer = load_model(model_dir, device=device)
     if tokenizer is None:
         raise ValueError(f"{model_dir}: no tokenizer.json in the model directory; the server needs one")
     model.eval()
-    context_len = int(model.config.max_seq_len)
     return ServedModel(
         name=name or Path(model_dir).resolve().name,
-        context_len=context_len,
+        context_len=int(model.config.max_seq_len),
         tokenizer=tokenizer,
         source=model_token_source(model, tokenizer),
-        created=int(Path(model_dir, "config.json").stat().st_mtime) if Path(model_dir, "config.json").exists() else 0,
+        created=int(Path(model_dir, "config.json").stat().st_mtime),  # load_model has read it: it exists
     )
 
 

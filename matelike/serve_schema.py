@@ -144,9 +144,9 @@ def _sampling(body: dict[str, Any], context_len: int) -> SamplingParams:
     if stop_value is None:
         stop: list[str] = []
     elif isinstance(stop_value, str):
-        stop = [stop_value]
+        stop = [_valid_text(stop_value, "stop")]
     elif isinstance(stop_value, list) and all(isinstance(s, str) for s in stop_value):
-        stop = list(stop_value)
+        stop = [_valid_text(s, "stop") for s in stop_value]
     else:
         raise APIError(400, f"'stop' must be a string or an array of strings, got {_type_name(stop_value)}.",
                        param="stop", code="invalid_type")
@@ -192,10 +192,20 @@ def _model_field(body: dict[str, Any]) -> None:
         raise APIError(400, f"'model' must be a string, got {_type_name(model)}.", param="model", code="invalid_type")
 
 
+def _valid_text(text: str, param: str) -> str:
+    # JSON may carry lone surrogates ("\ud800") that no UTF-8 tokenizer can take: a client error, not a 500.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' contains an unpaired UTF-16 surrogate; send valid Unicode text.",
+                       param=param, code="invalid_value") from None
+    return text
+
+
 def _content_text(content: Any, where: str) -> str:
     """Message content as text: a string, or OpenAI's array of `{"type": "text", "text": ...}` parts."""
     if isinstance(content, str):
-        return content
+        return _valid_text(content, f"{where}.content")
     if isinstance(content, list):
         pieces = []
         for j, part in enumerate(content):
@@ -203,7 +213,7 @@ def _content_text(content: Any, where: str) -> str:
                 raise APIError(400, f"'{where}.content[{j}]' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
                                     "images and audio are not supported.", param=f"{where}.content")
             pieces.append(part["text"])
-        return "".join(pieces)
+        return _valid_text("".join(pieces), f"{where}.content")
     raise APIError(400, f"'{where}.content' must be a string or an array of text parts, got {_type_name(content)}.",
                    param=f"{where}.content", code="invalid_type")
 
@@ -252,6 +262,7 @@ def parse_completion_request(body: dict[str, Any], context_len: int) -> Completi
     if not isinstance(prompt, str):
         raise APIError(400, f"'prompt' must be a string (batched prompts are not supported), got {_type_name(prompt)}.",
                        param="prompt", code="invalid_type")
+    _valid_text(prompt, "prompt")
     if body.get("echo"):
         raise APIError(400, "'echo' is not supported by this server.", param="echo", code="unsupported_value")
     if body.get("suffix"):

@@ -10,6 +10,8 @@ Which weights train:
 - `--freeze all-but-layers`: only the transformer blocks train (embedding, final norm and head frozen).
 - `--freeze none`: everything trains.
 - `--lora-rank R`: LoRA adapters (peft) on every linear map of the blocks; the base weights are frozen.
+  In MoE models that is attention and the shared expert: routed experts are stored as 3-D tensors, not
+  linear modules, and stay frozen (as does the router).
   The adapters are merged into a copy of the model whenever the model directory is written, so OUT is a
   plain Hugging Face model directory with no adapter files. Checkpoints keep the unmerged adapters, so
   `--resume` continues training them.
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from matelike.sft_data import IGNORE_INDEX, SFT_FORMATS, PackedSFTData, SFTSamples, collate, pack_rows
+from matelike.sft_data import FORMAT_CHOICES, IGNORE_INDEX, PackedSFTData, SFTSamples, collate, pack_rows
 
 if TYPE_CHECKING:
     import torch
@@ -234,6 +236,10 @@ def run_sft(args: argparse.Namespace) -> int:
     data = PackedSFTData(samples, config.seq_len, config.batch_size, tokenizer.pad_id, seed=config.seed)
     task = SFTTask(data, val, val_batch_size=config.batch_size)
     if main_rank:
+        rows = data.rows(0)
+        fill = stats.tokens / max(1, len(rows) * config.seq_len)
+        print(f"matelike sft: packed into {len(rows)} rows of {config.seq_len} positions ({fill:.1%} filled), "
+              f"{task.epoch_size(1)} batches of {config.batch_size} rows per epoch", file=sys.stderr)
         config.out.mkdir(parents=True, exist_ok=True)
         summary = {"train": stats.to_dict(), "val": val_stats.to_dict() if val_stats else None,
                    "bad_records": report.total, "params": counts}
@@ -255,7 +261,7 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--data", type=Path, nargs="+", required=True,
                    help="SFT files or directories (jsonl / parquet / csv)")
     p.add_argument("--val", type=Path, nargs="+", default=None, help="held-out SFT files: val_loss on eval")
-    p.add_argument("--format", choices=tuple(SFT_FORMATS), default="auto",
+    p.add_argument("--format", choices=tuple(FORMAT_CHOICES), default="auto",
                    help="record layout; auto detects prompt/response, alpaca or conversations per record")
     p.add_argument("--freeze", choices=FREEZE_MODES, default="embeddings",
                    help="weights kept fixed (ignored with --lora-rank, which freezes every base weight)")

@@ -34,7 +34,7 @@ IGNORE_INDEX = -100
 
 # --format choices of `matelike sft` mapped to the layout names of `formats.to_messages`; "auto" detects
 # the layout per record.
-SFT_FORMATS: dict[str, str | None] = {
+FORMAT_CHOICES: dict[str, str | None] = {
     "auto": None,
     "prompt-response": "prompt_response",
     "alpaca": "alpaca",
@@ -95,8 +95,10 @@ class SFTSamples:
         lens = np.array([len(x) for x in ids], dtype=np.int64)
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
-        flat_ids = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
-        flat_mask = np.fromiter((m for x in masks for m in x), dtype=np.uint8, count=int(offsets[-1]))
+        if not len(ids):
+            return cls(np.zeros(0, np.int32), np.zeros(0, np.uint8), offsets)
+        flat_ids = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
+        flat_mask = np.concatenate([np.asarray(m, dtype=np.uint8) for m in masks])
         return cls(flat_ids, flat_mask, offsets)
 
 
@@ -187,13 +189,14 @@ def load_sft_samples(
     from matelike.formats import RecordError, detect_sft_format, to_messages
     from matelike.records import BadRecord, BadRecordReport, expand_inputs, iter_records
 
-    if fmt not in SFT_FORMATS:
-        raise ValueError(f"unknown SFT format {fmt!r}; choose one of {', '.join(SFT_FORMATS)}")
-    layout_arg = SFT_FORMATS[fmt]
+    if fmt not in FORMAT_CHOICES:
+        raise ValueError(f"unknown SFT format {fmt!r}; choose one of {', '.join(FORMAT_CHOICES)}")
+    layout_arg = FORMAT_CHOICES[fmt]
     report = report if report is not None else BadRecordReport()
     stats = SFTStats()
-    all_ids: list[list[int]] = []
-    all_masks: list[list[int]] = []
+    # Small numpy arrays, not lists of Python ints: a million samples stay a few bytes per token.
+    all_ids: list[np.ndarray] = []
+    all_masks: list[np.ndarray] = []
     for path in expand_inputs(paths):
         for line, rec in iter_records(path):
             stats.records += 1
@@ -226,8 +229,8 @@ def load_sft_samples(
             stats.samples += 1
             stats.tokens += len(fit.ids) - 1
             stats.loss_tokens += sum(fit.mask[1:])
-            all_ids.append(fit.ids)
-            all_masks.append(fit.mask)
+            all_ids.append(np.asarray(fit.ids, dtype=np.int32))
+            all_masks.append(np.asarray(fit.mask, dtype=np.uint8))
     return SFTSamples.from_lists(all_ids, all_masks), stats
 
 

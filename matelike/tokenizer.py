@@ -57,9 +57,11 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-# Default sample size for training: about 3 bytes per Chinese character, this keeps the trainer's pair
-# tables within a few GB whatever the corpus size (see `matelike bench tokenize`).
-DEFAULT_MAX_CHARS = 20_000_000
+# Default sample size for training. The trainer keeps every distinct pre-token (a Chinese clause is one)
+# with per-byte pair tables: about 300 bytes of memory per character of unique-clause Chinese text, so
+# 8M characters stay under 3 GB whatever the corpus size (see `matelike bench tokenize`). 8M characters
+# are plenty of statistics for a 6400-token vocabulary.
+DEFAULT_MAX_CHARS = 8_000_000
 HELDOUT_MAX_CHARS = 1_000_000
 
 
@@ -89,8 +91,11 @@ class Tokenizer:
             raise FileNotFoundError(f"{file}: no tokenizer.json here (train one with `matelike tokenizer train`)")
         template = CHAT_TEMPLATE
         config = file.parent / "tokenizer_config.json"
+        jinja = file.parent / "chat_template.jinja"  # where transformers' save_pretrained puts it
         if config.is_file():
             template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") or CHAT_TEMPLATE
+        if jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
         return cls(HFTokenizer.from_file(str(file)), template)
 
     def save(self, path: str | Path) -> None:
@@ -231,24 +236,10 @@ def new_bpe() -> "tokenizers.Tokenizer":
     return tok
 
 
-def _texts(path: Path, field: str, report) -> Iterator[str]:
-    """Document texts of one file; bad records go to `report` (from records/formats)."""
-    from matelike.formats import RecordError, pretrain_text
-    from matelike.records import BadRecord, iter_records
-
-    for line, rec in iter_records(path, columns=[field]):
-        if isinstance(rec, BadRecord):
-            report.add(rec)
-            continue
-        try:
-            yield pretrain_text(rec, field)
-        except RecordError as e:
-            report.add(BadRecord(str(path), line, e.reason))
-
-
 def _count_chars(paths: list[Path], field: str, progress: bool) -> int:
     from tqdm import tqdm
 
+    from matelike.formats import iter_pretrain_texts
     from matelike.records import BadRecordReport
 
     quiet = BadRecordReport(max_shown=0)  # the sampling pass reports them
@@ -256,7 +247,7 @@ def _count_chars(paths: list[Path], field: str, progress: bool) -> int:
     with tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, disable=not progress,
               desc="counting", file=sys.stderr) as bar:
         for p in paths:
-            for t in _texts(p, field, quiet):
+            for t in iter_pretrain_texts(p, field, quiet):
                 total += len(t)
             bar.update(p.stat().st_size)
     return total
@@ -287,6 +278,7 @@ def train_tokenizer(
     from tokenizers import pre_tokenizers, trainers
     from tqdm import tqdm
 
+    from matelike.formats import iter_pretrain_texts
     from matelike.records import BadRecordReport, expand_inputs
 
     log = log if log is not None else sys.stderr
@@ -312,7 +304,7 @@ def train_tokenizer(
         with tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress, desc="sampling",
                   file=sys.stderr) as bar:
             for p in paths:
-                for text in _texts(p, field, report):
+                for text in iter_pretrain_texts(p, field, report):
                     stats["docs"] += 1
                     r = rng.random()
                     if r < hold_p and held_chars < HELDOUT_MAX_CHARS:
@@ -346,7 +338,7 @@ def train_tokenizer(
     if heldout_paths:
         quiet = BadRecordReport(max_shown=0)
         for p in heldout_paths:
-            for text in _texts(p, field, quiet):
+            for text in iter_pretrain_texts(p, field, quiet):
                 if held_chars >= HELDOUT_MAX_CHARS:
                     break
                 held.append(text)

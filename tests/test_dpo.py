@@ -375,3 +375,66 @@ def test_cli_reports_bad_input_and_refuses_empty_data(tmp_path: Path, init_dir: 
     assert code == 1
     assert f"{data}:1: missing field: 'rejected'" in err and f"{data}:2: " in err
     assert "no usable preference pairs" in err
+
+
+def _run_args(init_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--init", str(init_dir), "--data", str(data), "--out", str(out), "--batch-size", "2", "--lr", "1e-3",
+            "--min-lr", "1e-3", "--warmup-steps", "0", "--log-every", "1", "--dtype", "fp32", "--no-progress",
+            "--save-every", "100", *extra]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_with_the_cached_reference(tmp_path: Path, init_dir: Path) -> None:
+    from matelike.cli import main
+    from matelike.dpo import REFERENCE_FILE
+
+    data = _write_jsonl(tmp_path / "p.jsonl", [STRING_PAIR, MESSAGE_PAIR, dict(STRING_PAIR, chosen="好评")] * 2)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    # flat learning rate (min = peak), so stopping at 3 and going on to 6 follows the same schedule as 6 at once
+    assert main(["dpo", *_run_args(init_dir, data, whole, "--max-steps", "6")]) == 0
+    assert main(["dpo", *_run_args(init_dir, data, split, "--max-steps", "3")]) == 0
+    stamp = (split / REFERENCE_FILE).stat().st_mtime_ns
+    assert main(["dpo", *_run_args(init_dir, data, split, "--max-steps", "6", "--resume")]) == 0
+    assert (split / REFERENCE_FILE).stat().st_mtime_ns == stamp  # reused, not recomputed from the trained model
+    a, b = _metrics(whole), _metrics(split)
+    assert [m["step"] for m in b] == list(range(1, 7))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]  # bitwise in fp32 on CPU
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, init_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from matelike.cli import main
+
+    data = _write_jsonl(tmp_path / "p.jsonl", [STRING_PAIR, MESSAGE_PAIR, dict(STRING_PAIR, chosen="好评")] * 2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["dpo", *_run_args(init_dir, data, one, "--max-steps", "3", "--val", str(data))]) == 0
+    args = _run_args(init_dir, data, two, "--max-steps", "3", "--val", str(data))
+    args[args.index("--batch-size") + 1] = "1"  # 2 ranks x 1 pair = 1 rank x 2 pairs
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "matelike",
+           "dpo", *args]
+    proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _metrics(one), _metrics(two)
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=1e-5)
+    for key in ("val_reward_margin", "val_loss", "val_reward_accuracy"):
+        assert a[-1][key] == pytest.approx(b[-1][key], abs=1e-5)
+
+
+def test_rpo_alpha_adds_the_chosen_nll(tmp_path: Path, tokenizer) -> None:
+    from matelike.dpo import DPOTask, compute_reference_logps
+
+    pairs = _pairs(tmp_path, tokenizer, n=4)
+    model = _tiny_model(tokenizer)
+    data = PreferenceBatches(pairs, batch_size=4, pad_id=tokenizer.pad_id)
+    ref = compute_reference_logps(model, pairs, 4, tokenizer.pad_id)
+    batch, _ = next(DPOTask(data, ref_logps=ref).batches(0, 1, None))
+    plain, _, _ = DPOTask(data, ref_logps=ref).loss(model, batch)
+    mixed, metrics, _ = DPOTask(data, ref_logps=ref, rpo_alpha=0.5).loss(model, batch)
+    nll = metrics["nll_chosen"]
+    assert nll > 0 and mixed.item() == pytest.approx(plain.item() + 0.5 * nll, rel=1e-5)

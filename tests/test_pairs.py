@@ -110,7 +110,8 @@ def test_resume_after_interruption_writes_what_one_run_writes(tmp_path: Path, to
     assert out.read_bytes() == whole.read_bytes()
     # finished: a re-run generates nothing and changes nothing
     calls3: list = []
-    make_pairs(None, tokenizer, data, out, samples=3, batch_size=3, seed=7, generate_fn=_fake_generate(tokenizer, calls3))
+    make_pairs(None, tokenizer, data, out, samples=3, batch_size=3, seed=7,
+               generate_fn=_fake_generate(tokenizer, calls3))
     assert calls3 == [] and out.read_bytes() == whole.read_bytes()
 
 
@@ -166,3 +167,12 @@ def test_command_with_a_real_model(tmp_path: Path, tokenizer, capsys) -> None:
     assert len(out.read_text(encoding="utf-8").splitlines()) == summary["pairs"]
     assert main(args) == 0  # already complete: nothing more to do, same counts
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+
+
+def test_resume_refuses_another_model(tmp_path: Path, tokenizer) -> None:
+    data, out = _tasks_file(tmp_path), tmp_path / "p.jsonl"
+    make_pairs(None, tokenizer, data, out, samples=2, limit=2, batch_size=2, generate_fn=_fake_generate(tokenizer),
+               model_id="aaa")
+    with pytest.raises(PairsError, match="model"):
+        make_pairs(None, tokenizer, data, out, samples=2, batch_size=2, generate_fn=_fake_generate(tokenizer),
+                   model_id="bbb")

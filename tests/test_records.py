@@ -122,3 +122,10 @@ def test_report_caps_output_and_counts() -> None:
     assert rep.total == 6 and rep.by_reason == {"invalid JSON": 5, "missing field": 1}
     assert rep.summary() == "6 bad records (invalid JSON: 5, missing field: 1)"
     assert BadRecordReport().summary() == "no bad records"
+
+
+def test_csv_long_field(tmp_path: Path) -> None:
+    p = tmp_path / "long.csv"
+    long_text = "长" * 300_000  # beyond the csv module's default 128 KiB field limit
+    p.write_text(f"text\n{long_text}\n", encoding="utf-8")
+    assert _read(p) == [(2, {"text": long_text})]

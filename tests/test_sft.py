@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from matelike.cli import main
+from matelike.cli import MODULES, CommandTable
 from matelike.model import Transformer, get_preset
 from matelike.model_io import load_model, save_model
 from matelike.sft import FREEZE_MODES, add_lora, apply_freeze, merge_lora
@@ -50,8 +50,24 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _main(argv: list[str]) -> int:
+    """`matelike sft ...` through the stage's own parser (other rooms' commands are not needed here)."""
+    import argparse
+
+    from matelike import sft
+
+    parser = argparse.ArgumentParser(prog="matelike")
+    sft.add_cli(CommandTable(parser))
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+def test_registered_on_the_command_line():
+    assert "matelike.sft" in MODULES
+
+
 def _sft(init_dir: Path, data: Path, out: Path, *extra: str) -> int:
-    return main(["sft", "--init", str(init_dir), "--data", str(data), "--out", str(out), "--max-steps", "3",
+    return _main(["sft", "--init", str(init_dir), "--data", str(data), "--out", str(out), "--max-steps", "3",
                  "--batch-size", "2", "--seq-len", "96", "--warmup-steps", "1", "--log-every", "1",
                  "--dtype", "fp32", "--lr", "1e-3", "--min-lr", "1e-4", *extra])
 
@@ -76,7 +92,9 @@ def test_freeze_embeddings_bitwise_unchanged_and_outputs(init_dir, sft_file, tmp
 
 def test_freeze_all_but_layers(init_dir, sft_file, tmp_path):
     out = tmp_path / "out"
-    assert _sft(init_dir, sft_file, out, "--freeze", "all-but-layers") == 0
+    assert _sft(init_dir, sft_file, out, "--freeze", "all-but-layers", "--val", str(sft_file)) == 0
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < last["val_loss"] < 20  # held-out answer loss, logged at the end
     before, after = _weights(init_dir), _weights(out)
     for k in before:
         if k.startswith("layers."):
@@ -190,3 +208,24 @@ def test_trl_sft_trainer_runs_a_step_on_the_saved_directory(init_dir, tokenizer,
         ours, _, n = task.loss(model, batch)
     assert n == sum(fit.mask[1:])
     assert result.training_loss == pytest.approx(float(ours), abs=1e-3)
+
+
+def test_resume_continues_exactly_with_lora(init_dir, sft_file, tmp_path, capsys):
+    """A run resumed from its step-2 checkpoint ends with the same weights as one never stopped: the data
+    cursor and the LoRA adapters are part of the engine's checkpoint."""
+    import shutil
+
+    common = ("--lora-rank", "4", "--max-steps", "4", "--save-every", "2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _sft(init_dir, sft_file, a, *common) == 0
+    assert _sft(init_dir, sft_file, b, *common) == 0
+    shutil.rmtree(b / "checkpoints" / "step-4")
+    (b / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert _sft(init_dir, sft_file, b, *common, "--resume") == 0
+    assert "(step 2)" in capsys.readouterr().err  # it did resume: a fresh run would also match
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert la == lb and len(la) == 4

@@ -179,3 +179,24 @@ def test_cli_train_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     empty.write_bytes(b"")
     assert main(["tokenizer", "train", "--input", str(empty), "--out", str(tmp_path / "t"), "--quiet"]) == 1
     assert "no usable text" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_tokenize_prints_one_json_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["bench", "tokenize", "--mb", "0.3", "--vocab-size", "300", "--tmp-dir", str(tmp_path)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["bench"] == "tokenize" and result["input_mb"] >= 0.3
+    assert result["peak_rss_mb"] > 0 and result["bytes_per_token"] > 1
+
+
+def test_transformers_save_pretrained_round_trip(tokenizer_dir: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    # A directory re-saved by transformers (e.g. after TRL training) still loads with our API, same ids.
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "hf")
+    again = Tokenizer.load(tmp_path / "hf")
+    assert again.encode("你好 world 🤖") == tokenizer.encode("你好 world 🤖")
+    assert again.encode_chat(CHATS[1]) == tokenizer.encode_chat(CHATS[1])
+    assert "generation" in again.chat_template

@@ -87,7 +87,8 @@ def test_engine_args_take_stage_defaults_and_build_config(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(min_lr=1.0, lr=0.1), dict(dtype="fp8"),
-                                 dict(optimizer="sgd"), dict(max_steps=0), dict(epochs=-1.0)])
+                                 dict(optimizer="sgd"), dict(max_steps=0), dict(epochs=-1.0),
+                                 dict(optimizer="muon", fsdp=True)])
 def test_config_rejects_bad_values(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(ValueError):
         TrainConfig(out=tmp_path, **bad)
@@ -272,3 +273,10 @@ def test_adamw_training_reduces_loss(tmp_path: Path) -> None:
     fit(tmp_path, max_steps=30, lr=3e-2, min_lr=3e-3)
     losses = [m["loss"] for m in read_metrics(tmp_path)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+
+
+def test_progress_bar_shows_loss_throughput_mfu(tmp_path: Path, capsys) -> None:
+    fit(tmp_path, max_steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert "loss=" in err and "tok/s=" in err and "mfu=" in err and "3/3" in err
+    assert all(0 < m["mfu"] for m in read_metrics(tmp_path))

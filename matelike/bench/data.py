@@ -3,8 +3,10 @@
 The benchmark corpus is generated here, no download: Chinese-like documents of words drawn from a Zipf
 distribution over a synthetic lexicon built from common characters, with clause punctuation, some English
 words and numbers. It has the statistics that matter for BPE speed (frequent short words, a long tail of
-rare ones, clause-length pre-tokens) without shipping a large corpus. Each measured command runs in a
-child process, so its peak resident memory (ru_maxrss of children, which covers pack's workers) is its own.
+rare ones, clause-length pre-tokens) without shipping a large corpus. Each measured job runs in a fresh
+child interpreter that reports its own wall and CPU time and peak resident memory (pack's worker processes
+reported separately), so the figures are the job's alone. The load average is printed alongside: on a busy
+machine wall-clock MB/s drops, `mb_per_cpu_s` much less.
 """
 
 from __future__ import annotations
@@ -98,18 +100,32 @@ def write_corpus(path: Path, n_bytes: int, seed: int = 0, as_jsonl: bool = True)
     return n_docs
 
 
-def _run_child(cmd: list[str]) -> tuple[float, int, str]:
-    """Run `cmd`; returns (wall seconds, peak RSS in MB of it and its descendants, stdout)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def _child(job: str, kwargs: dict) -> dict:
+    """Runs in a fresh interpreter: the measured job, then its own wall/CPU time and peak memory."""
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    if job == "tokenize":
+        from matelike.tokenizer import train_tokenizer
+
+        train_tokenizer(**kwargs, progress=False)
+    else:
+        from matelike.pack import pack
+
+        pack(**kwargs, progress=False)
     wall = time.perf_counter() - t0
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"seconds": wall, "cpu_seconds": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+            "peak_rss_mb": me.ru_maxrss // 1024, "worker_peak_rss_mb": kids.ru_maxrss // 1024}
+
+
+def _measure(job: str, **kwargs: object) -> dict:
+    """Run `_child(job, kwargs)` in a fresh Python (so the peak RSS is the job's alone, not ours or the CLI's)."""
+    code = ("import json, sys; from matelike.bench.data import _child; "
+            "print(json.dumps(_child(sys.argv[1], json.loads(sys.argv[2]))))")
+    r = subprocess.run([sys.executable, "-c", code, job, json.dumps(kwargs, default=str)], capture_output=True,
+                       text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, max over waited children
-    # ru_maxrss of children is a running maximum; an earlier larger child would hide this one.
-    peak_mb = peak // 1024 if peak > before else -1
-    return wall, peak_mb, r.stdout
+        raise RuntimeError(f"bench {job} child failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _workdir(args: argparse.Namespace):
@@ -123,11 +139,10 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
         docs = write_corpus(corpus, int(args.mb * 1e6), seed=args.seed)
         gen_s = time.perf_counter() - t0
         n_bytes = corpus.stat().st_size
-        cmd = [sys.executable, "-m", "matelike", "tokenizer", "train", "--input", str(corpus), "--out",
-               str(Path(tmp) / "tok"), "--vocab-size", str(args.vocab_size), "--quiet"]
+        kwargs: dict = {"inputs": [str(corpus)], "out_dir": str(Path(tmp) / "tok"), "vocab_size": args.vocab_size}
         if args.max_chars:
-            cmd += ["--max-chars", str(args.max_chars)]
-        wall, peak_mb, _ = _run_child(cmd)
+            kwargs["max_chars"] = args.max_chars
+        m = _measure("tokenize", **kwargs)
         info = json.loads((Path(tmp) / "tok" / "tokenizer_train.json").read_text(encoding="utf-8"))
     print(json.dumps({
         "bench": "tokenize",
@@ -135,13 +150,15 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
         "documents": docs,
         "vocab_size": args.vocab_size,
         "train_chars": info["train_chars"],
-        "seconds": round(wall, 2),
-        "mb_per_s": round(n_bytes / 1e6 / wall, 2),
-        "peak_rss_mb": peak_mb,
+        "seconds": round(m["seconds"], 2),
+        "cpu_seconds": round(m["cpu_seconds"], 2),
+        "mb_per_s": round(n_bytes / 1e6 / m["seconds"], 2),
+        "peak_rss_mb": m["peak_rss_mb"],
         "chars_per_token": info.get("chars_per_token"),
         "bytes_per_token": info.get("bytes_per_token"),
         "corpus_gen_s": round(gen_s, 1),
         "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 1),
     }))
     return 0
 
@@ -161,12 +178,18 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         results = {}
         for workers in args.workers:
             out = Path(tmp) / f"w{workers}.bin"
-            wall, peak_mb, _ = _run_child([sys.executable, "-m", "matelike", "data", "pack", "--tokenizer",
-                                           str(tok_dir), "--input", str(corpus), "--out", str(out), "--workers",
-                                           str(workers), "--quiet"])
+            m = _measure("pack", tokenizer_dir=str(tok_dir), inputs=[str(corpus)], out=str(out), workers=workers)
             meta = json.loads(Path(str(out) + ".json").read_text(encoding="utf-8"))
-            results[workers] = {"seconds": round(wall, 2), "mb_per_s": round(n_bytes / 1e6 / wall, 2),
-                                "peak_rss_mb": peak_mb, "tokens": meta["tokens"]}
+            results[workers] = {
+                "seconds": round(m["seconds"], 2),
+                "mb_per_s": round(n_bytes / 1e6 / m["seconds"], 2),
+                # Throughput per CPU-second: what one idle core would do; less sensitive to a busy machine.
+                "mb_per_cpu_s": round(n_bytes / 1e6 / m["cpu_seconds"], 2),
+                "peak_rss_mb": m["peak_rss_mb"],
+                "worker_peak_rss_mb": m["worker_peak_rss_mb"] if workers > 1 else None,
+                "tokens": meta["tokens"],
+            }
+            out.unlink()
         best = max(results, key=lambda w: results[w]["mb_per_s"])
     print(json.dumps({
         "bench": "pack",
@@ -179,6 +202,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         "peak_rss_mb": results[best]["peak_rss_mb"],
         "by_workers": {str(w): r for w, r in results.items()},
         "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 1),
     }))
     return 0
 

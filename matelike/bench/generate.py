@@ -52,7 +52,11 @@ def peak_load_memory(model_dir: str, dtype_name: str) -> dict[str, float]:
     from matelike.generate import generate
     from matelike.model_io import load_model
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    import os
+
+    # Baseline: the current resident set (imports done); peaks: the kernel's high-water mark (KiB on Linux).
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     model, _ = load_model(model_dir, dtype=getattr(torch, dtype_name))
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     generate(model, [[1, 2, 3, 4]], max_new_tokens=8, temperature=0)

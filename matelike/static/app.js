@@ -60,13 +60,10 @@
     bubble.dataset.chunks = "0";
     const system = $("system").value.trim();
     const messages = (system ? [{ role: "system", content: system }] : []).concat(history, [userMsg]);
-    const body = {
-      model: $("model-name").textContent || "matelike",
-      messages: messages,
-      stream: true,
-      temperature: Number($("temperature").value),
-      max_tokens: Math.floor(Number($("max-tokens").value)),
-    };
+    const body = { model: $("model-name").textContent || "matelike", messages: messages, stream: true };
+    // Empty fields mean "server default"; anything else goes as typed and the server says if it is out of range.
+    if ($("temperature").value !== "") body.temperature = Number($("temperature").value);
+    if ($("max-tokens").value !== "") body.max_tokens = Math.floor(Number($("max-tokens").value));
     controller = new AbortController();
     setBusy(true);
     let answer = "", finished = false;

@@ -67,6 +67,9 @@ class TrainConfig:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         if (self.warmup_steps or 0) < 0 or self.keep < 0 or self.eval_every < 0 or self.clip < 0:
             raise ValueError("--warmup-steps, --keep, --eval-every and --clip must be >= 0")
+        if self.fsdp and self.optimizer == "muon":
+            # Newton-Schulz needs whole matrices; FSDP holds row shards. Gathering them is future work.
+            raise ValueError("--optimizer muon cannot be combined with --fsdp yet; use adamw with --fsdp")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
 
@@ -102,11 +105,12 @@ def add_engine_args(
     g.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sequence")
     g.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=d["min_lr"], help="learning rate at the end of the cosine")
-    g.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="linear warmup from 0 (default: 2%% of the steps, at most 1000)")
+    g.add_argument("--warmup-steps", type=int, default=d["warmup_steps"],
+                   help="linear warmup from 0 (default: 2%% of the steps, at most 1000)")
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="decoupled weight decay (matrices)")
     g.add_argument("--clip", type=float, default=d["clip"], help="max gradient norm, 0 disables")
     g.add_argument("--dtype", choices=DTYPES, default=d["dtype"],
-                   help="auto: bf16 autocast where the CPU/GPU supports it, else fp16+scaler on GPU, else fp32")
+                   help="auto: bf16 autocast on bf16 GPUs and AMX CPUs, fp16+scaler on older GPUs, else fp32")
     g.add_argument("--compile", action="store_true", default=d["compile"], help="torch.compile the model")
     g.add_argument("--save-every", type=int, default=d["save_every"], help="checkpoint every N steps")
     g.add_argument("--keep", type=int, default=d["keep"], help="keep the last K checkpoints (0 = all)")

@@ -167,7 +167,8 @@ class Trainer:
     def _wrap(self, raw: nn.Module) -> nn.Module:
         cfg, info = self.config, self.info
         if cfg.fsdp:
-            model = D.wrap(raw, info, fsdp=True)  # shards `raw` in place
+            half = None if self.precision.name == "fp32" else self.precision.torch_dtype
+            model = D.wrap(raw, info, fsdp=True, param_dtype=half)  # shards `raw` in place
             return torch.compile(model) if cfg.compile else model
         model = torch.compile(raw) if cfg.compile else raw
         return D.wrap(model, info, fsdp=False)
@@ -286,7 +287,7 @@ class Trainer:
         import contextlib
 
         if self.config.fsdp:
-            self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            self.raw.set_requires_gradient_sync(last)  # type: ignore[operator]  # raw is the FSDPModule
             return contextlib.nullcontext()
         if self.info.enabled and not last:
             return self.model.no_sync()  # type: ignore[operator]
@@ -300,10 +301,13 @@ class Trainer:
         # Micro-batch losses are scaled by n/ref before backward and the gradient by world*ref/N_global after,
         # so the update is the token-weighted mean over every micro-batch on every rank whatever the sizes.
         ref = float(cfg.batch_size * cfg.seq_len) if by_tokens else 1.0
-        loss_sum, weight_sum, n_sum = 0.0, 0.0, 0
-        metric_sums: dict[str, float] = {}
+        dev = self.info.device
+        # Sums stay on the device until one transfer per step: no host sync per micro-batch.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        metric_sums: dict[str, torch.Tensor] = {}
+        weight_sum, n_sum = 0.0, 0
         for i, batch in enumerate(micro):
-            batch = to_device(batch, self.info.device)
+            batch = to_device(batch, dev)
             with self._sync_context(i == len(micro) - 1):
                 with prec.autocast():
                     loss, metrics, n_tokens = self.task.loss(self.model, batch)
@@ -312,18 +316,22 @@ class Trainer:
                 if prec.scaler is not None:
                     scaled = prec.scaler.scale(scaled)
                 scaled.backward()
-            value = float(loss.detach())
-            loss_sum += value * w
+            loss_sum += loss.detach().double() * w
             weight_sum += w
             n_sum += int(n_tokens)
             for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * w
+                v = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float64)
+                metric_sums[k] = metric_sums.get(k, 0.0) + v.to(dev) * w
         keys = sorted(metric_sums)
-        reduced = D.all_reduce_sum([loss_sum, weight_sum, float(n_sum), float(self._stop is not None)]
-                                   + [metric_sums[k] for k in keys], self.info)
-        loss_g, weight_g, n_g, stop_g = reduced[:4]
+        stats = torch.stack([loss_sum, *(metric_sums[k] for k in keys)])
+        host = torch.tensor([weight_sum, float(n_sum), float(self._stop is not None)], dtype=torch.float64)
+        packed = torch.cat([host.to(dev), stats])
+        if self.info.enabled:
+            packed = D.all_reduce_tensor(packed)
+        values = packed.tolist()
+        weight_g, n_g, stop_g, loss_g = values[:4]
         loss_mean = loss_g / max(weight_g, 1e-12)
-        metrics_mean = {k: v / max(weight_g, 1e-12) for k, v in zip(keys, reduced[4:])}
+        metrics_mean = {k: v / max(weight_g, 1e-12) for k, v in zip(keys, values[4:])}
 
         if prec.scaler is not None:
             prec.scaler.unscale_(self.optimizer)

@@ -1,0 +1,185 @@
+"""`matelike report DIR`: the report card of a `matelike run` folder (DIR/report.md plus loss-curve PNGs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matelike.cli import CommandTable
+
+TRAIN_STAGES = ("pretrain", "sft", "dpo")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (a killed run) is ignored."""
+    rows: list[dict[str, Any]] = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> Any:
+    for r in reversed(rows):
+        if r.get(key) is not None:
+            return r[key]
+    return None
+
+
+def _num(v: Any, fmt: str = "{:.4f}") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (int, float)):
+        return fmt.format(v)
+    return str(v)
+
+
+def _params(model_dir: Path) -> int | None:
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        return None
+    from safetensors import safe_open
+
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        return None
+    total = 0
+    with safe_open(str(weights), framework="pt") as f:
+        for k in f.keys():
+            n = 1
+            for d in f.get_slice(k).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+def plot_curves(run: Path, stage: str, rows: list[dict[str, Any]]) -> Path | None:
+    """PNG of train (and validation) loss against step; None when there is nothing to plot."""
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "step" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None and "step" in r]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{stage} loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run / f"loss_{stage}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _eval_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Flattens an eval JSON into {metric name: value}."""
+    flat: dict[str, float] = {}
+    for task, metrics in (result.get("tasks") or {}).items():
+        if isinstance(metrics, dict):
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k not in ("n", "count"):
+                    flat[f"{task} {k}"] = v
+    held = result.get("heldout") or result.get("val") or {}
+    if isinstance(held, dict):
+        for k in ("loss", "bpb", "val_loss", "val_bpb"):
+            if isinstance(held.get(k), (int, float)):
+                flat[f"held-out {k}"] = held[k]
+    for name, metrics in (result.get("ceval") or {}).items():
+        if isinstance(metrics, dict) and isinstance(metrics.get("accuracy"), (int, float)):
+            flat[f"C-Eval {name} accuracy"] = metrics["accuracy"]
+    return flat
+
+
+def build_report(run: Path) -> str:
+    """Writes run/report.md (and the PNGs) and returns its text."""
+    run = Path(run)
+    lines = [f"# Matelike run report: `{run}`", ""]
+    markers = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted((run / ".stages").glob("*.json"))}
+
+    lines += ["## Stages", "", "| stage | parameters | tokens seen | wall time | tokens/s | final train loss | "
+              "final val loss |", "|---|---|---|---|---|---|---|"]
+    curves: list[tuple[str, Path]] = []
+    for stage in TRAIN_STAGES:
+        rows = read_metrics(run / stage / "metrics.jsonl")
+        params = _params(run / stage)
+        wall = markers.get(stage, {}).get("wall_s")
+        lines.append(f"| {stage} | {_num(params, '{:,}')} | {_num(_last(rows, 'tokens'), '{:,}')} | "
+                     f"{_num(wall, '{:.0f} s')} | {_num(_last(rows, 'tokens_per_s'), '{:,.0f}')} | "
+                     f"{_num(_last(rows, 'loss'))} | {_num(_last(rows, 'val_loss'))} |")
+        png = plot_curves(run, stage, rows)
+        if png is not None:
+            curves.append((stage, png))
+    other = [s for s in markers if s not in TRAIN_STAGES]
+    if other:
+        lines += ["", "Other stages: " + ", ".join(f"{s} {markers[s].get('wall_s', 0):.0f} s" for s in other)]
+
+    if curves:
+        lines += ["", "## Loss curves", ""]
+        lines += [f"![{stage} loss]({png.name})" for stage, png in curves]
+
+    evals = {name: json.loads((run / "eval" / f"{name}.json").read_text(encoding="utf-8"))
+             for name in TRAIN_STAGES if (run / "eval" / f"{name}.json").is_file()}
+    if evals:
+        flat = {name: _eval_metrics(r) for name, r in evals.items()}
+        keys = sorted({k for f in flat.values() for k in f})
+        lines += ["", "## Evaluation (held-out)", "", "| metric | " + " | ".join(flat) + " |",
+                  "|---|" + "---|" * len(flat)]
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(_num(flat[n].get(k)) for n in flat) + " |")
+        final = evals.get("dpo") or evals.get("sft") or next(iter(evals.values()))
+        samples = [s for s in (final.get("samples") or {}).values() if s]
+        if samples:
+            lines += ["", "## Sample answers (final model)", ""]
+            for s in samples[:3]:
+                lines += [f"**{s.get('task', '')}** — prompt:", "", "> " + str(s.get("prompt", "")).replace("\n", "\n> "),
+                          "", "model: " + str(s.get("prediction", "")).replace("\n", " "),
+                          "", "gold: " + str(s.get("answer", "")).replace("\n", " "), ""]
+
+    import torch
+
+    lines += ["", "## Machine", "",
+              f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"torch threads {torch.get_num_threads()}",
+              f"- GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
+              f"- Python {platform.python_version()}, torch {torch.__version__}",
+              f"- dtype: {next((m.get('dtype') for m in markers.values() if m.get('dtype')), 'auto (bf16 where supported)')}"]
+    cmds = [" ".join(c) for s in markers.values() for c in s.get("commands", [])]
+    if cmds:
+        lines += ["", "## Commands to reproduce", "", "```"] + cmds + ["```"]
+    text = "\n".join(lines) + "\n"
+    (run / "report.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    if not run.is_dir():
+        print(f"{run}: no such run folder", flush=True)
+        return 2
+    build_report(run)
+    print(f"wrote {run / 'report.md'}")
+    return 0
+
+
+def add_cli(table: "CommandTable") -> None:
+    p = table.command("report", "write the report card (report.md + loss curves) of a run folder", _cmd_report)
+    p.add_argument("run", help="folder written by `matelike run`")

@@ -1,0 +1,124 @@
+"""`matelike model info`, `matelike generate` and `matelike bench generate` from the command line."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from matelike.cli import main
+from matelike.generate import default_stop_ids, generate, stream_text
+from matelike.model import ModelConfig, Transformer
+from matelike.model_cli import encode_prompt
+from matelike.model_io import save_model
+
+
+def test_model_info_json_and_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "info", "--preset", "26m", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == info["active_params"] == 26_878_464
+    assert info["weights_mb"]["fp16"] == pytest.approx(26_878_464 * 2 / 1e6, abs=0.1)
+    assert main(["model", "info", "--preset", "tiny-moe"]) == 0
+    text = capsys.readouterr().out
+    assert "active parameters" in text and "fp32" in text and "bf16" in text and "MFLOP" in text
+    assert main(["model", "info", "--preset", "26m-moe", "--json"]) == 0
+    moe = json.loads(capsys.readouterr().out)
+    assert moe["active_params"] < moe["params"]
+
+
+def test_model_info_unknown_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "info", "--preset", "7b"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    hidden_dim=48, max_seq_len=128, init_std=0.2))
+    out = tmp_path_factory.mktemp("model")
+    save_model(model, tokenizer, out)
+    return out
+
+
+def expected_text(model_dir: Path, ids: list[int], n: int) -> str:
+    from matelike.model_io import load_model
+
+    model, tok = load_model(model_dir)
+    out = generate(model, [ids], max_new_tokens=n, temperature=0, stop_ids=default_stop_ids(tok))[0]
+    return "".join(stream_text(tok, iter(out)))
+
+
+def test_prompt_is_encoded_exactly_as_auto_tokenizer(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(model_dir)
+    for text in ["今天天气很好", "Hello, world!", "  spaced  ", "<|im_start|>user"]:
+        assert encode_prompt(model_dir, text) == auto(text)["input_ids"]
+
+
+def test_generate_prints_the_greedy_continuation(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["generate", "--model", str(model_dir), "--prompt", "今天天气", "--temperature", "0",
+               "--max-new-tokens", "12"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out == expected_text(model_dir, encode_prompt(model_dir, "今天天气"), 12) + "\n"
+    # --top-k 1 is greedy too, whatever the temperature
+    assert main(["generate", "--model", str(model_dir), "--prompt", "今天天气", "--top-k", "1",
+                 "--temperature", "1.5", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_generate_reads_the_prompt_from_stdin(
+    model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("北京是\n".encode("utf-8"))))
+    assert main(["generate", "--model", str(model_dir), "--prompt", "-", "--temperature", "0",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected_text(model_dir, encode_prompt(model_dir, "北京是"), 6) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe bad")))
+    assert main(["generate", "--model", str(model_dir), "--prompt", "-"]) == 2
+    assert "<stdin>" in capsys.readouterr().err
+
+
+def test_generate_chat_with_system_turn(model_dir: Path, capsys: pytest.CaptureFixture[str], tokenizer) -> None:
+    rc = main(["generate", "--model", str(model_dir), "--prompt", "你好", "--chat", "--system", "你是助手",
+               "--temperature", "0", "--max-new-tokens", "8"])
+    assert rc == 0
+    ids = tokenizer.encode_chat(
+        [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"}], add_generation_prompt=True
+    )[0]
+    assert capsys.readouterr().out == expected_text(model_dir, ids, 8) + "\n"
+
+
+def test_generate_usage_errors(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--system", "x"]) == 2
+    assert "--chat" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", ""]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 1
+    assert "config.json" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "天" * 400]) == 2
+    assert "context" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "generate", "--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+               "--batch-sizes", "1,2", "--memory-preset", "tiny"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    for side in ("ours", "transformers"):
+        assert res[side]["decode_tok_s_b1"] > 0 and res[side]["prefill_tok_s_b2"] > 0
+    assert res["ratio"]["decode_tok_s_b1"] > 0
+    for dtype in ("float16", "bfloat16"):
+        assert res["memory"][dtype]["weights_mb"] == pytest.approx(res["memory"]["params"] * 2 / 1e6, abs=0.1)
+        assert res["memory"][dtype]["peak_generate_mb"] >= res["memory"][dtype]["peak_load_mb"] >= 0
