@@ -62,32 +62,34 @@ def _init_worker(tokenizer_dir: str) -> None:
     _Worker.tokenizer = Tokenizer.load(tokenizer_dir)
 
 
-def _encode_chunk(texts: list[str], dtype: str) -> tuple[np.ndarray, int]:
-    """Tokens of a chunk and the UTF-8 size of its text (counted here to keep the main process light)."""
+def _encode_chunk(texts: list[str], dtype: str) -> np.ndarray:
     assert _Worker.tokenizer is not None
-    return encode_documents(_Worker.tokenizer, texts, np.dtype(dtype)), sum(len(t.encode("utf-8")) for t in texts)
+    return encode_documents(_Worker.tokenizer, texts, np.dtype(dtype))
 
 
-def _ordered_map(tokenizer_dir: Path, tokenizer: "Tokenizer", chunks: Iterable[tuple[int, list[str]]],
-                 dtype: np.dtype, workers: int) -> Iterator[tuple[int, list[str], tuple[np.ndarray, int]]]:
+Chunk = tuple[int, list[str], int]  # (split: 0 train / 1 val, document texts, their UTF-8 bytes)
+
+
+def _ordered_map(tokenizer_dir: Path, tokenizer: "Tokenizer", chunks: Iterable[Chunk], dtype: np.dtype,
+                 workers: int) -> Iterator[tuple[Chunk, np.ndarray]]:
     """Encode chunks, in input order, with at most 2*workers chunks in flight (flat memory)."""
     if workers <= 1:
-        for split, texts in chunks:
-            yield split, texts, (encode_documents(tokenizer, texts, dtype), sum(len(t.encode("utf-8")) for t in texts))
+        for chunk in chunks:
+            yield chunk, encode_documents(tokenizer, chunk[1], dtype)
         return
     import multiprocessing as mp
 
     # spawn: a fresh interpreter per worker, safe whatever threads the parent (tokenizers, torch) has started.
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
         pending: deque = deque()
-        for split, texts in chunks:
-            pending.append((split, texts, pool.apply_async(_encode_chunk, (texts, dtype.str))))
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(_encode_chunk, (chunk[1], dtype.str))))
             if len(pending) >= 2 * workers:
-                s, t, res = pending.popleft()
-                yield s, t, res.get()
+                done, res = pending.popleft()
+                yield done, res.get()
         while pending:
-            s, t, res = pending.popleft()
-            yield s, t, res.get()
+            done, res = pending.popleft()
+            yield done, res.get()
 
 
 @dataclass
@@ -170,14 +172,18 @@ def pack(
     if val_inputs and val_out is None:
         raise ValueError("val inputs given without a val output file")
     sample_val = val_out is not None and not val_paths
+    targets = {Path(out).resolve()} | ({Path(val_out).resolve()} if val_out is not None else set())
+    if any(p.resolve() in targets for p in paths + val_paths):
+        raise ValueError("the output file is also an input file")
     per_file: dict[str, dict] = {}
     total_bytes = sum(p.stat().st_size for p in paths + val_paths)
     t0 = time.perf_counter()
 
-    def chunks(bar) -> Iterator[tuple[int, list[str]]]:
+    def chunks(bar) -> Iterator[Chunk]:
         rng = np.random.default_rng(seed)
         bufs: list[list[str]] = [[], []]
         sizes = [0, 0]
+        n_bytes = [0, 0]
         sources = [(0, paths), (1, val_paths)] if val_paths else [(0, paths)]
         for fixed_split, srcs in sources:
             for text in _document_texts(srcs, text_field, report, per_file):
@@ -186,20 +192,22 @@ def pack(
                     split = 1
                 bufs[split].append(text)
                 sizes[split] += len(text)
+                n_bytes[split] += len(text.encode("utf-8"))  # fast next to tokenizing; gives bits-per-byte
                 if sizes[split] >= chunk_chars:
-                    bar.update(sizes[split])
-                    yield split, bufs[split]
-                    bufs[split], sizes[split] = [], 0
+                    bar.update(n_bytes[split])
+                    yield split, bufs[split], n_bytes[split]
+                    bufs[split], sizes[split], n_bytes[split] = [], 0, 0
         for split in (0, 1):
             if bufs[split]:
-                bar.update(sizes[split])
-                yield split, bufs[split]
+                bar.update(n_bytes[split])
+                yield split, bufs[split], n_bytes[split]
+        bar.update(bar.total - bar.n)  # the bar counts text bytes; the files also hold JSON syntax
 
     outputs = [_Output(Path(out))] + ([_Output(Path(val_out))] if val_out is not None else [])
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="packing", disable=not progress,
                   file=sys.stderr) as bar:
-            for split, texts, (arr, n_bytes) in _ordered_map(tokenizer_dir, tokenizer, chunks(bar), dtype, workers):
+            for (split, texts, n_bytes), arr in _ordered_map(tokenizer_dir, tokenizer, chunks(bar), dtype, workers):
                 outputs[split].write(texts, arr, n_bytes)
     except BaseException:
         for o in outputs:
@@ -299,7 +307,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         meta = pack(args.tokenizer, args.input, args.out, val_out=args.val_out, val_inputs=args.val_input or (),
                     val_fraction=args.val_fraction, workers=args.workers, text_field=args.field, seed=args.seed,
                     progress=not args.quiet, report=report)
-    except (DataFileError, FileNotFoundError) as e:
+    except (DataFileError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     mb = meta["input_bytes"] / 1e6

@@ -1,0 +1,53 @@
+"""`matelike report`: the report card from a run folder's metrics, markers and eval results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from matelike.report import build_report, read_metrics
+
+
+def _write_run(run: Path) -> None:
+    (run / ".stages").mkdir(parents=True)
+    for stage, wall in (("data", 3.0), ("pretrain", 120.0), ("sft", 60.0), ("dpo", 30.0)):
+        (run / ".stages" / f"{stage}.json").write_text(json.dumps(
+            {"stage": stage, "wall_s": wall, "commands": [["matelike", stage, "--out", str(run / stage)]]}))
+    for stage, base in (("pretrain", 6.0), ("sft", 3.0), ("dpo", 0.7)):
+        (run / stage).mkdir()
+        lines = [json.dumps({"step": s, "tokens": 1000 * s, "loss": base - 0.1 * s, "lr": 1e-3,
+                             "tokens_per_s": 5000.0}) for s in range(1, 6)]
+        lines.append(json.dumps({"step": 5, "tokens": 5000, "loss": base - 0.5, "lr": 1e-3, "tokens_per_s": 5000.0,
+                                 "val_loss": base - 0.4, "val_bpb": 2.0}))
+        lines.append('{"step": 6, "tok')  # torn last line of a killed run
+        (run / stage / "metrics.jsonl").write_text("\n".join(lines))
+    (run / "eval").mkdir()
+    for name, acc in (("pretrain", 0.5), ("sft", 0.85), ("dpo", 0.9)):
+        (run / "eval" / f"{name}.json").write_text(json.dumps({
+            "tasks": {"sentiment": {"accuracy": acc, "n": 10}, "segmentation": {"f1": acc - 0.1, "n": 10}},
+            "val": {"loss": 3.0, "bpb": 1.5},
+            "samples": {"sentiment": {"task": "sentiment", "prompt": "判断评论情感：很好", "answer": "正面",
+                                      "prediction": "正面"}}}))
+
+
+def test_metrics_reader_skips_torn_line(tmp_path: Path) -> None:
+    _write_run(tmp_path)
+    rows = read_metrics(tmp_path / "sft" / "metrics.jsonl")
+    assert len(rows) == 6 and rows[-1]["val_loss"] == 2.6
+
+
+def test_report_has_stages_curves_eval_table_samples_and_commands(tmp_path: Path) -> None:
+    _write_run(tmp_path)
+    text = build_report(tmp_path)
+    assert (tmp_path / "report.md").read_text(encoding="utf-8") == text
+    assert "| pretrain | – | 5,000 | 120 s | 5,000 | 5.5000 | 5.6000 |" in text
+    for stage in ("pretrain", "sft", "dpo"):
+        png = tmp_path / f"loss_{stage}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({png.name})" in text
+    assert "| metric | pretrain | sft | dpo |" in text
+    assert "| sentiment accuracy | 0.5000 | 0.8500 | 0.9000 |" in text
+    assert "| held-out bpb | 1.5000 | 1.5000 | 1.5000 |" in text
+    assert "判断评论情感：很好" in text and "model: 正面" in text
+    assert f"matelike pretrain --out {tmp_path / 'pretrain'}" in text
+    assert "## Machine" in text and "torch" in text
