@@ -11,7 +11,9 @@ leaves.
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
@@ -124,21 +126,39 @@ class ChatSession:
         if fitted.max_new_tokens < self.max_new_tokens:
             self.note(f"answer limited to {fitted.max_new_tokens} tokens by the context")
         pieces: list[str] = []
-        stream = self.stream(fitted.prompt_ids, fitted.max_new_tokens)
+        # Generation runs on a helper thread and the pieces come back through a queue, so Ctrl-C (delivered
+        # to the main thread) never lands inside the model or the tokenizer: it only sets a flag that the
+        # helper checks between tokens before closing the generator.
+        events: queue.Queue[tuple[str, object]] = queue.Queue()
+        cancel = threading.Event()
+        helper = threading.Thread(target=_pump, args=(self.stream, fitted.prompt_ids, fitted.max_new_tokens, events,
+                                                      cancel), name="matelike-chat-generate", daemon=True)
+        helper.start()
         try:
-            for piece in stream:
-                pieces.append(piece)
-                self.out.write(piece)
-                self.out.flush()
+            while True:
+                try:
+                    kind, value = events.get(timeout=0.1)  # a timeout keeps the wait interruptible everywhere
+                except queue.Empty:
+                    continue
+                if kind == "text":
+                    self.out.write(str(value))
+                    self.out.flush()
+                    pieces.append(str(value))  # after the write: the history holds what the user saw
+                elif kind == "error":
+                    raise RuntimeError(f"generation failed: {value}") from value  # type: ignore[misc]
+                else:
+                    break
         except KeyboardInterrupt:
-            self.out.write("\n")
-            self.note("stopped")
+            stopped = True
+        else:
+            stopped = False
         finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
+            cancel.set()
+            helper.join()
         self.out.write("\n")
         self.out.flush()
+        if stopped:
+            self.note("stopped")
         text = "".join(pieces)
         self.conv.turns.append((user, text))
         return text
@@ -164,8 +184,33 @@ class ChatSession:
             self.answer(line)
 
 
+def _pump(stream: StreamFn, prompt_ids: list[int], max_new_tokens: int, events: "queue.Queue[tuple[str, object]]",
+          cancel: threading.Event) -> None:
+    """Helper thread of ChatSession.answer: move pieces into `events` until done or cancelled, then always
+    post one final ("done" | "error", ...) event so the main thread never waits forever."""
+    outcome: tuple[str, object] = ("done", None)
+    it = None
+    try:
+        it = stream(prompt_ids, max_new_tokens)
+        for piece in it:
+            if cancel.is_set():
+                break
+            events.put(("text", piece))
+    except Exception as exc:  # reported in the main thread
+        outcome = ("error", exc)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # frees the KV cache now, also when stopped early
+        events.put(outcome)
+
+
 def _stdin_lines(prompt: str) -> Callable[[], str]:
     if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:  # not on every platform
+            pass
         return lambda: input(prompt)
 
     def read() -> str:
@@ -204,6 +249,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     except ValueError as exc:  # say so before loading the model, not in the middle of the first answer
         print(f"matelike chat: {exc}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         model, tokenizer = load_model(args.model, device=args.device)
     except (OSError, ValueError) as exc:
@@ -239,3 +288,5 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="seed of each answer's sampling (reproducible turns)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")

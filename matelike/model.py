@@ -14,7 +14,7 @@ into the Hugging Face names on save and fuses them on load.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -107,7 +107,6 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # mean over MoE layers; None for dense models
     expert_load: torch.Tensor | None = None  # (n_layers, n_experts) fraction of routed slots, detached
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class KVCache:
@@ -365,10 +364,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(config.head_size, config.rope_theta), persistent=False)
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the output projection with the embedding (when configured); to_empty() and
+        load_state_dict(assign=True) replace parameters one by one and break the tie, so they call this again."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
 
     def reset_rope(self) -> None:
         """Recompute the RoPE frequencies (after building on the meta device and loading weights)."""
@@ -384,7 +388,9 @@ class Transformer(nn.Module):
         """
         if self.embed.weight.device.type == "meta":
             return
-        self.reset_rope()  # also valid after meta-device construction + to_empty(), which leaves buffers garbage
+        # Also valid after meta-device construction + to_empty(), which leaves buffers garbage and unties weights.
+        self.tie_weights()
+        self.reset_rope()
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():

@@ -14,7 +14,9 @@ refused, because unpickling runs arbitrary code.
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,8 +162,11 @@ def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
     )
 
 
-def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our parameters under Hugging Face names (fused matrices split; tied lm_head left out)."""
+def hf_views(model: Transformer) -> dict[str, torch.Tensor]:
+    """Views of our parameters under Hugging Face names (fused matrices split by rows; tied lm_head left out).
+
+    Every view is a contiguous row block of its parameter, so loading can read file bytes straight into it.
+    """
     c = model.config
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight}
     for i, layer in enumerate(model.layers):
@@ -199,64 +204,12 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     sd["model.norm.weight"] = model.norm.weight
     if not c.tie_embeddings:
         sd["lm_head.weight"] = model.lm_head.weight
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+    return {k: v.detach() for k, v in sd.items()}
 
 
-def from_hf_state_dict(config: ModelConfig, hf: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """The inverse of to_hf_state_dict; names the missing tensor and file when one is absent."""
-
-    def take(name: str) -> torch.Tensor:
-        if name not in hf:
-            raise ModelDirError(f"{path}: missing tensor {name}")
-        return hf.pop(name)
-
-    sd: dict[str, torch.Tensor] = {"embed.weight": take("model.embed_tokens.weight")}
-    for i in range(config.n_layers):
-        p, o = f"model.layers.{i}.", f"layers.{i}."
-        sd[o + "attn.wqkv.weight"] = torch.cat(
-            [take(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")], dim=0
-        )
-        sd[o + "attn.wo.weight"] = take(p + "self_attn.o_proj.weight")
-        sd[o + "attn_norm.weight"] = take(p + "input_layernorm.weight")
-        sd[o + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        if not config.is_moe:
-            sd[o + "mlp.w_gate_up.weight"] = torch.cat(
-                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0
-            )
-            sd[o + "mlp.w_down.weight"] = take(p + "mlp.down_proj.weight")
-            continue
-        mixtral = not config.shared_expert
-        sd[o + "mlp.router.weight"] = take(p + ("block_sparse_moe.gate.weight" if mixtral else "mlp.gate.weight"))
-        gate_up, down = [], []
-        for e in range(config.n_experts):
-            if mixtral:
-                q_ = f"{p}block_sparse_moe.experts.{e}."
-                gate_up.append(torch.cat([take(q_ + "w1.weight"), take(q_ + "w3.weight")], dim=0))
-                down.append(take(q_ + "w2.weight"))
-            else:
-                q_ = f"{p}mlp.experts.{e}."
-                gate_up.append(torch.cat([take(q_ + "gate_proj.weight"), take(q_ + "up_proj.weight")], dim=0))
-                down.append(take(q_ + "down_proj.weight"))
-        sd[o + "mlp.w_gate_up"] = torch.stack(gate_up)
-        sd[o + "mlp.w_down"] = torch.stack(down)
-        if config.shared_expert:
-            sd[o + "mlp.shared.w_gate_up.weight"] = torch.cat(
-                [take(p + "mlp.shared_expert.gate_proj.weight"), take(p + "mlp.shared_expert.up_proj.weight")], dim=0
-            )
-            sd[o + "mlp.shared.w_down.weight"] = take(p + "mlp.shared_expert.down_proj.weight")
-            sd[o + "mlp.shared_gate.weight"] = take(p + "mlp.shared_expert_gate.weight")
-    sd["norm.weight"] = take("model.norm.weight")
-    lm_head = hf.pop("lm_head.weight", None)
-    if config.tie_embeddings:
-        sd["lm_head.weight"] = sd["embed.weight"]
-    elif lm_head is None:
-        raise ModelDirError(f"{path}: missing tensor lm_head.weight (tie_word_embeddings is false)")
-    else:
-        sd["lm_head.weight"] = lm_head
-    unexpected = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
-    if unexpected:
-        raise ModelDirError(f"{path}: unexpected tensors {unexpected[:5]}")
-    return sd
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our parameters under Hugging Face names, as standalone contiguous tensors (for saving)."""
+    return {k: v.contiguous() for k, v in hf_views(model).items()}
 
 
 def _write_atomic(path: Path, write: Any) -> None:
@@ -302,31 +255,73 @@ def save_model(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | P
     return out
 
 
-def _read_weights(path: Path, device: str | torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
+
+@dataclass
+class _Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def _weight_files(path: Path) -> list[Path]:
     if (path / WEIGHTS_NAME).is_file():
-        files = [path / WEIGHTS_NAME]
-    elif (path / INDEX_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    if (path / INDEX_NAME).is_file():
         try:
             index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
-            files = [path / f for f in sorted(set(index["weight_map"].values()))]
-        except (ValueError, KeyError, TypeError) as e:
+            return [path / f for f in sorted(set(index["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelDirError(f"{path / INDEX_NAME}: not a safetensors index ({e})") from e
-    else:
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" (found {', '.join(pickles)}: pickle weights are refused; convert them to safetensors)" if pickles else ""
-        raise ModelDirError(f"{path}: no {WEIGHTS_NAME}{hint}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    hint = f" (found {', '.join(pickles)}: pickle weights are refused; convert them to safetensors)" if pickles else ""
+    raise ModelDirError(f"{path}: no {WEIGHTS_NAME}{hint}")
+
+
+def _read_header(file: Path) -> dict[str, _Entry]:
+    """The tensor table of a safetensors file (8-byte little-endian header size, JSON header, raw data)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ModelDirError(f"{file}: not a safetensors file (truncated header)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise ModelDirError(f"{file}: cannot read ({e})") from e
+    except ValueError as e:
+        raise ModelDirError(f"{file}: not a safetensors file ({e})") from e
+    entries: dict[str, _Entry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
         try:
-            with safe_open(str(f), framework="pt", device=str(device)) as st:
-                for key in st.keys():
-                    t = st.get_tensor(key)
-                    tensors[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        except (OSError, RuntimeError, SafetensorError) as e:  # truncated or foreign files
-            raise ModelDirError(f"{f}: cannot read safetensors ({e})") from e
-    return tensors
+            dtype = _ST_DTYPES[info["dtype"]]
+            start, end = (8 + n + int(o) for o in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelDirError(f"{file}: tensor {name}: unsupported or invalid entry {info!r}") from e
+        if end > size or end - start != math.prod(shape) * dtype.itemsize:
+            raise ModelDirError(f"{file}: tensor {name}: data outside the file (truncated?)")
+        entries[name] = _Entry(file, dtype, shape, start, end)
+    return entries
+
+
+def _fill(dest: torch.Tensor, entry: _Entry, name: str) -> None:
+    """Read one tensor's bytes straight into `dest` (a contiguous view of a parameter), converting dtype if needed."""
+    if tuple(dest.shape) != entry.shape:
+        raise ModelDirError(f"{entry.file}: tensor {name} has shape {list(entry.shape)}, expected {list(dest.shape)}")
+    target = dest if entry.dtype == dest.dtype else torch.empty(entry.shape, dtype=entry.dtype)
+    buf = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start)
+        if f.readinto(buf) != entry.end - entry.start:
+            raise ModelDirError(f"{entry.file}: tensor {name}: file ends early")
+    if target is not dest:
+        dest.copy_(target)
 
 
 def load_model(
@@ -335,7 +330,8 @@ def load_model(
     """Read a model directory written by save_model or by transformers (Llama, Mixtral, Qwen2-MoE).
 
     dtype None keeps the stored dtype. The tokenizer is None when the directory has no tokenizer.json.
-    The model is returned in eval mode.
+    The model is returned in eval mode. Tensor bytes are read straight into the preallocated parameters
+    (no memory map, no intermediate copies), so peak memory is about the size of the weights.
     """
     path = Path(model_dir)
     cfg_path = path / "config.json"
@@ -345,19 +341,36 @@ def load_model(
         raise ModelDirError(f"{cfg_path}: not found (is {path} a model directory?)") from e
     except ValueError as e:
         raise ModelDirError(f"{cfg_path}: invalid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ModelDirError(f"{cfg_path}: expected a JSON object")
     try:
         config = config_from_hf(raw, cfg_path)
     except (KeyError, TypeError) as e:
         raise ModelDirError(f"{cfg_path}: missing or invalid field {e}") from e
-    sd = from_hf_state_dict(config, _read_weights(path, device, dtype), path)
+    entries: dict[str, _Entry] = {}
+    for file in _weight_files(path):
+        entries.update(_read_header(file))
+    embed = entries.get("model.embed_tokens.weight")
+    if embed is None:
+        raise ModelDirError(f"{path}: missing tensor model.embed_tokens.weight")
     with torch.device("meta"):
         model = Transformer(config)
-    # assign=True adopts the loaded tensors instead of copying into freshly allocated ones (half the peak memory).
-    model.load_state_dict(sd, strict=True, assign=True)
+    # Allocate once, in the final dtype, without initialising (every parameter is overwritten below).
+    model = model.to(dtype or embed.dtype).to_empty(device="cpu")
+    model.tie_weights()
+    views = hf_views(model)
+    with torch.no_grad():
+        for name, dest in views.items():
+            if name not in entries:
+                raise ModelDirError(f"{path}: missing tensor {name}")
+            _fill(dest, entries.pop(name), name)
     if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
+        entries.pop("lm_head.weight", None)  # some writers store the tied matrix twice
+    unexpected = [k for k in entries if not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise ModelDirError(f"{path}: unexpected tensors {unexpected[:5]}")
     model.reset_rope()
-    model.eval()
+    model = model.to(device).eval()
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         from matelike.tokenizer import Tokenizer

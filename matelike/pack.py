@@ -1,11 +1,14 @@
 """`matelike data pack`: tokenize pretraining text into a flat memmap, and `TokenFile` to read it back.
 
 Layout: the token ids of each document followed by `<|endoftext|>`, all documents in input order, as raw
-little-endian uint16 (uint32 when the vocabulary exceeds 65536 ids). `FILE.bin.json` holds the metadata
-(dtype, token and document counts, UTF-8 bytes of the text for bits-per-byte, tokenizer hash, sources).
+uint16 (uint32 when the vocabulary exceeds 65536 ids), little-endian as numpy writes them on x86 and ARM.
+`FILE.bin.json` holds the metadata (dtype, token and document counts, UTF-8 bytes of the text for
+bits-per-byte, tokenizer hash, sources).
 
-Parallelism: the main process streams records and cuts them into chunks; worker processes encode chunks; the
-main process writes the results in submission order. Each document is encoded on its own, so the output is
+Parallelism: the main process streams records and cuts them into chunks of documents. With one worker
+(the default) a thread encodes each chunk in-process, the Rust library spreading the batch over every core,
+while the main thread reads the next chunk; with N > 1 workers, N processes encode chunks. Either way the
+main process writes results in submission order and each document is encoded on its own, so the output is
 byte-identical whatever the worker count. At most 2 chunks per worker are in flight, so memory stays flat
 in the input size.
 """
@@ -74,8 +77,20 @@ def _ordered_map(tokenizer_dir: Path, tokenizer: "Tokenizer", chunks: Iterable[C
                  workers: int) -> Iterator[tuple[Chunk, np.ndarray]]:
     """Encode chunks, in input order, with at most 2*workers chunks in flight (flat memory)."""
     if workers <= 1:
-        for chunk in chunks:
-            yield chunk, encode_documents(tokenizer, chunk[1], dtype)
+        # In-process: the Rust library encodes a batch on all cores (it releases the GIL), while this thread
+        # reads and parses the next chunk.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as ex:
+            waiting: deque = deque()
+            for chunk in chunks:
+                waiting.append((chunk, ex.submit(encode_documents, tokenizer, chunk[1], dtype)))
+                if len(waiting) >= 2:
+                    done, fut = waiting.popleft()
+                    yield done, fut.result()
+            while waiting:
+                done, fut = waiting.popleft()
+                yield done, fut.result()
         return
     import multiprocessing as mp
 
@@ -299,8 +314,11 @@ class TokenWindows:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    if args.val_input and not args.val_out:
-        print("error: --val-input needs --val-out", file=sys.stderr)
+    problem = ("--val-input needs --val-out" if args.val_input and not args.val_out else
+               "--val-fraction must be in [0, 1)" if not 0 <= args.val_fraction < 1 else
+               "--workers must be at least 1" if args.workers < 1 else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     report = BadRecordReport()
     try:
@@ -333,7 +351,9 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--val-out", help="also write held-out documents to this token file")
     p.add_argument("--val-input", nargs="+", help="files for --val-out (default: sample --val-fraction of input)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for --val-out")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="encoding processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="1: encode in this process on every core (Rust threads; fastest in `matelike bench pack` "
+                        "on 2 cores); N > 1: N encoding processes. The output is identical either way.")
     p.add_argument("--field", default="text", help="text field of jsonl/parquet records")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -141,6 +141,8 @@ def _iter_txt(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
         if not raw.strip():
             continue
         text = _decode(raw, name, lineno)
+        if isinstance(text, str) and not text.strip():
+            continue  # a line of Unicode spaces (U+3000, NBSP) is blank too
         yield lineno, text if isinstance(text, BadRecord) else {"text": text}
 
 

@@ -21,17 +21,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from matelike.serve_app import create_app, load_served_model
     from matelike.serve_worker import GenerationWorker
 
+    if args.max_active < 1:
+        print("matelike serve: --max-active must be at least 1", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         served = load_served_model(args.model, name=args.model_name, device=args.device)
     except (OSError, ValueError) as exc:
         print(f"matelike serve: {exc}", file=sys.stderr)
         return 2
-    if args.max_active < 1:
-        print("matelike serve: --max-active must be at least 1", file=sys.stderr)
-        return 2
     worker = GenerationWorker(served.source, max_active=args.max_active)
     app = create_app(served, worker, api_key=args.api_key)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the "
+              "model", file=sys.stderr)
     print(f"serving {served.name} (context {served.context_len}) on http://{args.host}:{args.port}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -50,4 +57,6 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--max-active", type=int, default=8,
                    help="requests generated at once (round-robin, one token each); more wait in a queue")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for generation (default: torch's choice, one per core)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

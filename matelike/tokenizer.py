@@ -63,6 +63,7 @@ CHAT_TEMPLATE = (
 # are plenty of statistics for a 6400-token vocabulary.
 DEFAULT_MAX_CHARS = 8_000_000
 HELDOUT_MAX_CHARS = 1_000_000
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1
 
 
 class Tokenizer:
@@ -282,8 +283,8 @@ def train_tokenizer(
     from matelike.records import BadRecordReport, expand_inputs
 
     log = log if log is not None else sys.stderr
-    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} (bytes + special tokens)")
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB} (256 bytes + special tokens + 1 merge)")
     paths = expand_inputs(inputs)
     heldout_paths = expand_inputs(heldout) if heldout else []
     total_bytes = sum(p.stat().st_size for p in paths)
@@ -349,6 +350,8 @@ def train_tokenizer(
         "docs": stats["docs"],
         "train_docs": stats["train_docs"],
         "train_chars": stats["train_chars"],
+        "sample_fraction": round(keep_p, 6),
+        "max_chars": max_chars,
         "bad_records": report.total,
         "seconds": round(time.perf_counter() - t0, 2),
         "sha256": result.sha256,
@@ -371,6 +374,9 @@ def train_tokenizer(
 def _cmd_train(args: argparse.Namespace) -> int:
     from matelike.records import DataFileError
 
+    if args.vocab_size < MIN_VOCAB or args.max_chars < 1:
+        print(f"error: --vocab-size must be at least {MIN_VOCAB} and --max-chars positive", file=sys.stderr)
+        return 2
     try:
         tok = train_tokenizer(args.input, args.out, vocab_size=args.vocab_size, max_chars=args.max_chars,
                               field=args.field, heldout=args.heldout or (), seed=args.seed,
@@ -382,8 +388,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     info = json.loads(Path(args.out, "tokenizer_train.json").read_text(encoding="utf-8"))
-    print(f"trained vocab {tok.vocab_size} on {info['train_docs']} documents ({info['train_chars']} chars) "
-          f"in {info['seconds']} s -> {args.out}")
+    sampled = f", a {info['sample_fraction']:.2%} sample" if info["sample_fraction"] < 1 else ""
+    print(f"trained vocab {tok.vocab_size} on {info['train_docs']} of {info['docs']} documents "
+          f"({info['train_chars']} chars{sampled}) in {info['seconds']} s -> {args.out}")
     if "chars_per_token" in info:
         print(f"held-out ({info['heldout_docs']} docs): {info['chars_per_token']} chars/token, "
               f"{info['bytes_per_token']} bytes/token")

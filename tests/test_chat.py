@@ -16,6 +16,18 @@ import pytest
 from matelike.chat import ChatSession, Conversation, MessageTooLong
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads spinning
+    at barriers make them 20x slower; restore the setting for the other test modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random model with a 128-token context (see tests/test_serve.py for why untied and wide)."""
@@ -73,12 +85,11 @@ def test_fit_shrinks_the_answer_budget_when_the_message_alone_is_long(tokenizer)
 
 
 class Recorder:
-    """A stream function that records prompts and answers with a fixed text (or raises Ctrl-C midway)."""
+    """A stream function that records prompts and answers `答N`, `-`, `好` (N = the turn's number)."""
 
-    def __init__(self, tokenizer, interrupt_after: int | None = None) -> None:
+    def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.prompts: list[str] = []
-        self.interrupt_after = interrupt_after
         self.closed = 0
 
     def __call__(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[str]:
@@ -87,14 +98,25 @@ class Recorder:
 
         def gen():
             try:
-                for i, piece in enumerate([f"答{n}", "-", "好"]):
-                    if self.interrupt_after is not None and i == self.interrupt_after:
-                        raise KeyboardInterrupt
-                    yield piece
+                yield from [f"答{n}", "-", "好"]
             finally:
                 self.closed += 1
 
         return gen()
+
+
+class CtrlCOnSecondWrite(io.StringIO):
+    """An stdout where Ctrl-C arrives (once) while the second piece of text is being written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        if self.writes == 2:
+            raise KeyboardInterrupt
+        return super().write(text)
 
 
 def _run(session: ChatSession, lines: list[str]) -> int:
@@ -128,14 +150,26 @@ def test_session_history_and_commands(tokenizer) -> None:
 
 
 def test_ctrl_c_stops_the_answer_not_the_session(tokenizer) -> None:
-    rec = Recorder(tokenizer, interrupt_after=2)
-    out, err = io.StringIO(), io.StringIO()
+    rec = Recorder(tokenizer)
+    out, err = CtrlCOnSecondWrite(), io.StringIO()
     session = ChatSession(tokenizer, rec, context_len=512, max_new_tokens=16, out=out, err=err)
     assert _run(session, ["你好", "还在吗"]) == 0
     assert "[stopped]" in err.getvalue()
-    assert len(rec.prompts) == 2 and rec.closed == 2
-    assert session.conv.turns[0] == ("你好", "答1-")  # the partial answer, as shown, stays in the history
-    assert "答1-<|im_end|>" in rec.prompts[1]
+    assert out.getvalue() == "答1\n答2-好\n"
+    assert len(rec.prompts) == 2 and rec.closed == 2  # the stopped generator was closed
+    assert session.conv.turns[0] == ("你好", "答1")  # the partial answer, as shown, stays in the history
+    assert "答1<|im_end|>" in rec.prompts[1]
+
+
+def test_generation_error_is_reported_not_swallowed(tokenizer) -> None:
+    def broken(prompt_ids, max_new_tokens):
+        yield "半"
+        raise ValueError("cache full")
+
+    session = ChatSession(tokenizer, broken, context_len=512, max_new_tokens=16, out=io.StringIO(),
+                          err=io.StringIO())
+    with pytest.raises(RuntimeError, match="cache full"):
+        session.answer("你好")
 
 
 def test_too_long_message_is_refused_and_the_session_goes_on(tokenizer) -> None:
@@ -150,9 +184,14 @@ def test_too_long_message_is_refused_and_the_session_goes_on(tokenizer) -> None:
 # --- the real command through a pipe ---------------------------------------------------------------------------
 
 
+def _env() -> dict[str, str]:
+    # One OpenMP thread: see one_torch_thread above.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
 def _chat_cmd(model_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "matelike", "chat", "--model", str(model_dir), "--temperature", "0",
-            "--max-new-tokens", "12", *extra]
+            "--max-new-tokens", "12", "--threads", "1", *extra]
 
 
 @pytest.mark.slow
@@ -166,7 +205,7 @@ def test_chat_command_through_a_pipe(model_dir: Path, tokenizer) -> None:
     lines = ["你好", "/reset", "你好", "今天天气很好。" * k, "北京是中华人民共和国的首都。" * 40, "/system 你是助手。",
              "/exit", "这一行不会被读到"]
     proc = subprocess.run(_chat_cmd(model_dir), input="\n".join(lines) + "\n", capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=_env())
     assert proc.returncode == 0, proc.stderr
     assert "[conversation cleared]" in proc.stderr
     assert "dropped 1 oldest turn(s)" in proc.stderr  # the long message pushes the first turn out of 128 tokens
@@ -182,7 +221,7 @@ def test_chat_command_through_a_pipe(model_dir: Path, tokenizer) -> None:
 def test_chat_command_survives_ctrl_c(model_dir: Path) -> None:
     proc = subprocess.Popen(_chat_cmd(model_dir, "--max-new-tokens", "100"), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env=_env())
     try:
         proc.stdin.write("你好\n")
         proc.stdin.flush()

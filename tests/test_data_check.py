@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -120,8 +118,9 @@ def test_custom_field_and_directory(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert rc == 0
 
 
-def test_console_script_usage_errors() -> None:
-    # Unknown subcommands and bad flags give a usage message and exit 2.
-    r = subprocess.run([sys.executable, "-m", "matelike", "data", "check", "--format", "nope", "x.jsonl"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "usage:" in r.stderr
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
+    # Bad flags and missing arguments give a usage message and exit 2 (argparse's convention).
+    for argv in (["data", "check", "--format", "nope", "x.jsonl"], ["data", "check"], ["data", "nope"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "usage:" in capsys.readouterr().err

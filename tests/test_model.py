@@ -202,3 +202,15 @@ def test_moe_top1_and_all_experts_route_consistently() -> None:
     for layer in model.layers:
         torch.nn.init.zeros_(layer.mlp.router.weight)
     torch.testing.assert_close(model(torch.randint(0, VOCAB, (2, 8))).aux_loss, torch.tensor(1.0))
+
+
+def test_meta_construction_then_init_weights_is_usable() -> None:
+    """The engine may build on the meta device, materialise with to_empty() and call init_weights()."""
+    with torch.device("meta"):
+        model = Transformer(small())
+    model = model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.lm_head.weight is model.embed.weight
+    torch.testing.assert_close(model.inv_freq, make().inv_freq)
+    out = model(torch.randint(0, VOCAB, (1, 8)), torch.randint(0, VOCAB, (1, 8)))
+    assert torch.isfinite(out.loss)

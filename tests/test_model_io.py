@@ -158,3 +158,25 @@ def test_save_leaves_other_files_alone_and_overwrites_itself(tmp_path: Path) -> 
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     loaded, _ = load_model(tmp_path)
     assert torch.equal(loaded.embed.weight, make(seed=2).embed.weight)
+
+
+def test_truncated_data_and_wrong_shapes_are_clear_errors(tmp_path: Path) -> None:
+    save_model(make(), None, tmp_path / "a")
+    weights = tmp_path / "a" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # header intact, the last tensor cut short
+    with pytest.raises(ModelDirError, match="truncated"):
+        load_model(tmp_path / "a")
+    save_model(make(hidden_dim=40), None, tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    cfg["intermediate_size"] = 48  # config disagrees with the stored tensors
+    (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelDirError, match="gate_proj.*shape"):
+        load_model(tmp_path / "b")
+
+
+def test_fp16_file_loads_into_fp32(tmp_path: Path) -> None:
+    model = make().to(torch.float16)
+    save_model(model, None, tmp_path)
+    loaded, _ = load_model(tmp_path, dtype=torch.float32)
+    assert loaded.embed.weight.dtype == torch.float32
+    assert torch.equal(loaded.embed.weight, model.embed.weight.float())

@@ -117,6 +117,10 @@ def test_cli_errors(tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "no documents" in capsys.readouterr().err
     assert main(["data", "pack", "--tokenizer", str(tmp_path), "--input", str(empty), "--out",
                  str(tmp_path / "x.bin")]) == 2
+    assert main(args + ["--input", str(empty), "--val-fraction", "1.5"]) == 2
+    assert main(args + ["--input", str(empty), "--workers", "0"]) == 2
+    assert main(args + ["--input", str(empty), "--out", str(empty)]) == 2  # would overwrite its input
+    assert "also an input" in capsys.readouterr().err and empty.read_bytes() == b""
 
 
 def test_token_file_windows_and_pickle(tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -177,3 +181,22 @@ def test_bench_pack_prints_one_json_line(tokenizer_dir: Path, tmp_path: Path,
     result = json.loads(lines[0])
     assert result["bench"] == "pack" and result["mb_per_s"] > 0 and result["tokens"] > 0
     assert result["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reading_runs_at_most_two_chunks_per_worker_ahead(tokenizer: Tokenizer, tokenizer_dir: Path,
+                                                          workers: int) -> None:
+    from matelike.pack import _ordered_map
+
+    consumed = []
+
+    def chunks():
+        for i in range(20):
+            consumed.append(i)
+            yield 0, [f"文档{i}"], 0
+
+    it = _ordered_map(tokenizer_dir, tokenizer, chunks(), np.dtype(np.uint16), workers)
+    first_chunk, arr = next(it)
+    assert first_chunk[1] == ["文档0"] and arr.tolist() == tokenizer.encode("文档0") + [tokenizer.eos_id]
+    assert len(consumed) <= 2 * workers  # memory is bounded by the chunks in flight, not the input size
+    assert len(list(it)) == 19

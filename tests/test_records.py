@@ -53,7 +53,7 @@ def test_empty_files(tmp_path: Path) -> None:
 
 def test_txt_lines(tmp_path: Path) -> None:
     p = tmp_path / "d.txt"
-    p.write_bytes("\ufeff第一行\r\n\n  \n第二行 \n\xff\n末行".encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
+    p.write_bytes("\ufeff第一行\r\n\n \u3000\n第二行 \n\xff\n末行".encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
     recs = _read(p)
     assert recs[:2] == [(1, {"text": "第一行"}), (4, {"text": "第二行 "})]
     assert isinstance(recs[2][1], BadRecord) and recs[2][0] == 5

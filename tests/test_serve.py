@@ -27,6 +27,18 @@ API_KEY = "sk-test-secret"
 # --- fixtures ------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads spinning
+    at barriers make them 20x slower; restore the setting for the other test modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random model (128-token context) with the session's tiny tokenizer.
@@ -390,6 +402,14 @@ def test_disconnect_mid_stream_stops_generation(served: ServedModel) -> None:
                 time.sleep(0.02)
             assert worker.pending == 0, "generation went on after the client left"
             assert len(produced) < 80  # all 100 would take 2 s or more: it stopped early
+            # A non-streaming client that gives up (here: a read timeout) stops its generation too.
+            produced.clear()
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
+            deadline = time.monotonic() + 5
+            while (worker.pending or not produced) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert worker.pending == 0 and 0 < len(produced) < 80
             assert httpx.get(srv.url + "/health").json()["status"] == "ok"
             assert isinstance(_whole_text(srv.url, _chat("再来", max_tokens=3)), str)
     finally:
@@ -421,9 +441,9 @@ def test_api_key_required(served: ServedModel) -> None:
 def test_serve_command_line(model_dir: Path) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "matelike", "serve", "--model", str(model_dir), "--port", str(port),
-           "--api-key", API_KEY, "--model-name", "cli-model", "--log-level", "warning"]
+           "--api-key", API_KEY, "--model-name", "cli-model", "--log-level", "warning", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -449,3 +469,18 @@ def test_serve_command_reports_a_bad_model_dir(tmp_path: Path, capsys: pytest.Ca
 
     assert main(["serve", "--model", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_bench_serve_prints_one_json_line(tokenizer_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from matelike.cli import main
+
+    code = main(["bench", "serve", "--preset", "tiny", "--tokenizer", str(tokenizer_dir), "--clients", "1,3",
+                 "--requests", "3", "--max-tokens", "4", "--level-seconds", "30"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["bench"] == "serve" and [lv["clients"] for lv in result["levels"]] == [1, 3]
+    for level in result["levels"]:
+        assert level["requests"] == 3 and level["errors"] == 0
+        assert 0 < level["p50_latency_s"] <= level["p95_latency_s"]
+        assert level["requests_per_s"] > 0

@@ -179,6 +179,7 @@ def test_cli_train_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     empty.write_bytes(b"")
     assert main(["tokenizer", "train", "--input", str(empty), "--out", str(tmp_path / "t"), "--quiet"]) == 1
     assert "no usable text" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--input", str(empty), "--out", str(tmp_path / "t"), "--vocab-size", "100"]) == 2
 
 
 @pytest.mark.slow

@@ -280,3 +280,16 @@ def test_progress_bar_shows_loss_throughput_mfu(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "loss=" in err and "tok/s=" in err and "mfu=" in err and "3/3" in err
     assert all(0 < m["mfu"] for m in read_metrics(tmp_path))
+
+
+def test_gradient_scaler_path_matches_unscaled_training(tmp_path: Path) -> None:
+    # fp16 needs a GPU; the scaler's bookkeeping (scale, unscale, skip, update, checkpoint) is the same on CPU.
+    _, _, plain = fit(tmp_path / "plain", max_steps=4)
+    config, model, task = make(tmp_path / "scaled", max_steps=4)
+    trainer = Trainer(config, model, None, task, export=None)
+    trainer.precision = Precision("fp32", torch.device("cpu"), torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    trainer.fit()
+    for a, b in zip(plain.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    state = torch.load(tmp_path / "scaled" / "checkpoints" / "step-4" / "state.pt", weights_only=False)
+    assert state["scaler"]["scale"] == 2.0**10

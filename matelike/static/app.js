@@ -143,9 +143,13 @@
     inputEl.focus();
   });
 
-  fetch("/v1/models", { headers: headers() })
-    .then((r) => (r.ok ? r.json() : null))
-    .then((body) => { if (body && body.data && body.data[0]) $("model-name").textContent = body.data[0].id; })
-    .catch(() => {});
+  function loadModelName() {
+    fetch("/v1/models", { headers: headers() })
+      .then((r) => (r.ok ? r.json() : null))
+      .then((body) => { if (body && body.data && body.data[0]) $("model-name").textContent = body.data[0].id; })
+      .catch(() => {});
+  }
+  apiKeyEl.addEventListener("change", loadModelName);  // a server started with --api-key answers only then
+  loadModelName();
   setBusy(false);
 })();

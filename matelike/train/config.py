@@ -56,7 +56,7 @@ class TrainConfig:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("batch_size", "grad_accum", "seq_len", "log_every", "save_every"):
+        for name in ("batch_size", "grad_accum", "seq_len", "log_every", "save_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "max_tokens"):
@@ -124,6 +124,8 @@ def add_engine_args(
     g.add_argument("--muon-lr", type=float, default=d["muon_lr"], help="peak learning rate of Muon's matrices")
     g.add_argument("--fsdp", action="store_true", default=d["fsdp"], help="shard with FSDP2 under torchrun")
     g.add_argument("--device", default=d["device"], help="auto, cpu, cuda")
+    g.add_argument("--max-bad-steps", type=int, default=d["max_bad_steps"],
+                   help="stop after this many steps in a row with a non-finite loss or gradient")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d["progress"],
                    help="progress bar (default: when stderr is a terminal)")
     return parser

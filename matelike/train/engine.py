@@ -55,6 +55,22 @@ Minimal example::
 
 Run length: --max-steps wins, else --max-tokens / (batch * seq_len * grad_accum * world size), else --epochs
 (default 1) x ``epoch_size``. Step t (1-based) uses the schedule's lr at t: warmup from 0, cosine to min_lr.
+
+What the engine writes under --out
+----------------------------------
+- the model directory itself (``export(model, out)``, by default ``matelike.model_io.save_model``), at every
+  checkpoint and at the end; rank 0 only (under FSDP the full weights are gathered first);
+- ``checkpoints/step-N/`` (see matelike.train.checkpoint): model, optimizer, scheduler, scaler, step, tokens,
+  the Task's cursor and every rank's RNG states; written atomically, hashed, the last --keep kept. --resume
+  takes the newest intact one (damaged ones are reported and skipped) and continues bitwise-identically in
+  fp32 on CPU in one process (same thread count); elsewhere within float reduction-order noise;
+- ``metrics.jsonl``: one line per --log-every steps, per eval and per skipped step, with step, tokens, loss,
+  lr, tokens_per_s, grad_norm, mfu (when the progress bar measured the peak), the Task's metrics, and on
+  eval lines the keys ``evaluate`` returned. On resume, lines past the checkpoint are dropped first.
+
+Signals: SIGINT/SIGTERM finish the current step, save a checkpoint and return a FitResult whose exit_code is
+128+signal; a second Ctrl-C stops at once. A non-finite loss or gradient skips the update (logged with
+``"skipped": true``); --max-bad-steps in a row (5) raise TrainingDiverged without saving over good checkpoints.
 """
 
 from __future__ import annotations
