@@ -144,9 +144,18 @@ class GenerationWorker:
             for act in list(self._active):
                 if self._step(act):
                     self._active.remove(act)
+        # Shutting down: end what runs and what waits, so that no request hangs on an answer that never comes.
         for act in self._active:
             _close(act.stream)
             act.job.emit({"type": "cancelled"})
+        self._active.clear()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.emit({"type": "cancelled"})
 
     def _step(self, act: _Active) -> bool:
         """Advance one request by one piece; True when it is finished."""

@@ -38,6 +38,12 @@ def tiny_corpus_docs() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_docs() -> list[str]:
+    """The built-in Chinese + English documents the tiny tokenizer is trained on."""
+    return tiny_corpus_docs()
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory of a 512-token byte-level BPE trained on the built-in corpus (Hugging Face files)."""
     from matelike.tokenizer import train_tokenizer

@@ -168,3 +168,8 @@ def test_memory_probe_reports_step_peak() -> None:
 
     r = memory_probe("tiny", 1, 32, "cpu")
     assert r["params"] > 0 and r["peak_bytes"] >= 0 and r["weights_grads_adam_gib"] > 0
+
+
+def test_pretrain_fsdp_without_torchrun_is_a_clear_error(tmp_path: Path, tokenizer_dir: Path, packed, capsys) -> None:
+    assert main(pretrain_args(tmp_path / "o", tokenizer_dir, packed, "--max-steps", "1", "--fsdp")) == 2
+    assert "--fsdp needs torchrun" in capsys.readouterr().err

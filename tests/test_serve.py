@@ -484,3 +484,28 @@ def test_bench_serve_prints_one_json_line(tokenizer_dir: Path, capsys: pytest.Ca
         assert level["requests"] == 3 and level["errors"] == 0
         assert 0 < level["p50_latency_s"] <= level["p95_latency_s"]
         assert level["requests_per_s"] > 0
+
+
+def test_worker_close_ends_running_and_waiting_jobs() -> None:
+    def endless(prompt_ids, params, max_new):
+        def gen():
+            for i in range(1, 10**9):
+                time.sleep(0.001)
+                yield "x", i
+        return gen()
+
+    worker = GenerationWorker(endless, max_active=1)
+    finals: list[str] = []
+    ended = threading.Event()
+
+    def emit(ev: dict) -> None:
+        if ev["type"] != "text":
+            finals.append(ev["type"])
+            if len(finals) == 3:
+                ended.set()
+
+    for _ in range(3):  # one runs, two wait in the queue
+        worker.submit(Job([1], SamplingParams(), 10**9, emit))
+    time.sleep(0.1)
+    worker.close()
+    assert ended.wait(5) and finals == ["cancelled"] * 3

@@ -133,14 +133,12 @@ def _write_jsonl(path: Path, docs: list[str]) -> Path:
     return path
 
 
-def test_training_is_deterministic_and_compresses(tmp_path: Path) -> None:
-    from conftest import tiny_corpus_docs
-
-    corpus = _write_jsonl(tmp_path / "c.jsonl", tiny_corpus_docs())
+def test_training_is_deterministic_and_compresses(tmp_path: Path, tiny_docs: list[str]) -> None:
+    corpus = _write_jsonl(tmp_path / "c.jsonl", tiny_docs)
     a = train_tokenizer([corpus], tmp_path / "a", vocab_size=400, progress=False)
     b = train_tokenizer([corpus], tmp_path / "b", vocab_size=400, progress=False)
     assert a.sha256 == b.sha256
-    doc = tiny_corpus_docs()[1]
+    doc = tiny_docs[1]
     assert len(a.encode(doc)) < len(doc.encode("utf-8"))  # merges learned Chinese pieces
 
 
@@ -155,10 +153,9 @@ def test_sampling_bounds_training_chars(tmp_path: Path) -> None:
     assert info["heldout_docs"] >= 1 and info["chars_per_token"] > 0
 
 
-def test_cli_train_reports_bad_records_and_compression(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from conftest import tiny_corpus_docs
-
-    corpus = _write_jsonl(tmp_path / "c.jsonl", tiny_corpus_docs())
+def test_cli_train_reports_bad_records_and_compression(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       tiny_docs: list[str]) -> None:
+    corpus = _write_jsonl(tmp_path / "c.jsonl", tiny_docs)
     with open(corpus, "ab") as f:
         f.write(b'{"text": 5}\n{"text": "ok \xff"}\n')
     val = _write_jsonl(tmp_path / "val.jsonl", ["北京的天气今天很好。"])
@@ -166,8 +163,8 @@ def test_cli_train_reports_bad_records_and_compression(tmp_path: Path, capsys: p
                "--heldout", str(val), "--quiet"])
     out, err = capsys.readouterr()
     assert rc == 0
-    assert f"{corpus}:{len(tiny_corpus_docs()) + 1}: wrong type" in err
-    assert f"{corpus}:{len(tiny_corpus_docs()) + 2}: invalid UTF-8" in err
+    assert f"{corpus}:{len(tiny_docs) + 1}: wrong type" in err
+    assert f"{corpus}:{len(tiny_docs) + 2}: invalid UTF-8" in err
     assert "chars/token" in out and "bytes/token" in out
     assert Tokenizer.load(tmp_path / "tok").vocab_size == 300
 
@@ -180,6 +177,10 @@ def test_cli_train_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     assert main(["tokenizer", "train", "--input", str(empty), "--out", str(tmp_path / "t"), "--quiet"]) == 1
     assert "no usable text" in capsys.readouterr().err
     assert main(["tokenizer", "train", "--input", str(empty), "--out", str(tmp_path / "t"), "--vocab-size", "100"]) == 2
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"not parquet")
+    assert main(["tokenizer", "train", "--input", str(corrupt), "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    assert "corrupt.parquet: cannot read parquet" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -25,8 +25,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 STATIC_FILES = ("index.html", "app.js", "style.css")
 
-pytestmark = pytest.mark.browser
-
 
 def test_page_is_self_contained() -> None:
     """No CDN: every script, style and font comes from the package itself."""
@@ -138,6 +136,7 @@ def _send(driver, text: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_chat_page_in_a_real_browser(browser, page_server) -> None:
     from selenium.webdriver.common.by import By
 

@@ -135,6 +135,7 @@ def save(root: Path, step: int, state: dict[str, Any] | None, info: DistInfo, ke
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier(info)
+    tmp.mkdir(parents=True, exist_ok=True)  # a no-op on the shared filesystem that resume needs anyway
     _save_file(rng_state(), tmp / rng_file(info.rank))
     if info.is_main:
         assert state is not None

@@ -72,11 +72,9 @@ def wrap(model: nn.Module, info: DistInfo, *, fsdp: bool, param_dtype: torch.dty
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-
         if not info.enabled:
-            dist_required = "--fsdp needs torchrun with more than one process (or WORLD_SIZE>1)"
-            raise RuntimeError(dist_required)
+            raise ValueError("--fsdp needs torchrun with more than one process")
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for block in _blocks(model):
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -95,24 +93,6 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, nn.ModuleList):
             return list(module)
     return []
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP and/or torch.compile wrappers."""
-    inner = getattr(model, "module", None)
-    if isinstance(inner, nn.Module):
-        model = inner
-    return getattr(model, "_orig_mod", model)
-
-
-def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
-    """Sum floats over ranks (float64 so token counts stay exact)."""
-    if not info.enabled:
-        return list(values)
-    dev = info.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -249,8 +249,9 @@ class Trainer:
             self.precision.scaler.load_state_dict(state["scaler"])
         if rng is not None:
             ckpt.set_rng_state(rng)
-        elif self.info.is_main:
-            print(f"matelike: {path} has no RNG state for rank {self.info.rank}; reseeding", file=sys.stderr)
+        else:  # saved by fewer processes: this rank keeps the RNG seeded at startup
+            print(f"matelike: {path} has no RNG state for rank {self.info.rank}; keeping its seeded RNG",
+                  file=sys.stderr)
         return int(state["step"]), int(state["tokens"]), state["cursor"]
 
     def _export_model(self) -> nn.Module | None:
