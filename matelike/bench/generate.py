@@ -116,12 +116,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "generate",
         "preset": args.preset,
         "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
     }
     with tempfile.TemporaryDirectory(prefix="matelike-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        save_model(Transformer(get_preset(args.preset)), None, tmp / "model")
+        dtype = getattr(torch, args.dtype)
+        save_model(Transformer(get_preset(args.preset)).to(dtype), None, tmp / "model")
         ours, _ = load_model(tmp / "model")
         vocab = ours.config.vocab_size
         prompts = torch.randint(0, vocab, (max(batch_sizes), args.prompt_len), generator=torch.Generator().manual_seed(1))
@@ -136,7 +138,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
             hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
-            hf = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32).eval()
+            hf = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=dtype).eval()
 
             def run_hf(b: int, n: int) -> Any:
                 ids = prompts[:b]
@@ -174,5 +176,7 @@ def add_cli(table: CommandTable) -> None:
     p.add_argument("--repeats", type=int, default=3, help="best of N runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights dtype of the saved directory, used by both sides")
     p.add_argument("--memory-preset", default="0.2b", help="preset whose fp16/bf16 load memory is measured ('' = skip)")
     p.add_argument("--skip-transformers", action="store_true", help="time only our generate")
