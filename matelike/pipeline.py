@@ -52,7 +52,7 @@ BUDGETS: dict[str, Budget] = {
     "micro": Budget(vocab_size=512, pretrain_steps=30, pretrain_batch=8, seq_len=128, sft_steps=20, sft_batch=8,
                     sft_per_task=60, pair_prompts=16, dpo_steps=6, dpo_batch=4, eval_limit=6, dtype="auto",
                     expected_s=(8, 10, 8, 15, 12, 10, 10, 15, 5)),
-    "tiny": Budget(vocab_size=6400, pretrain_steps=1500, pretrain_batch=16, seq_len=256, sft_steps=800,
+    "tiny": Budget(vocab_size=6400, pretrain_steps=500, pretrain_batch=16, seq_len=256, sft_steps=800,
                    sft_batch=16, sft_per_task=2000, pair_prompts=240, dpo_steps=120, dpo_batch=8, eval_limit=100,
                    dtype="auto", expected_s=(10, 40, 20, 330, 200, 90, 60, 90, 10)),
     "26m": Budget(vocab_size=6400, pretrain_steps=20000, pretrain_batch=32, seq_len=512, sft_steps=4000,

@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from matelike.train.config import TrainConfig, add_engine_args
-from matelike.train.distributed import sum_over_ranks
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from matelike.cli import CommandTable
 
 
@@ -81,6 +80,8 @@ class PretrainTask:
             self.evaluate = None  # type: ignore[assignment]  # no held-out file: the engine skips eval
 
     def _window(self, tokens: np.ndarray, starts: np.ndarray) -> torch.Tensor:
+        import torch  # here, not at the top: `matelike --help` and data commands should not pay for torch
+
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
         return torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
 
@@ -106,6 +107,10 @@ class PretrainTask:
     def evaluate(self, model: nn.Module, rank: int, world_size: int) -> dict[str, float]:  # noqa: F811
         """Held-out cross-entropy (without MoE aux loss) over the first `eval_tokens` of the val file, and bits
         per byte = nats per token / ln 2 / UTF-8 bytes per token, comparable across tokenizers."""
+        import torch.nn.functional as F
+
+        from matelike.train.distributed import sum_over_ranks
+
         assert self.val_tokens is not None
         n_windows = min((len(self.val_tokens) - 1) // self.seq_len, max(1, self.eval_tokens // self.seq_len))
         # Every rank runs the same number of equal batches (FSDP's collectives need that): round the windows

@@ -213,6 +213,11 @@ def run_sft(args: argparse.Namespace) -> int:
             print(f"matelike sft: {report.summary()} (skipped; the good records are all used)", file=sys.stderr)
         if val_stats is not None:
             print("validation " + val_stats.summary(), file=sys.stderr)
+        good = stats.records - stats.bad
+        if good and stats.dropped_too_long > 0.1 * good:
+            print(f"matelike sft: warning: {stats.dropped_too_long} of {good} samples "
+                  f"({stats.dropped_too_long / good:.0%}) do not fit --seq-len {args.seq_len} even with their "
+                  f"history dropped; a larger --seq-len keeps them", file=sys.stderr)
     if stats.samples == 0:
         print("matelike sft: no usable SFT samples in " + ", ".join(map(str, args.data)), file=sys.stderr)
         return 1
