@@ -151,6 +151,8 @@ def to_messages(obj: dict, fmt: str | None = None) -> list[dict[str, str]]:
     fmt = fmt or detect_sft_format(obj)
     if fmt == "messages":
         key = "messages" if "messages" in obj else "conversations"
+        if key not in obj:  # a forced format on a record of another layout
+            raise RecordError("missing field: 'messages' or 'conversations'")
         msgs = _message_list(obj[key], key)
         if msgs[0]["role"] != "system":
             msgs = _system(obj) + msgs

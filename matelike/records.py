@@ -20,7 +20,7 @@ BOM = b"\xef\xbb\xbf"
 # File suffixes we know how to read, mapped to the reader name.
 SUFFIXES: dict[str, str] = {
     ".jsonl": "jsonl",
-    ".json": "jsonl",
+    ".json": "json",
     ".ndjson": "jsonl",
     ".parquet": "parquet",
     ".csv": "csv",
@@ -135,6 +135,45 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
         yield lineno, obj
 
 
+def _iter_json(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
+    """A `.json` file: one JSON array of objects (alpaca's layout, read whole: such files are small), or jsonl."""
+    with _open_binary(path) as f:
+        head = f.read(4096).lstrip(BOM).lstrip()
+    if not head.startswith(b"["):
+        yield from _iter_jsonl(path)
+        return
+    name = str(path)
+    raw = path.read_bytes().lstrip(BOM)
+    text = _decode(raw, name, 1)
+    if isinstance(text, BadRecord):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # name the line of the bad byte, not just the file
+            line = raw[: e.start].count(b"\n") + 1
+            yield line, BadRecord(name, line, f"invalid UTF-8: byte 0x{raw[e.start]:02x}; file not read")
+        return
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            yield text.count("\n") + 1, BadRecord(name, text.count("\n") + 1, "invalid JSON: array not closed")
+            return
+        if text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield line, BadRecord(name, e.lineno, f"invalid JSON: {e.msg} (column {e.colno}); rest of the array skipped")
+            return
+        if not isinstance(obj, dict):
+            yield line, BadRecord(name, line, f"not an object: got a JSON {_json_type(obj)}")
+            continue
+        yield line, obj
+
+
 def _iter_txt(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
     name = str(path)
     for lineno, raw in _lines(path):
@@ -215,7 +254,10 @@ def _iter_parquet(path: Path, columns: list[str] | None = None) -> Iterator[tupl
 
 
 def iter_records(path: str | Path, columns: list[str] | None = None) -> Iterator[tuple[int, dict | BadRecord]]:
-    """Stream (line or row number, record) from a jsonl/parquet/csv/txt file; bad lines come as BadRecord.
+    """Stream (line or row number, record) from a jsonl/json/parquet/csv/txt file; bad lines come as BadRecord.
+
+    A `.json` file may hold one JSON array of objects (alpaca-gpt4-data-zh's layout); its records are numbered
+    by the line on which each object starts.
 
     txt files give `{"text": line}` per non-empty line. Raises DataFileError when the file cannot be read at
     all. `columns` limits the parquet columns read (other formats ignore it).
@@ -224,6 +266,8 @@ def iter_records(path: str | Path, columns: list[str] | None = None) -> Iterator
     kind = file_format(path)
     if kind == "jsonl":
         return _iter_jsonl(path)
+    if kind == "json":
+        return _iter_json(path)
     if kind == "txt":
         return _iter_txt(path)
     if kind == "csv":

@@ -111,3 +111,12 @@ def test_guess_kind_and_chars() -> None:
     assert guess_kind({"prompt": "q", "chosen": "a", "rejected": "b"}) == "dpo"
     assert record_chars({"prompt": "q", "response": "ab"}, "sft") == 3
     assert record_chars({"prompt": "q", "chosen": "a", "rejected": "bc"}, "dpo") == 4
+
+
+def test_forced_messages_format_on_other_layout_is_a_record_error() -> None:
+    import pytest
+
+    from matelike.formats import RecordError, to_messages
+
+    with pytest.raises(RecordError, match="missing field: 'messages' or 'conversations'"):
+        to_messages({"prompt": "你好", "response": "你好！"}, fmt="messages")

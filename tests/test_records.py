@@ -129,3 +129,38 @@ def test_csv_long_field(tmp_path: Path) -> None:
     long_text = "长" * 300_000  # beyond the csv module's default 128 KiB field limit
     p.write_text(f"text\n{long_text}\n", encoding="utf-8")
     assert _read(p) == [(2, {"text": long_text})]
+
+
+def test_json_array_file_gives_records_with_their_start_lines(tmp_path):
+    from matelike.records import BadRecord, iter_records
+
+    p = tmp_path / "alpaca.json"
+    p.write_text('[\n  {"instruction": "你好", "input": "", "output": "你好！"},\n  3,\n'
+                 '  {"instruction": "a",\n   "output": "b"}\n]\n', encoding="utf-8")
+    got = list(iter_records(p))
+    assert got[0] == (2, {"instruction": "你好", "input": "", "output": "你好！"})
+    assert isinstance(got[1][1], BadRecord) and str(got[1][1]) == f"{p}:3: not an object: got a JSON number"
+    assert got[2] == (4, {"instruction": "a", "output": "b"})
+    assert len(got) == 3
+
+
+def test_json_array_truncated_or_invalid_utf8_names_the_line(tmp_path):
+    from matelike.records import BadRecord, iter_records
+
+    p = tmp_path / "cut.json"
+    p.write_text('[\n {"a": 1},\n {"a": 2', encoding="utf-8")
+    got = list(iter_records(p))
+    assert got[0] == (2, {"a": 1})
+    assert isinstance(got[1][1], BadRecord) and str(got[1][1]).startswith(f"{p}:3: invalid JSON")
+    q = tmp_path / "bad.json"
+    q.write_bytes(b'[\n {"a": 1},\n {"a": "\xff"}\n]')
+    (line, bad), = list(iter_records(q))
+    assert line == 3 and isinstance(bad, BadRecord) and "invalid UTF-8" in bad.reason
+
+
+def test_json_file_with_one_object_per_line_reads_as_jsonl(tmp_path):
+    from matelike.records import iter_records
+
+    p = tmp_path / "lines.json"
+    p.write_text('{"text": "一"}\n{"text": "二"}\n', encoding="utf-8")
+    assert [r for _, r in iter_records(p)] == [{"text": "一"}, {"text": "二"}]
