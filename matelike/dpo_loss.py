@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # torch is imported inside the functions so that `matelike --help` stays fast
+    import torch
 
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "simpo", "orpo")
 REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "orpo"})
@@ -52,6 +53,8 @@ def _check_type(loss_type: str) -> None:
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, stable on both ends (Mächler 2012)."""
+    import torch
+
     x = x.clamp(max=-1e-6)
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
@@ -73,6 +76,9 @@ def preference_loss(
     `policy_*` / `ref_*`: (B,) summed log-probabilities of the completion tokens; `*_tokens`: (B,) how many
     completion tokens each sum covers. Computed in fp32 (or fp64 if given) whatever the inputs are.
     """
+    import torch
+    import torch.nn.functional as F
+
     _check_type(loss_type)
     dtype = torch.promote_types(policy_chosen.dtype, torch.float32)  # fp32 at least, fp64 kept for tests
     pc, pr = policy_chosen.to(dtype), policy_rejected.to(dtype)
@@ -107,6 +113,8 @@ def sequence_logps(
     token that follows input t); `labels`: (B, T) with `ignore_index` where nothing counts. fp32 log-softmax,
     because summing hundreds of bf16 log-probs loses the small differences DPO works on.
     """
+    import torch
+
     mask = labels != ignore_index
     safe = labels.masked_fill(~mask, 0)
     # logsumexp + gather instead of a full log_softmax tensor: one (B, T, V) fp32 copy less.

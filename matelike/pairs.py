@@ -94,6 +94,10 @@ def prompt_item(line: int, rec: dict) -> PromptItem:
     from matelike.formats import RecordError, to_messages
     from matelike.tasks import TASKS
 
+    if "prompt" not in rec and "instruction" in rec:
+        # alpaca layout (alpaca-gpt4-data-zh): the prompt is the instruction plus its input, gold is `output`
+        conv = to_messages(rec, "alpaca")
+        return PromptItem(line, conv[-2]["content"], conv[:-1], conv[-1]["content"], None)
     key = next((k for k in GOLD_FIELDS if rec.get(k) is not None), None)
     if key is None:
         raise RecordError("missing field: expected 'answer', 'chosen' or 'response'")
@@ -315,7 +319,7 @@ def add_cli(table: "CommandTable") -> None:
                       _cmd_make_pairs)
     p.prog = "matelike dpo make-pairs"
     p.add_argument("--model", required=True, help="model directory (the SFT model)")
-    p.add_argument("--data", required=True, help="{prompt, answer, task} / {prompt, chosen} / {prompt, response} file")
+    p.add_argument("--data", required=True, help="{prompt, answer, task} / {prompt, chosen} / {prompt, response} / alpaca {instruction, input, output} file")
     p.add_argument("--out", required=True, type=Path,
                    help="pairs jsonl ({prompt, chosen, rejected}); continues where it stopped if present")
     p.add_argument("--samples", type=int, default=4, help="answers sampled per prompt (K)")

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 
 if TYPE_CHECKING:  # heavy or not needed at import time
-    import torch
 
     from matelike.records import BadRecordReport
     from matelike.tokenizer import Tokenizer

@@ -64,3 +64,32 @@ def tokenizer(tokenizer_dir: Path):
     from matelike.tokenizer import Tokenizer
 
     return Tokenizer.load(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads spinning
+    at barriers make them 20x slower; the setting is restored for the other test modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def make_chat_model(tokenizer, tmp_path_factory: pytest.TempPathFactory):
+    """Factory of tiny random chat models saved with the session tokenizer: `make_chat_model(max_seq_len, name)`.
+
+    Untied embeddings and a wide init make greedy answers depend on the prompt (a tied random model just
+    repeats the last prompt token), which the serving tests need.
+    """
+    from matelike.bench.serve import save_random_model
+
+    def make(max_seq_len: int = 128, name: str = "tiny-test") -> Path:
+        out = tmp_path_factory.mktemp("chat-model") / name  # the server names the model after its folder
+        return save_random_model(tokenizer, out, "tiny", seed=1, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                 hidden_dim=128, max_seq_len=max_seq_len, tie_embeddings=False, init_std=0.1)
+
+    return make

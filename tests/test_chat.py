@@ -16,26 +16,15 @@ import pytest
 from matelike.chat import ChatSession, Conversation, MessageTooLong
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads spinning
-    at barriers make them 20x slower; restore the setting for the other test modules."""
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+# One OpenMP thread for tiny models (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random model with a 128-token context (see tests/test_serve.py for why untied and wide)."""
-    from matelike.bench.serve import save_random_model
-
-    out = tmp_path_factory.mktemp("chat-model") / "tiny-chat"
-    return save_random_model(tokenizer, out, "tiny", seed=1, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                             hidden_dim=128, max_seq_len=128, tie_embeddings=False, init_std=0.1)
+def model_dir(make_chat_model) -> Path:
+    return make_chat_model(max_seq_len=128)
 
 
 # --- history fitting --------------------------------------------------------------------------------------------
@@ -185,7 +174,7 @@ def test_too_long_message_is_refused_and_the_session_goes_on(tokenizer) -> None:
 
 
 def _env() -> dict[str, str]:
-    # One OpenMP thread: see one_torch_thread above.
+    # One OpenMP thread: see conftest.one_torch_thread.
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 

@@ -176,3 +176,14 @@ def test_resume_refuses_another_model(tmp_path: Path, tokenizer) -> None:
     with pytest.raises(PairsError, match="model"):
         make_pairs(None, tokenizer, data, out, samples=2, batch_size=2, generate_fn=_fake_generate(tokenizer),
                    model_id="bbb")
+
+
+def test_alpaca_records_give_prompt_and_gold() -> None:
+    from matelike.formats import RecordError
+    from matelike.pairs import prompt_item
+
+    item = prompt_item(7, {"instruction": "把句子翻译成英文", "input": "你好", "output": "Hello"})
+    assert item.prompt == "把句子翻译成英文\n你好" and item.gold == "Hello" and item.task is None
+    assert item.messages[-1] == {"role": "user", "content": "把句子翻译成英文\n你好"}
+    with pytest.raises(RecordError, match="output"):
+        prompt_item(8, {"instruction": "只有指令"})

@@ -27,30 +27,15 @@ API_KEY = "sk-test-secret"
 # --- fixtures ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads spinning
-    at barriers make them 20x slower; restore the setting for the other test modules."""
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+# One OpenMP thread for tiny models (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random model (128-token context) with the session's tiny tokenizer.
-
-    Untied embeddings and a wide init make greedy answers depend on the prompt (a tied random model just
-    repeats the last prompt token), which the concurrency test needs.
-    """
-    from matelike.bench.serve import save_random_model
-
-    out = tmp_path_factory.mktemp("serve-model") / "tiny-test"
-    return save_random_model(tokenizer, out, "tiny", seed=1, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                             hidden_dim=128, max_seq_len=128, tie_embeddings=False, init_std=0.1)
+def model_dir(make_chat_model) -> Path:
+    return make_chat_model(max_seq_len=128)
 
 
 @pytest.fixture(scope="module")

@@ -37,25 +37,15 @@ def test_page_is_self_contained() -> None:
         assert needed in html
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads spinning
-    at barriers make them 20x slower; restore the setting for the other test modules."""
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+# One OpenMP thread for tiny models (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from matelike.bench.serve import save_random_model
-
-    out = tmp_path_factory.mktemp("web-model") / "tiny-web"
-    return save_random_model(tokenizer, out, "tiny", seed=1, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                             hidden_dim=128, max_seq_len=256, tie_embeddings=False, init_std=0.1)
+def model_dir(make_chat_model) -> Path:
+    return make_chat_model(max_seq_len=256)
 
 
 @pytest.fixture(scope="module")
