@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import random
 import re
@@ -530,7 +531,10 @@ def write_demo(out: Path, docs: list[Document], counts: dict[str, SourceCounts],
     sft_records = [_conversation(it, rng) for task in TASKS for it in split.sft[task]]
     random.Random(f"{cfg.seed}-sft-order").shuffle(sft_records)  # tasks mixed, so every batch sees several
     _write_jsonl(out / "sft.jsonl", sft_records)
-    _write_jsonl(out / "tasks_train.jsonl", (_task_record(it, rng) for task in TASKS for it in split.train[task]))
+    # Tasks interleaved round-robin, so that `make-pairs --limit N` takes prompts of every task.
+    interleaved = (it for group in itertools.zip_longest(*(split.train[t] for t in TASKS)) for it in group
+                   if it is not None)
+    _write_jsonl(out / "tasks_train.jsonl", (_task_record(it, rng) for it in interleaved))
     _write_jsonl(out / "tasks_test.jsonl", (_task_record(it, rng) for task in TASKS for it in split.test[task]))
 
     summary = DemoSummary(

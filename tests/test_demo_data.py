@@ -195,3 +195,11 @@ def test_package_data_with_invalid_utf8_names_file_and_line(tmp_path: Path, monk
     assert _read_resource(("tag", "a.txt"), package="fake_corpus_pkg") == ("fake_corpus_pkg/tag/a.txt", "好/a\n")
     with pytest.raises(ModuleNotFoundError, match="no_such_pkg_xyz"):
         _read_resource(("a.txt",), package="no_such_pkg_xyz")
+
+
+def test_tasks_train_interleaves_tasks_so_a_limit_covers_all(demo_dir: Path) -> None:
+    from matelike.tasks import TASKS
+
+    train = _jsonl(demo_dir / "tasks_train.jsonl")
+    assert [r["task"] for r in train[: len(TASKS)]] == list(TASKS)
+    assert {r["task"] for r in train[:8]} == set(TASKS)
