@@ -128,6 +128,10 @@ def build_report(run: Path) -> str:
         png = plot_curves(run, stage, rows)
         if png is not None:
             curves.append((stage, png))
+    dpo_rows = read_metrics(run / "dpo" / "metrics.jsonl")
+    if _last(dpo_rows, "val_reward_accuracy") is not None:
+        lines += ["", f"DPO on held-out pairs: reward accuracy {_num(_last(dpo_rows, 'val_reward_accuracy'))}, "
+                      f"reward margin {_num(_last(dpo_rows, 'val_reward_margin'))}."]
     other = [s for s in markers if s not in TRAIN_STAGES]
     if other:
         lines += ["", "Other stages: " + ", ".join(f"{s} {markers[s].get('wall_s', 0):.0f} s" for s in other)]

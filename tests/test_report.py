@@ -19,6 +19,9 @@ def _write_run(run: Path) -> None:
                              "tokens_per_s": 5000.0}) for s in range(1, 6)]
         lines.append(json.dumps({"step": 5, "tokens": 5000, "loss": base - 0.5, "lr": 1e-3, "tokens_per_s": 5000.0,
                                  "val_loss": base - 0.4, "val_bpb": 2.0}))
+        if stage == "dpo":
+            lines.append(json.dumps({"step": 5, "tokens": 5000, "val_reward_accuracy": 0.75,
+                                     "val_reward_margin": 0.3}))
         lines.append('{"step": 6, "tok')  # torn last line of a killed run
         (run / stage / "metrics.jsonl").write_text("\n".join(lines))
     (run / "eval").mkdir()
@@ -51,3 +54,4 @@ def test_report_has_stages_curves_eval_table_samples_and_commands(tmp_path: Path
     assert "判断评论情感：很好" in text and "model: 正面" in text
     assert f"matelike pretrain --out {tmp_path / 'pretrain'}" in text
     assert "## Machine" in text and "torch" in text
+    assert "DPO on held-out pairs: reward accuracy 0.7500, reward margin 0.3000." in text
