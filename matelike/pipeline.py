@@ -184,8 +184,12 @@ class Pipeline:
             print(f"{head}: starting ({self._eta(i, started, done_s)})", flush=True)
             t0 = time.time()
             if stage == "dpo":
-                n_train, n_val = split_pairs(self.out / "pairs" / "pairs.jsonl", self.out / "pairs" / "train.jsonl",
-                                             self.out / "pairs" / "val.jsonl")
+                try:
+                    n_train, n_val = split_pairs(self.out / "pairs" / "pairs.jsonl",
+                                                 self.out / "pairs" / "train.jsonl", self.out / "pairs" / "val.jsonl")
+                except (OSError, RuntimeError) as e:
+                    print(f"{head}: {e}", file=sys.stderr)
+                    return 1
                 print(f"{head}: {n_train} training pairs, {n_val} held-out pairs", flush=True)
             for argv in cmds[stage]:
                 print("$ matelike " + " ".join(argv), flush=True)

@@ -95,3 +95,20 @@ def test_stage_list_is_validated_and_ordered() -> None:
     assert _parse_stages("sft,pretrain") == ["pretrain", "sft"]
     with pytest.raises(argparse.ArgumentTypeError, match="unknown stage"):
         _parse_stages("pretrain,bogus")
+
+
+def test_dpo_stage_without_pairs_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    class NoPairs(FakeRunner):
+        def __call__(self, argv: list[str]) -> int:
+            self.calls.append(argv)
+            if argv[:2] == ["dpo", "make-pairs"]:
+                p = Path(argv[argv.index("--out") + 1])
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text("")
+            return 0
+
+    runner = NoPairs(tmp_path)
+    assert Pipeline(tmp_path, "micro", list(STAGES), force=False, runner=runner).run() == 1
+    assert "no preference pairs" in capsys.readouterr().err
+    assert runner.calls[-1][:2] == ["dpo", "make-pairs"]  # dpo itself never started
+    assert not (tmp_path / ".stages" / "dpo.json").exists()
