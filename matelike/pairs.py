@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from matelike.hashing import sha256_file
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -141,14 +143,6 @@ def pick_rejected(item: PromptItem, samples: Sequence[str]) -> tuple[str | None,
     return samples[min(usable)[1]], "pairs"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_progress(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -208,7 +202,7 @@ def make_pairs(
     data, out = Path(data), Path(out)
     report = report if report is not None else BadRecordReport()
     items, records = read_prompt_items(data, report)
-    settings = {"model": model_id, "data": str(data), "data_sha256": _sha256_file(data), "samples": samples,
+    settings = {"model": model_id, "data": str(data), "data_sha256": sha256_file(data), "samples": samples,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                 "batch_size": batch_size}
     progress_path = out.with_name(out.name + PROGRESS_SUFFIX)
@@ -281,7 +275,7 @@ def _weights_sha256(model_dir: Path) -> str:
     """sha256 over the model directory's safetensors files: which weights made the pairs."""
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(_sha256_file(f).encode())
+        h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 

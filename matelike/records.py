@@ -130,7 +130,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
             yield lineno, BadRecord(name, lineno, "invalid JSON: nested too deeply")
             continue
         if not isinstance(obj, dict):
-            yield lineno, BadRecord(name, lineno, f"not an object: got a JSON {_json_type(obj)}")
+            yield lineno, BadRecord(name, lineno, f"not an object: got a JSON {json_type(obj)}")
             continue
         yield lineno, obj
 
@@ -169,7 +169,7 @@ def _iter_json(path: Path) -> Iterator[tuple[int, dict | BadRecord]]:
             yield line, BadRecord(name, e.lineno, f"invalid JSON: {e.msg} (column {e.colno}); rest of the array skipped")
             return
         if not isinstance(obj, dict):
-            yield line, BadRecord(name, line, f"not an object: got a JSON {_json_type(obj)}")
+            yield line, BadRecord(name, line, f"not an object: got a JSON {json_type(obj)}")
             continue
         yield line, obj
 
@@ -275,16 +275,21 @@ def iter_records(path: str | Path, columns: list[str] | None = None) -> Iterator
     return _iter_parquet(path, columns)
 
 
-def _json_type(obj: object) -> str:
-    if isinstance(obj, list):
-        return "array"
-    if isinstance(obj, str):
-        return "string"
-    if isinstance(obj, bool):
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for error messages ("a JSON array", "got a number")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
         return "boolean"
-    if isinstance(obj, (int, float)):
+    if isinstance(value, (int, float)):
         return "number"
-    return "null"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
 
 
 class BadRecordReport:

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from matelike.records import json_type
+
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 
@@ -77,24 +79,8 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise APIError(400, f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.") from None
     if not isinstance(obj, dict):
-        raise APIError(400, f"Request body must be a JSON object, got {_type_name(obj)}.")
+        raise APIError(400, f"Request body must be a JSON object, got {json_type(obj)}.")
     return obj
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
@@ -103,7 +89,7 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
         return default
     # bool is an int subclass in Python, but `true` is not a temperature.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"'{name}' must be a number, got {_type_name(value)}.", param=name, code="invalid_type")
+        raise APIError(400, f"'{name}' must be a number, got {json_type(value)}.", param=name, code="invalid_type")
     if not lo <= value <= hi:
         raise APIError(400, f"'{name}' must be between {lo:g} and {hi:g}, got {value}.", param=name,
                        code="invalid_value")
@@ -115,7 +101,7 @@ def _integer(body: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"'{name}' must be an integer, got {_type_name(value)}.", param=name, code="invalid_type")
+        raise APIError(400, f"'{name}' must be an integer, got {json_type(value)}.", param=name, code="invalid_type")
     return value
 
 
@@ -124,7 +110,7 @@ def _boolean(body: dict[str, Any], name: str, default: bool = False) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise APIError(400, f"'{name}' must be a boolean, got {_type_name(value)}.", param=name, code="invalid_type")
+        raise APIError(400, f"'{name}' must be a boolean, got {json_type(value)}.", param=name, code="invalid_type")
     return value
 
 
@@ -148,7 +134,7 @@ def _sampling(body: dict[str, Any], context_len: int) -> SamplingParams:
     elif isinstance(stop_value, list) and all(isinstance(s, str) for s in stop_value):
         stop = [_valid_text(s, "stop") for s in stop_value]
     else:
-        raise APIError(400, f"'stop' must be a string or an array of strings, got {_type_name(stop_value)}.",
+        raise APIError(400, f"'stop' must be a string or an array of strings, got {json_type(stop_value)}.",
                        param="stop", code="invalid_type")
     if len(stop) > MAX_STOP_SEQUENCES:
         raise APIError(400, f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences, got {len(stop)}.", param="stop")
@@ -180,7 +166,7 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     include_usage = False
     if options is not None:
         if not isinstance(options, dict):
-            raise APIError(400, f"'stream_options' must be an object, got {_type_name(options)}.",
+            raise APIError(400, f"'stream_options' must be an object, got {json_type(options)}.",
                            param="stream_options", code="invalid_type")
         include_usage = _boolean(options, "include_usage")
     return stream, include_usage
@@ -189,7 +175,7 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
 def _model_field(body: dict[str, Any]) -> None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise APIError(400, f"'model' must be a string, got {_type_name(model)}.", param="model", code="invalid_type")
+        raise APIError(400, f"'model' must be a string, got {json_type(model)}.", param="model", code="invalid_type")
 
 
 def _valid_text(text: str, param: str) -> str:
@@ -214,7 +200,7 @@ def _content_text(content: Any, where: str) -> str:
                                     "images and audio are not supported.", param=f"{where}.content")
             pieces.append(part["text"])
         return _valid_text("".join(pieces), f"{where}.content")
-    raise APIError(400, f"'{where}.content' must be a string or an array of text parts, got {_type_name(content)}.",
+    raise APIError(400, f"'{where}.content' must be a string or an array of text parts, got {json_type(content)}.",
                    param=f"{where}.content", code="invalid_type")
 
 
@@ -225,7 +211,7 @@ def parse_chat_request(body: dict[str, Any], context_len: int) -> ChatRequest:
         raise APIError(400, "Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter")
     raw = body["messages"]
     if not isinstance(raw, list):
-        raise APIError(400, f"'messages' must be an array, got {_type_name(raw)}.", param="messages",
+        raise APIError(400, f"'messages' must be an array, got {json_type(raw)}.", param="messages",
                        code="invalid_type")
     if not raw:
         raise APIError(400, "'messages' must contain at least one message.", param="messages")
@@ -233,7 +219,7 @@ def parse_chat_request(body: dict[str, Any], context_len: int) -> ChatRequest:
     for i, msg in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
-            raise APIError(400, f"'{where}' must be an object, got {_type_name(msg)}.", param=where,
+            raise APIError(400, f"'{where}' must be an object, got {json_type(msg)}.", param=where,
                            code="invalid_type")
         role = msg.get("role")
         if not isinstance(role, str):
@@ -260,7 +246,7 @@ def parse_completion_request(body: dict[str, Any], context_len: int) -> Completi
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise APIError(400, f"'prompt' must be a string (batched prompts are not supported), got {_type_name(prompt)}.",
+        raise APIError(400, f"'prompt' must be a string (batched prompts are not supported), got {json_type(prompt)}.",
                        param="prompt", code="invalid_type")
     _valid_text(prompt, "prompt")
     if body.get("echo"):

@@ -9,7 +9,6 @@ skipped with a message and the previous checkpoint is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from matelike.hashing import sha256_file
 from matelike.train.distributed import DistInfo, barrier, broadcast_object
 
 MANIFEST = "manifest.json"
@@ -33,14 +33,6 @@ def rng_file(rank: int) -> str:
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,7 +94,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != meta["size"]:
             return f"{name} has {f.stat().st_size} bytes, manifest says {meta['size']}"
-        if _sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             return f"{name} does not match its sha256"
     if STATE not in files:
         return f"manifest lists no {STATE}"
@@ -142,7 +134,7 @@ def save(root: Path, step: int, state: dict[str, Any] | None, info: DistInfo, ke
         _save_file(state, tmp / STATE)
     barrier(info)
     if info.is_main:
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         manifest = {"step": step, "world_size": info.world_size, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         with open(tmp / MANIFEST, "rb+") as f:
