@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+DeviceLike = torch.device | str | None
+
 
 @dataclass
 class ModelConfig:
@@ -138,10 +140,10 @@ class KVCache:
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32 (bf16 squares lose too much), cast back before the weight."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, device: DeviceLike = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm is one fused kernel (fewer ops per decode step); same maths as x * rsqrt(mean(x^2) + eps).
@@ -171,7 +173,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Grouped-query attention through scaled_dot_product_attention, with an optional external KV cache."""
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(
+        self, config: ModelConfig, layer: int, device: DeviceLike = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.n_heads = config.n_heads
@@ -180,8 +184,8 @@ class Attention(nn.Module):
         q_out = config.n_heads * self.head_dim
         kv_out = config.n_kv_heads * self.head_dim
         self.split = (q_out, kv_out, kv_out)
-        self.wqkv = nn.Linear(config.dim, q_out + 2 * kv_out, bias=False)
-        self.wo = nn.Linear(q_out, config.dim, bias=False)
+        self.wqkv = nn.Linear(config.dim, q_out + 2 * kv_out, bias=False, device=device, dtype=dtype)
+        self.wo = nn.Linear(q_out, config.dim, bias=False, device=device, dtype=dtype)
 
     def forward(
         self,
@@ -214,11 +218,11 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """w_down(silu(gate(x)) * up(x)); gate and up share one matrix (w_gate_up = [gate; up])."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, device: DeviceLike = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.hidden = hidden
-        self.w_gate_up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.w_gate_up = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
+        self.w_down = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).split(self.hidden, dim=-1)
@@ -232,17 +236,18 @@ class MoE(nn.Module):
     of tokens: the Python loop is over experts, never over tokens.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, device: DeviceLike = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.n_experts = config.n_experts
         self.top_k = config.n_experts_per_tok
         self.hidden = config.expert_hidden
-        self.router = nn.Linear(config.dim, config.n_experts, bias=False)
+        self.router = nn.Linear(config.dim, config.n_experts, bias=False, device=device, dtype=dtype)
         # Experts stacked in 3-D parameters: (E, 2H, D) and (E, D, H).
-        self.w_gate_up = nn.Parameter(torch.empty(config.n_experts, 2 * self.hidden, config.dim))
-        self.w_down = nn.Parameter(torch.empty(config.n_experts, config.dim, self.hidden))
-        self.shared = SwiGLU(config.dim, config.shared_hidden) if config.shared_expert else None
-        self.shared_gate = nn.Linear(config.dim, 1, bias=False) if config.shared_expert else None
+        factory = {"device": device, "dtype": dtype}
+        self.w_gate_up = nn.Parameter(torch.empty(config.n_experts, 2 * self.hidden, config.dim, **factory))
+        self.w_down = nn.Parameter(torch.empty(config.n_experts, config.dim, self.hidden, **factory))
+        self.shared = SwiGLU(config.dim, config.shared_hidden, device, dtype) if config.shared_expert else None
+        self.shared_gate = nn.Linear(config.dim, 1, bias=False, **factory) if config.shared_expert else None
 
     def forward(
         self, x: torch.Tensor, token_mask: torch.Tensor | None
@@ -291,12 +296,16 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(
+        self, config: ModelConfig, layer: int, device: DeviceLike = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attn = Attention(config, layer)
-        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp: SwiGLU | MoE = MoE(config) if config.is_moe else SwiGLU(config.dim, config.hidden_dim)
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps, device, dtype)
+        self.attn = Attention(config, layer, device, dtype)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps, device, dtype)
+        self.mlp: SwiGLU | MoE = (
+            MoE(config, device, dtype) if config.is_moe else SwiGLU(config.dim, config.hidden_dim, device, dtype)
+        )
 
     def forward(
         self,
@@ -357,15 +366,26 @@ def build_mask(
 class Transformer(nn.Module):
     """Decoder-only language model. See the module docstring for the layout."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, device: DeviceLike = None, dtype: torch.dtype | None = None) -> None:
+        """device "meta" builds the structure only (no memory, no init): for loading weights into it; dtype
+        None is torch's default dtype.
+
+        On the meta device only ops with C++ meta kernels run here: torch's Python meta kernels (normal_,
+        arange) cost about 66 MB of resident memory the first time a process uses them.
+        """
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # An explicit (uninitialised) weight skips nn.Embedding's normal_() init, whose meta-device version is
+        # implemented in Python; init_weights() below initialises every parameter anyway.
+        self.embed = nn.Embedding(config.vocab_size, config.dim,
+                                  _weight=torch.empty(config.vocab_size, config.dim, device=device, dtype=dtype))
+        self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, device, dtype)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False, device=device, dtype=dtype)
         self.tie_weights()
-        self.register_buffer("inv_freq", rope_inv_freq(config.head_size, config.rope_theta), persistent=False)
+        # Computed on the CPU and moved: arange on the meta device would also pull in the Python meta kernels.
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_size, config.rope_theta).to(device),
+                             persistent=False)
         self.init_weights()
 
     def tie_weights(self) -> None:

@@ -21,8 +21,7 @@ def model_info(config: ModelConfig, seq_len: int | None = None) -> dict[str, Any
 
     from matelike.model import Transformer
 
-    with torch.device("meta"):  # no memory and no init: counting a 0.2b model is instant
-        model = Transformer(config)
+    model = Transformer(config, device="meta")  # no memory and no init: counting a 0.2b model is instant
     total = model.num_params()
     active = model.num_params(active=True)
     seq = seq_len or config.max_seq_len

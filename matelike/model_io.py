@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from matelike.model import ModelConfig, MoE, Transformer
 
@@ -324,6 +325,19 @@ def _fill(dest: torch.Tensor, entry: _Entry, name: str) -> None:
         dest.copy_(target)
 
 
+def _materialize(model: Transformer) -> Transformer:
+    """Give every meta parameter uninitialised CPU storage (what `to_empty` does).
+
+    `to_empty` goes through `empty_like` of a meta tensor, whose first call loads torch's Python meta kernels:
+    about 32 MB of resident memory for nothing. Buffers (RoPE) are recomputed by `reset_rope`.
+    """
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+    return model
+
+
 def load_model(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
@@ -353,10 +367,9 @@ def load_model(
     embed = entries.get("model.embed_tokens.weight")
     if embed is None:
         raise ModelDirError(f"{path}: missing tensor model.embed_tokens.weight")
-    with torch.device("meta"):
-        model = Transformer(config)
-    # Allocate once, in the final dtype, without initialising (every parameter is overwritten below).
-    model = model.to(dtype or embed.dtype).to_empty(device="cpu")
+    # Built on the meta device in the final dtype, then allocated once without initialising (every parameter is
+    # overwritten below).
+    model = _materialize(Transformer(config, device="meta", dtype=dtype or embed.dtype))
     model.tie_weights()
     views = hf_views(model)
     with torch.no_grad():

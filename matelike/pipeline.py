@@ -34,6 +34,7 @@ class Budget:
     vocab_size: int
     pretrain_steps: int
     pretrain_batch: int
+    optimizer: str  # of pretraining and SFT: adamw, or muon (not with --fsdp; it learns faster on the tiny model)
     seq_len: int
     sft_steps: int
     sft_batch: int
@@ -53,19 +54,19 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     "micro": Budget(vocab_size=2048, pretrain_steps=30, pretrain_batch=4, seq_len=256, sft_steps=20, sft_batch=8,
                     sft_per_task=60, pair_prompts=40, dpo_steps=6, dpo_batch=4, eval_limit=6, dtype="auto",
-                    tokenizer_chars=300_000, eval_tokens=4096,
+                    optimizer="muon", tokenizer_chars=300_000, eval_tokens=4096,
                     expected_s=(8, 10, 8, 15, 12, 10, 10, 15, 5)),
-    "tiny": Budget(vocab_size=6400, pretrain_steps=300, pretrain_batch=16, seq_len=256, sft_steps=550,
+    "tiny": Budget(vocab_size=6400, pretrain_steps=560, pretrain_batch=8, seq_len=256, sft_steps=550,
                    sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=100,
-                   dtype="auto", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
-                   expected_s=(5, 20, 5, 250, 450, 20, 30, 30, 5)),
+                   dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
+                   expected_s=(5, 20, 5, 280, 480, 40, 30, 30, 5)),
     "26m": Budget(vocab_size=6400, pretrain_steps=20000, pretrain_batch=32, seq_len=512, sft_steps=4000,
                   sft_batch=32, sft_per_task=4000, pair_prompts=2000, dpo_steps=1000, dpo_batch=16,
-                  eval_limit=300, dtype="auto", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
+                  eval_limit=300, dtype="auto", optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
                   expected_s=(10, 60, 30, 3600, 900, 600, 600, 300, 10)),
     "0.2b": Budget(vocab_size=6400, pretrain_steps=40000, pretrain_batch=32, seq_len=512, sft_steps=6000,
                    sft_batch=32, sft_per_task=4000, pair_prompts=4000, dpo_steps=2000, dpo_batch=16,
-                   eval_limit=300, dtype="auto", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
+                   eval_limit=300, dtype="auto", optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
                    expected_s=(10, 60, 30, 14400, 3600, 1200, 1200, 600, 10)),
 }
 MODEL_PRESET = {"micro": "tiny", "tiny": "tiny", "26m": "26m", "0.2b": "0.2b"}
@@ -93,10 +94,12 @@ def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
                       "--val", str(pack / "pretrain_val.bin"), "--tokenizer", str(tok), "--out", str(out / "pretrain"),
                       "--max-steps", str(b.pretrain_steps), "--batch-size", str(b.pretrain_batch),
                       "--warmup-steps", str(max(1, b.pretrain_steps // 20)), "--lr", "2e-3", "--min-lr", "2e-4",
+                      "--optimizer", b.optimizer,
                       "--eval-every", str(max(1, b.pretrain_steps // 5)), "--eval-tokens", str(b.eval_tokens), *common]],
         "sft": [["sft", "--init", str(out / "pretrain"), "--data", str(data / "sft.jsonl"), "--out", str(out / "sft"),
                  "--max-steps", str(b.sft_steps), "--batch-size", str(b.sft_batch), "--freeze", "none",
-                 "--warmup-steps", str(max(1, b.sft_steps // 20)), "--lr", "1e-3", "--min-lr", "1e-4", *common]],
+                 "--warmup-steps", str(max(1, b.sft_steps // 20)), "--lr", "1e-3", "--min-lr", "1e-4",
+                 "--optimizer", b.optimizer, *common]],
         "pairs": [["dpo", "make-pairs", "--model", str(out / "sft"), "--data", str(data / "tasks_train.jsonl"),
                    "--out", str(out / "pairs" / "pairs.jsonl"), "--limit", str(b.pair_prompts)]],
         "dpo": [["dpo", "--init", str(out / "sft"), "--data", str(out / "pairs" / "train.jsonl"),

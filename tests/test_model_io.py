@@ -180,3 +180,22 @@ def test_fp16_file_loads_into_fp32(tmp_path: Path) -> None:
     loaded, _ = load_model(tmp_path, dtype=torch.float32)
     assert loaded.embed.weight.dtype == torch.float32
     assert torch.equal(loaded.embed.weight, model.embed.weight.float())
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe-shared"])
+def test_loading_allocates_only_the_weights(kind: str, tmp_path: Path) -> None:
+    """Loading builds on the meta device without running torch's Python meta kernels (their first use imports
+    some 800 modules, sympy among them: about 66 MB resident), and gives CPU parameters with the tie intact."""
+    import subprocess
+    import sys
+
+    save_model(make(**KINDS[kind][0]), None, tmp_path / "m")
+    code = (
+        "import sys, torch; from matelike.model_io import load_model; "
+        f"m, _ = load_model({str(tmp_path / 'm')!r}, dtype=torch.float16); "
+        "print(sorted({p.device.type for p in m.parameters()} | {b.device.type for b in m.buffers()}), "
+        "sorted({str(p.dtype) for p in m.parameters()}), m.lm_head.weight is m.embed.weight, "
+        "'sympy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["['cpu']", "['torch.float16']", "True", "False"]

@@ -181,6 +181,7 @@ def test_bench_pack_prints_one_json_line(tokenizer_dir: Path, tmp_path: Path,
     result = json.loads(lines[0])
     assert result["bench"] == "pack" and result["mb_per_s"] > 0 and result["tokens"] > 0
     assert result["peak_rss_mb"] > 0
+    assert result["encode_only_mb_per_s"] > 0 and result["encode_only_mb_per_cpu_s"] > 0
 
 
 @pytest.mark.parametrize("workers", [1, 2])

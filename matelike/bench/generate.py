@@ -4,8 +4,9 @@ The bench builds a randomly initialised model of the preset, saves it as a model
 temporary folder, loads it back with both our loader and `AutoModelForCausalLM`, and times greedy
 generation of random prompts (no stop tokens, so every run produces exactly the requested length).
 Decode speed = new tokens / (time for prompt + N tokens - time for prompt + 1 token), so prefill is
-excluded. It also reports the peak resident memory of loading the `0.2b` preset in fp16 and bf16,
-each measured in a fresh subprocess. Prints one JSON line.
+excluded. `matmul_floor_tok_s_b1` is the batch-1 speed of the weight matrix products alone, the ceiling
+for any implementation of the model in that dtype. It also reports the peak resident memory of loading the
+`0.2b` preset in fp16 and bf16, each measured in a fresh subprocess. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -44,6 +45,29 @@ def _speeds(run: Callable[[int, int], Any], batch_sizes: list[int], prompt_len: 
     return out
 
 
+def matmul_floor_tok_s(model: Any, repeats: int = 50) -> float:
+    """Decode tokens/s at batch 1 if a step did nothing but multiply one token by every weight matrix once.
+
+    No implementation of the same model in the same dtype with torch's matrix kernels decodes faster than
+    this on this machine: it bounds what any ratio against another implementation can be.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats]
+
+    def step() -> None:
+        for x, w in zip(xs, mats):
+            F.linear(x, w)
+
+    with torch.inference_mode():
+        for _ in range(5):
+            step()
+        t = _best_time(lambda: [step() for _ in range(10)], repeats // 10 or 1) / 10
+    return round(1.0 / t, 1)
+
+
 def _proc_status_kb(field: str) -> int:
     """A memory figure of this process from /proc/self/status, in KiB (Linux).
 
@@ -64,15 +88,18 @@ def peak_load_memory(model_dir: str, dtype_name: str) -> dict[str, float]:
     from matelike.generate import generate
     from matelike.model_io import load_model
 
-    base = _proc_status_kb("VmRSS")  # imports done
+    base, base_anon = _proc_status_kb("VmRSS"), _proc_status_kb("RssAnon")  # imports done
     model, _ = load_model(model_dir, dtype=getattr(torch, dtype_name))
-    loaded = _proc_status_kb("VmHWM")
+    loaded, loaded_anon = _proc_status_kb("VmHWM"), _proc_status_kb("RssAnon")
     generate(model, [[1, 2, 3, 4]], max_new_tokens=8, temperature=0)
     gen = _proc_status_kb("VmHWM")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "weights_mb": round(weights / 1e6, 1),
+        # Growth of the peak resident set; it includes pages of torch's shared libraries run for the first time.
         "peak_load_mb": round((loaded - base) * 1024 / 1e6, 1),
+        # Growth of anonymous memory (the process's own allocations: weights and anything else loading kept).
+        "load_anon_mb": round((loaded_anon - base_anon) * 1024 / 1e6, 1),
         "peak_generate_mb": round((gen - base) * 1024 / 1e6, 1),
     }
 
@@ -83,9 +110,8 @@ def _memory(preset: str, tmp: Path) -> dict[str, Any]:
     from matelike.model import Transformer, get_preset
     from matelike.model_io import save_model
 
-    with torch.device("meta"):  # build straight in fp16: no 0.8 GB fp32 copy of the 0.2b model
-        model = Transformer(get_preset(preset))
-    model = model.to(torch.float16).to_empty(device="cpu")
+    # Built straight in fp16: no 0.8 GB fp32 copy of the 0.2b model.
+    model = Transformer(get_preset(preset), device="meta", dtype=torch.float16).to_empty(device="cpu")
     model.init_weights()
     n_params = model.num_params()
     save_model(model, None, tmp / preset)
@@ -132,6 +158,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             return generate(ours, prompts[:b].tolist(), max_new_tokens=n, temperature=0)
 
         result["ours"] = _speeds(run_ours, batch_sizes, args.prompt_len, args.new_tokens, args.repeats)
+        if not ours.config.is_moe:
+            result["matmul_floor_tok_s_b1"] = matmul_floor_tok_s(ours)
         if not args.skip_transformers:
             from transformers import AutoModelForCausalLM
             from transformers.utils import logging as hf_logging
