@@ -7,6 +7,8 @@ numbers compare across stages:
   (`--prompt-format plain` feeds the bare prompt and a newline instead), answers come from batched greedy
   decoding and are scored by `matelike.tasks.score_task`. The answer budget is 1.5x the gold answer's token
   count plus 8 tokens, cut per item after decoding, so an item's budget does not depend on its batch mates.
+  `baselines` holds what a rule with no model scores on the same items (`tasks.trivial_answers`: the majority
+  label, every character a word, `无`): the floor to read each score against.
 - Held-out loss (`--val FILE`, pretraining jsonl): documents joined with `<|endoftext|>` as in packing, with one
   more in front so that every text token is predicted (and every byte counted), cut into windows of the model's
   context; every token after the first is predicted exactly once. `loss` is
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from matelike.records import BadRecord, BadRecordReport, DataFileError, iter_records
-from matelike.tasks import MAIN_METRIC, TASKS, score_task
+from matelike.tasks import MAIN_METRIC, TASKS, score_task, trivial_answers
 
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
@@ -139,6 +141,17 @@ def evaluate_tasks(model: Any, tokenizer: "Tokenizer", items: dict[str, list[dic
         predictions += [{"task": task, "prompt": r["prompt"], "answer": r["answer"], "prediction": p}
                         for r, p in zip(rows, preds)]
     return metrics, predictions
+
+
+def trivial_baselines(items: dict[str, list[dict[str, str]]]) -> dict[str, dict[str, float | int]]:
+    """Scores of `tasks.trivial_answers` on the same test items: the floor each task's score is read against."""
+    out: dict[str, dict[str, float | int]] = {}
+    for task, rows in items.items():
+        golds = [r["answer"] for r in rows]
+        answers = trivial_answers(task, golds)
+        if answers is not None:
+            out[task] = score_task(task, golds, answers)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- held-out loss
@@ -285,12 +298,14 @@ def evaluate_mc(model: Any, tokenizer: "Tokenizer", path: str | Path, report: Ba
 
 def format_table(result: dict[str, Any]) -> str:
     """The printed summary: one line per metric."""
-    lines = [f"{'what':<28} {'metric':<10} {'value':>9}  n"]
+    lines = [f"{'what':<28} {'metric':<10} {'value':>9} {'baseline':>9}  n"]
     for task, m in result.get("tasks", {}).items():
+        base = result.get("baselines", {}).get(task, {})
         for key, value in m.items():
             if key != "n":
                 mark = " *" if key == MAIN_METRIC.get(task) else ""
-                lines.append(f"{task:<28} {key:<10} {value:>9.4f}  {m['n']}{mark}")
+                b = f"{base[key]:>9.4f}" if key in base else f"{'-':>9}"
+                lines.append(f"{task:<28} {key:<10} {value:>9.4f} {b}  {m['n']}{mark}")
     if "val" in result:
         v = result["val"]
         lines.append(f"{'held-out text':<28} {'loss':<10} {v['loss']:>9.4f}  {v['tokens']} tokens")
@@ -324,6 +339,7 @@ def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tas
                 raise EvalError(f"{tasks_file}: no test items for task(s) {', '.join(empty)}")
             result["tasks"], result["predictions"] = evaluate_tasks(
                 model, tokenizer, items, prompt_format=prompt_format, batch_size=batch_size, progress=progress)
+            result["baselines"] = trivial_baselines(items)
         if val is not None:
             result["val"] = heldout_loss(model, tokenizer, val, report, max_tokens=val_max_tokens)
         if ceval:

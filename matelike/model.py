@@ -454,8 +454,13 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        target_logits_only: bool = False,
     ) -> ModelOutput:
         """Logits for every position (or only the last with last_only), and the loss when targets are given.
+
+        target_logits_only (with targets): run the output projection only where targets != -100 and return
+        those (N, V) logits, in row-major order. Same loss; SFT batches, where prompts carry no loss, skip most
+        of the projection's cost (about a third of a small model's FLOPs).
 
         input_ids, targets: (B, T). targets are aligned with input_ids (targets[:, t] is the token that
         should follow input_ids[:, t]); -100 is ignored. attention_mask: (B, past+T), 1 = real token
@@ -490,6 +495,9 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
+        if target_logits_only and targets is not None:
+            keep = targets != -100
+            x, targets = x[keep], targets[keep]
         logits = self.lm_head(x)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         expert_load = torch.stack(loads) if loads else None

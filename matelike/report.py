@@ -144,13 +144,16 @@ def build_report(run: Path) -> str:
              for name in TRAIN_STAGES if (run / "eval" / f"{name}.json").is_file()}
     if evals:
         flat = {name: _eval_metrics(r) for name, r in evals.items()}
+        # Every model is scored on the same items, so one set of rule-based baselines serves the whole table.
+        final_eval = evals.get("dpo") or evals.get("sft") or next(iter(evals.values()))
+        if final_eval.get("baselines"):
+            flat["trivial baseline"] = _eval_metrics({"tasks": final_eval["baselines"]})
         keys = sorted({k for f in flat.values() for k in f})
         lines += ["", "## Evaluation (held-out)", "", "| metric | " + " | ".join(flat) + " |",
                   "|---|" + "---|" * len(flat)]
         for k in keys:
             lines.append(f"| {k} | " + " | ".join(_num(flat[n].get(k)) for n in flat) + " |")
-        final = evals.get("dpo") or evals.get("sft") or next(iter(evals.values()))
-        samples = [s for s in (final.get("samples") or {}).values() if s]
+        samples = [s for s in (final_eval.get("samples") or {}).values() if s]
         if samples:
             lines += ["", "## Sample answers (final model)", ""]
             for s in samples[:3]:

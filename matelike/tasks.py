@@ -221,6 +221,24 @@ def score_task(task: str, golds: Sequence[str], preds: Sequence[str]) -> dict[st
     raise ValueError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
 
 
+def trivial_answers(task: str, golds: Sequence[str]) -> list[str] | None:
+    """What a rule that reads no model gives, as the floor a trained model must beat (None: no such rule).
+
+    sentiment: the most frequent gold label, for every item (0.5 on a balanced test set); segmentation: every
+    character a word (the sentence is the gold answer without its spaces); entities: `无` for every item.
+    Continuation has no such rule; the pretrained model's score is its reference.
+    """
+    if task == "sentiment":
+        labels = Counter(sentiment_label(g) for g in golds)
+        majority = max(sorted(labels, key=str), key=labels.__getitem__, default=POSITIVE) or POSITIVE
+        return [majority] * len(golds)
+    if task == "segmentation":
+        return [" ".join("".join(g.split())) for g in golds]
+    if task == "entities":
+        return [NO_ENTITY] * len(golds)
+    return None
+
+
 # The metric each task is best summarised by (report tables, DPO pair selection).
 MAIN_METRIC: Mapping[str, str] = MappingProxyType(
     {"sentiment": "accuracy", "segmentation": "f1", "entities": "f1", "continuation": "rouge_l"})

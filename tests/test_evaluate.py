@@ -96,6 +96,10 @@ def test_eval_writes_one_entry_per_task_with_metrics_in_range(model_dir: Path, d
     assert result["ceval"][str(ceval)]["n"] == 2  # --limit applies per C-Eval file too
     assert 0 <= result["ceval"][str(ceval)]["accuracy"] <= 1
     assert result["bad_records"] == 0
+    # Rule-based floors on the same items, for every task that has a rule.
+    assert set(result["baselines"]) == {"sentiment", "segmentation", "entities"}
+    assert all(m["n"] == 2 for m in result["baselines"].values())
+    assert "baseline" in printed
     assert set(result["samples"]) == set(TASKS)
     lines = preds.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 8 and {"task", "prompt", "answer", "prediction"} <= set(json.loads(lines[0]))

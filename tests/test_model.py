@@ -105,6 +105,29 @@ def test_loss_is_fp32_cross_entropy_ignoring_minus_100() -> None:
     assert bf(x, targets).loss.dtype == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["dense", "untied", "moe-shared"])
+def test_target_logits_only_gives_the_same_loss_and_gradients(kind: str) -> None:
+    """The SFT shortcut (output projection only where a target is set) changes cost, not maths."""
+    model = make(**CONFIGS[kind]).train()
+    x = torch.randint(0, VOCAB, (3, 10))
+    targets = torch.randint(0, VOCAB, (3, 10))
+    targets[0, :6] = -100  # a prompt
+    targets[1, 2:9] = -100  # two answers in one packed row
+    targets[2, :] = -100  # a row of prompt only
+    full = model(x, targets)
+    full.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    part = model(x, targets, target_logits_only=True)
+    part.loss.backward()
+    keep = targets != -100
+    assert part.logits.shape == (int(keep.sum()), VOCAB)
+    torch.testing.assert_close(part.logits, full.logits[keep])
+    torch.testing.assert_close(part.loss, full.loss)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
 def test_init_gives_unit_scale_loss_and_scaled_residual_projections() -> None:
     model = make(n_layers=4)
     x = torch.randint(0, VOCAB, (4, 16))

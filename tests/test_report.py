@@ -29,6 +29,7 @@ def _write_run(run: Path) -> None:
         (run / "eval" / f"{name}.json").write_text(json.dumps({
             "tasks": {"sentiment": {"accuracy": acc, "n": 10}, "segmentation": {"f1": acc - 0.1, "n": 10}},
             "val": {"loss": 3.0, "bpb": 1.5},
+            "baselines": {"sentiment": {"accuracy": 0.5, "n": 10}},
             "samples": {"sentiment": {"task": "sentiment", "prompt": "判断评论情感：很好", "answer": "正面",
                                       "prediction": "正面"}}}))
 
@@ -48,9 +49,9 @@ def test_report_has_stages_curves_eval_table_samples_and_commands(tmp_path: Path
         png = tmp_path / f"loss_{stage}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({png.name})" in text
-    assert "| metric | pretrain | sft | dpo |" in text
-    assert "| sentiment accuracy | 0.5000 | 0.8500 | 0.9000 |" in text
-    assert "| held-out bpb | 1.5000 | 1.5000 | 1.5000 |" in text
+    assert "| metric | pretrain | sft | dpo | trivial baseline |" in text
+    assert "| sentiment accuracy | 0.5000 | 0.8500 | 0.9000 | 0.5000 |" in text
+    assert "| held-out bpb | 1.5000 | 1.5000 | 1.5000 | – |" in text
     assert "判断评论情感：很好" in text and "model: 正面" in text
     assert f"matelike pretrain --out {tmp_path / 'pretrain'}" in text
     assert "## Machine" in text and "torch" in text

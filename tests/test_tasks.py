@@ -8,7 +8,7 @@ import pytest
 
 from matelike.tasks import (PHRASINGS, TASKS, char_f1, format_entities, format_segmentation, lcs_length,
                             make_prompt, parse_entities, rouge_l_f1, score_item, score_task, segmentation_spans,
-                            sentiment_label)
+                            sentiment_label, trivial_answers)
 
 
 def test_every_task_has_several_phrasings_that_show_the_text() -> None:
@@ -144,3 +144,15 @@ def test_bit_parallel_lcs_matches_the_dynamic_programme() -> None:
         a = "".join(rng.choice("甲乙丙丁") for _ in range(rng.randrange(0, 25)))
         b = "".join(rng.choice("甲乙丙丁戊") for _ in range(rng.randrange(0, 25)))
         assert lcs_length(a, b) == table(a, b), (a, b)
+
+
+def test_trivial_answers_are_the_rule_based_floors() -> None:
+    assert trivial_answers("sentiment", ["负面", "正面", "负面"]) == ["负面"] * 3  # the majority label
+    assert trivial_answers("segmentation", ["中国 人民 ， 你好", "去"]) == ["中 国 人 民 ， 你 好", "去"]
+    assert trivial_answers("entities", ["人名：江泽民", "无"]) == ["无", "无"]
+    assert trivial_answers("continuation", ["下文"]) is None
+    # Scored like a model: every character a word finds exactly the one-character gold words.
+    golds = ["中国 人民 ， 你好"]
+    m = score_task("segmentation", golds, trivial_answers("segmentation", golds))
+    assert (m["precision"], m["recall"]) == pytest.approx((1 / 7, 1 / 4))
+    assert score_task("entities", ["无", "地名：北京"], trivial_answers("entities", ["无", "地名：北京"]))["exact"] == 0.5
