@@ -313,11 +313,18 @@ class DemoConfig:
     val_fraction: float = 0.01
     test_per_task: int = 300
     sft_per_task: int = 2000
+    # Tasks given a multiple of sft_per_task: segmentation, which needs the model to learn to copy the sentence
+    # back, was below its every-character baseline with an equal share and above it with twice the items.
+    sft_multiples: tuple[tuple[str, int], ...] = (("segmentation", 2),)
     train_per_task: int = 500  # tasks_train.jsonl: fresh prompts for preference pairs
     review_chars: tuple[int, int] = (8, 120)
     segmentation_chars: tuple[int, int] = (6, 30)
     entity_chars: tuple[int, int] = (8, 50)
     continuation_chars: tuple[int, int] = (40, 150)
+
+    def sft_count(self, task: str) -> int:
+        """SFT items of `task`: sft_per_task times the task's multiple (1 unless listed in sft_multiples)."""
+        return self.sft_per_task * dict(self.sft_multiples).get(task, 1)
 
 
 @dataclass(frozen=True)
@@ -427,7 +434,8 @@ def split_items(docs: list[Document], cfg: DemoConfig) -> Split:
         rng = random.Random(f"{cfg.seed}-train-{task}")
         order = list(trainable)
         rng.shuffle(order)
-        want = cfg.sft_per_task + cfg.train_per_task
+        n_sft = cfg.sft_count(task)
+        want = n_sft + cfg.train_per_task
         pool: list[tuple[int, TaskItem]] = []
         seen_sources: set[str] = set()
         for i in order:
@@ -439,11 +447,11 @@ def split_items(docs: list[Document], cfg: DemoConfig) -> Split:
                 seen_sources.add(item.source)
                 pool.append((i, item))
         if task == "sentiment":
-            sft_pairs = _balanced_reviews(pool, cfg.sft_per_task)
+            sft_pairs = _balanced_reviews(pool, n_sft)
             used = {id(x) for x in sft_pairs}
             train_pairs = _balanced_reviews([x for x in pool if id(x) not in used], cfg.train_per_task)
         else:
-            sft_pairs, train_pairs = pool[: cfg.sft_per_task], pool[cfg.sft_per_task: want]
+            sft_pairs, train_pairs = pool[:n_sft], pool[n_sft:want]
         sft[task] = [it for _, it in sft_pairs]
         train[task] = [it for _, it in train_pairs]
     return Split(test, sft, train, heldout, val)
@@ -626,6 +634,7 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
                    help="fraction of documents held out in pretrain_val.jsonl")
     p.add_argument("--test-per-task", type=_non_negative, default=d.test_per_task, help="held-out items per task")
-    p.add_argument("--sft-per-task", type=_non_negative, default=d.sft_per_task, help="SFT examples per task")
+    p.add_argument("--sft-per-task", type=_non_negative, default=d.sft_per_task,
+                   help="SFT examples per task (segmentation gets twice as many)")
     p.add_argument("--train-per-task", type=_non_negative, default=d.train_per_task,
                    help="tasks_train.jsonl items per task (preference pairs)")

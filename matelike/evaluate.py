@@ -8,7 +8,7 @@ numbers compare across stages:
   decoding and are scored by `matelike.tasks.score_task`. The answer budget is 1.5x the gold answer's token
   count plus 8 tokens, cut per item after decoding, so an item's budget does not depend on its batch mates.
   `baselines` holds what a rule with no model scores on the same items (`tasks.trivial_answers`: the majority
-  label, every character a word, `无`): the floor to read each score against.
+  label, every character a word, `无`, another item's continuation): the floor to read each score against.
 - Held-out loss (`--val FILE`, pretraining jsonl): documents joined with `<|endoftext|>` as in packing, with one
   more in front so that every text token is predicted (and every byte counted), cut into windows of the model's
   context; every token after the first is predicted exactly once. `loss` is

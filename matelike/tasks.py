@@ -225,8 +225,8 @@ def trivial_answers(task: str, golds: Sequence[str]) -> list[str] | None:
     """What a rule that reads no model gives, as the floor a trained model must beat (None: no such rule).
 
     sentiment: the most frequent gold label, for every item (0.5 on a balanced test set); segmentation: every
-    character a word (the sentence is the gold answer without its spaces); entities: `无` for every item.
-    Continuation has no such rule; the pretrained model's score is its reference.
+    character a word (the sentence is the gold answer without its spaces); entities: `无` for every item;
+    continuation: the next item's gold continuation, real news text on another subject (None for one item).
     """
     if task == "sentiment":
         labels = Counter(sentiment_label(g) for g in golds)
@@ -236,6 +236,8 @@ def trivial_answers(task: str, golds: Sequence[str]) -> list[str] | None:
         return [" ".join("".join(g.split())) for g in golds]
     if task == "entities":
         return [NO_ENTITY] * len(golds)
+    if task == "continuation" and len(golds) > 1:
+        return list(golds[1:]) + [golds[0]]
     return None
 
 

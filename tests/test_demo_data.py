@@ -108,7 +108,8 @@ def test_demo_files_have_the_documented_layouts(demo_dir: Path) -> None:
     # no `word/tag  word/tag` left (one English review says "his/her head", hence two in a row)
     assert not any(re.search(r"/[A-Za-z]{1,3}\s+\S+/[A-Za-z]{1,3}(\s|$)", t) for t in texts)
     sft = _jsonl(demo_dir / "sft.jsonl")
-    assert len(sft) == 4 * SMALL.sft_per_task
+    assert len(sft) == 5 * SMALL.sft_per_task  # segmentation has twice the share of the other three tasks
+    assert [SMALL.sft_count(t) for t in TASKS] == [60, 120, 60, 60]
     for rec in sft:
         msgs = to_messages(rec)
         assert [m["role"] for m in msgs] == ["user", "assistant"]

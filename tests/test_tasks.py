@@ -150,7 +150,8 @@ def test_trivial_answers_are_the_rule_based_floors() -> None:
     assert trivial_answers("sentiment", ["负面", "正面", "负面"]) == ["负面"] * 3  # the majority label
     assert trivial_answers("segmentation", ["中国 人民 ， 你好", "去"]) == ["中 国 人 民 ， 你 好", "去"]
     assert trivial_answers("entities", ["人名：江泽民", "无"]) == ["无", "无"]
-    assert trivial_answers("continuation", ["下文"]) is None
+    assert trivial_answers("continuation", ["下文"]) is None  # no other item to borrow from
+    assert trivial_answers("continuation", ["甲", "乙", "丙"]) == ["乙", "丙", "甲"]
     # Scored like a model: every character a word finds exactly the one-character gold words.
     golds = ["中国 人民 ， 你好"]
     m = score_task("segmentation", golds, trivial_answers("segmentation", golds))
