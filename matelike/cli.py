@@ -96,3 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Destroy the torchrun process group a training command started, now that its model is out of scope."""
+    if "torch.distributed" in sys.modules:  # never import torch for a command that did not
+        from matelike.train.distributed import teardown
+
+        teardown()

@@ -153,8 +153,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from matelike.pack import TokenFile
     from matelike.tokenizer import Tokenizer
     from matelike.train import Trainer, seed_everything
-    from matelike.train.distributed import teardown
-
     tokenizer = Tokenizer.load(args.tokenizer)
     preset = get_preset(args.preset, vocab_size=tokenizer.vocab_size)
     if args.seq_len is None:
@@ -176,10 +174,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
                         eval_tokens=args.eval_tokens)
     seed_everything(config.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     model = Transformer(preset)
-    try:
-        result = Trainer(config, model, tokenizer, task).fit()
-    finally:
-        teardown()
+    result = Trainer(config, model, tokenizer, task).fit()  # `matelike` ends the process group after return
     if result.stopped_by is None and os.environ.get("RANK", "0") == "0":
         print(f"matelike: pretraining done: {result.step} steps, {result.tokens:,} tokens, model in {config.out}",
               file=sys.stderr)

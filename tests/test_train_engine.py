@@ -293,3 +293,51 @@ def test_gradient_scaler_path_matches_unscaled_training(tmp_path: Path) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     state = torch.load(tmp_path / "scaled" / "checkpoints" / "step-4" / "state.pt", weights_only=False)
     assert state["scaler"]["scale"] == 2.0**10
+
+
+def test_teardown_frees_unreachable_models_before_destroying_the_group(tmp_path: Path) -> None:
+    """FSDP2 modules live in reference cycles that hold the process group; teardown must collect them while
+    the group (and the interpreter) is whole, not leave them to the shutdown that aborts in gloo's threads."""
+    import gc
+
+    import torch.distributed as dist
+
+    from matelike.train.distributed import teardown
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    group_alive_at_free: list[bool] = []
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+            self.group = dist.group.WORLD
+
+        def __del__(self) -> None:
+            group_alive_at_free.append(dist.is_initialized())
+
+    gc.disable()  # only teardown's own collection may free the cycle
+    try:
+        Cycle()
+        teardown()
+    finally:
+        gc.enable()
+    assert group_alive_at_free == [True]
+    assert not dist.is_initialized()
+
+
+def test_cli_ends_the_process_group_after_the_command_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import matelike.cli as cli
+    import matelike.train.distributed as D
+
+    calls: list[str] = []
+
+    def handler(args: argparse.Namespace) -> int:
+        calls.append("command")
+        return 3
+
+    monkeypatch.setattr(D, "teardown", lambda: calls.append("teardown"))
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(handler=handler)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main([]) == 3
+    assert calls == ["command", "teardown"]

@@ -6,6 +6,7 @@ the process owns a GPU and gloo on CPU; multi-node works through torchrun's rend
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +60,14 @@ def setup(device: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
-    if dist.is_initialized():
+    """Destroy the process group; call it once the wrapped model is unreachable (after the command returns).
+
+    FSDP2 modules sit in reference cycles that hold the process group. Left to the interpreter's last
+    collection, they free gloo's worker threads mid-shutdown and the process now and then aborts with
+    "terminate called without an active exception"; collecting them first frees the group while Python is whole.
+    """
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

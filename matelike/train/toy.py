@@ -119,6 +119,15 @@ def export_toy(model: nn.Module, out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from matelike.train.distributed import teardown
+
+    try:
+        return _train(argv)
+    finally:
+        teardown()  # after _train's frame (and the model in it) is gone
+
+
+def _train(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_engine_args(parser, seq_len=16, batch_size=4, warmup_steps=2, lr=1e-2, min_lr=1e-3, log_every=1,
                     dtype="fp32")
@@ -132,11 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = ToyModel(ToyConfig(vocab_size=args.vocab_size))
     task = ToyTask(batch_size=config.batch_size, seq_len=config.seq_len, vocab_size=args.vocab_size,
                    seed=config.seed, sleep=args.sleep, nan_steps=args.nan_steps, ignore_tail=args.ignore_tail)
-    result = Trainer(config, model, None, task, export=export_toy).fit()
-    from matelike.train.distributed import teardown
-
-    teardown()
-    return result.exit_code
+    return Trainer(config, model, None, task, export=export_toy).fit().exit_code
 
 
 if __name__ == "__main__":
