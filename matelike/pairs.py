@@ -1,9 +1,10 @@
 """`matelike dpo make-pairs`: preference pairs from the SFT model's own answers.
 
 For every prompt that has a gold answer (the demo tasks' `{prompt, answer, task}` training items, or any
-`{prompt, chosen}` / `{prompt, response}` file) the model samples K answers in batches. The gold answer is
-`chosen`; `rejected` is the sampled answer that the task's scorer (`tasks.score_item`) rates lowest, provided it
-rates below the gold answer itself. Prompts with no scorer (open-ended) take the first sample that differs from
+`{prompt, chosen}` / `{prompt, response}` file) the model samples K answers in batches, plus (by default) its
+greedy answer: the one chat and eval give at temperature 0, loops and all, so DPO pushes down the very answers
+users see. The gold answer is `chosen`; `rejected` is the candidate that the task's scorer (`tasks.score_item`)
+rates lowest, provided it rates below the gold answer itself. Prompts with no scorer (open-ended) take the first sample that differs from
 the gold text. Prompts where no sample is worse (the model is already right) are counted and skipped.
 
 Resumable. Pairs are appended to OUT after each batch, then a progress file `OUT.progress.json` records how
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 GOLD_FIELDS: tuple[str, ...] = ("answer", "chosen", "response")  # first one present is the gold answer
 PROGRESS_SUFFIX = ".progress.json"
 # Settings that change what a resumed run would write; a progress file made with others is refused.
-RESUME_KEYS: tuple[str, ...] = ("model", "data_sha256", "samples", "max_new_tokens", "temperature", "top_p", "seed")
+RESUME_KEYS: tuple[str, ...] = ("model", "data_sha256", "samples", "greedy", "max_new_tokens", "temperature", "top_p",
+                                "seed")
 
 
 class PairsError(RuntimeError):
@@ -184,13 +186,13 @@ GenerateFn = Callable[..., list[list[int]]]
 def make_pairs(
     model: "nn.Module", tokenizer: "Tokenizer", data: str | Path, out: str | Path, *, samples: int = 4,
     limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 128, temperature: float = 1.0,
-    top_p: float | None = 0.95, seed: int = 0, progress: bool = False, report: "BadRecordReport | None" = None,
-    generate_fn: GenerateFn | None = None, model_id: str | None = None,
+    top_p: float | None = 0.95, seed: int = 0, greedy: bool = True, progress: bool = False,
+    report: "BadRecordReport | None" = None, generate_fn: GenerateFn | None = None, model_id: str | None = None,
 ) -> PairCounts:
     """Write preference pairs for the first `limit` prompts of `data` to `out` (resuming); returns the counts.
 
     `batch_size` is prompts per generation call (each sampled `samples` times, so batch_size * samples
-    sequences). `generate_fn` defaults to `matelike.generate.generate` (tests pass their own). `model_id`
+    sequences), and with `greedy` each prompt's greedy answer joins the candidates. `generate_fn` defaults to `matelike.generate.generate` (tests pass their own). `model_id`
     identifies the weights (the CLI passes the weight file's sha256) so a resume with another model is refused.
     """
     from matelike.records import BadRecordReport
@@ -203,7 +205,7 @@ def make_pairs(
     report = report if report is not None else BadRecordReport()
     items, records = read_prompt_items(data, report)
     settings = {"model": model_id, "data": str(data), "data_sha256": sha256_file(data), "samples": samples,
-                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                "greedy": greedy, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                 "batch_size": batch_size}
     progress_path = out.with_name(out.name + PROGRESS_SUFFIX)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +232,12 @@ def make_pairs(
                                   top_p=top_p, stop_ids=stop_ids, seed=seed * 1_000_003 + done)
                 for j, ids in zip(owners, new):
                     texts[j].append(_answer_text(tokenizer, ids, stop_ids))
+                if greedy:
+                    firsts = list(range(0, len(prompts), samples))
+                    new = generate_fn(model, [prompts[k] for k in firsts], max_new_tokens=max_new_tokens,
+                                      temperature=0.0, top_p=None, stop_ids=stop_ids, seed=None)
+                    for k, ids in zip(firsts, new):
+                        texts[owners[k]].append(_answer_text(tokenizer, ids, stop_ids))
             lines: list[bytes] = []
             for j, item in enumerate(chunk):
                 if not texts[j]:
@@ -296,7 +304,7 @@ def _cmd_make_pairs(args: argparse.Namespace) -> int:
         counts = make_pairs(
             model, tokenizer, args.data, args.out, samples=args.samples, limit=args.limit,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, report=report, model_id=_weights_sha256(Path(args.model)),
+            top_p=args.top_p, seed=args.seed, greedy=args.greedy, report=report, model_id=_weights_sha256(Path(args.model)),
             progress=args.progress if args.progress is not None else sys.stderr.isatty(),
         )
     except (PairsError, DataFileError, ValueError) as e:
@@ -323,6 +331,8 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
+                   help="add each prompt's greedy answer (what chat and eval give) to the candidates for rejected")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")

@@ -38,6 +38,8 @@ def _fake_generate(tokenizer, calls: list | None = None, fail_on: int | None = N
     """A stand-in for matelike.generate.generate: sampled answers depend only on the seed and the row."""
 
     def gen(model, prompts, *, max_new_tokens, temperature, top_p, stop_ids, seed):
+        if temperature == 0:  # greedy: one fixed answer per prompt
+            return [tokenizer.encode(ANSWERS[sum(p) % len(ANSWERS)]) + [tokenizer.im_end_id] for p in prompts]
         if calls is not None:
             calls.append(seed)
             if fail_on is not None and len(calls) == fail_on:
@@ -84,6 +86,26 @@ def test_pairs_are_trl_columns_and_counted(tmp_path: Path, tokenizer) -> None:
     assert stats.pairs == counts.pairs and stats.bad == 0
 
 
+def test_the_greedy_answer_is_a_candidate_for_rejected(tmp_path: Path, tokenizer) -> None:
+    """Sampling finds only right answers, greedy decoding a wrong one: that wrong one is what DPO must see."""
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"task": "sentiment", "prompt": "判断评论情感：很好", "answer": "正面"},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    seen: list[float] = []
+
+    def gen(model, prompts, *, max_new_tokens, temperature, top_p, stop_ids, seed):
+        seen.append(temperature)
+        answer = "负面" if temperature == 0 else "正面"
+        return [tokenizer.encode(answer) + [tokenizer.im_end_id] for _ in prompts]
+
+    counts = make_pairs(None, tokenizer, data, tmp_path / "g.jsonl", samples=3, generate_fn=gen)
+    assert seen == [1.0, 0.0] and counts.pairs == 1
+    assert json.loads((tmp_path / "g.jsonl").read_text(encoding="utf-8"))["rejected"] == "负面"
+    seen.clear()
+    counts = make_pairs(None, tokenizer, data, tmp_path / "s.jsonl", samples=3, greedy=False, generate_fn=gen)
+    assert seen == [1.0] and counts.already_right == 1 and counts.pairs == 0
+
+
 def test_limit_takes_the_first_prompts(tmp_path: Path, tokenizer) -> None:
     counts = make_pairs(None, tokenizer, _tasks_file(tmp_path), tmp_path / "p.jsonl", samples=2, limit=3,
                         batch_size=2, generate_fn=_fake_generate(tokenizer))
@@ -120,6 +142,9 @@ def test_resume_refuses_other_settings_or_a_foreign_file(tmp_path: Path, tokeniz
     make_pairs(None, tokenizer, data, out, samples=2, limit=4, batch_size=2, generate_fn=_fake_generate(tokenizer))
     with pytest.raises(PairsError, match="samples"):
         make_pairs(None, tokenizer, data, out, samples=3, batch_size=2, generate_fn=_fake_generate(tokenizer))
+    with pytest.raises(PairsError, match="greedy"):
+        make_pairs(None, tokenizer, data, out, samples=2, limit=4, batch_size=2, greedy=False,
+                   generate_fn=_fake_generate(tokenizer))
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', encoding="utf-8")
     with pytest.raises(PairsError, match="no progress file"):
