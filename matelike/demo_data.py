@@ -535,14 +535,17 @@ def write_demo(out: Path, docs: list[Document], counts: dict[str, SourceCounts],
     _write_jsonl(out / "pretrain.jsonl", ({"text": t} for t in pretrain))
     _write_jsonl(out / "pretrain_val.jsonl", ({"text": t} for t in val))
 
-    rng = random.Random(f"{cfg.seed}-phrasing")
+    # One phrasing stream per file, so the test prompts stay the same whatever --sft-per-task is.
+    rng = random.Random(f"{cfg.seed}-phrasing-sft")
     sft_records = [_conversation(it, rng) for task in TASKS for it in split.sft[task]]
     random.Random(f"{cfg.seed}-sft-order").shuffle(sft_records)  # tasks mixed, so every batch sees several
     _write_jsonl(out / "sft.jsonl", sft_records)
     # Tasks interleaved round-robin, so that `make-pairs --limit N` takes prompts of every task.
     interleaved = (it for group in itertools.zip_longest(*(split.train[t] for t in TASKS)) for it in group
                    if it is not None)
+    rng = random.Random(f"{cfg.seed}-phrasing-train")
     _write_jsonl(out / "tasks_train.jsonl", (_task_record(it, rng) for it in interleaved))
+    rng = random.Random(f"{cfg.seed}-phrasing-test")
     _write_jsonl(out / "tasks_test.jsonl", (_task_record(it, rng) for task in TASKS for it in split.test[task]))
 
     summary = DemoSummary(

@@ -167,6 +167,14 @@ def test_two_runs_are_byte_identical_and_cli_prints_counts(demo_dir: Path, tmp_p
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+def test_test_prompts_do_not_depend_on_the_sft_size(demo_dir: Path, tmp_path: Path) -> None:
+    """Scores of runs with different --sft-per-task are read on the very same test prompts."""
+    build_demo(tmp_path, DemoConfig(test_per_task=SMALL.test_per_task, sft_per_task=SMALL.sft_per_task + 7,
+                                    train_per_task=SMALL.train_per_task))
+    assert len(_jsonl(tmp_path / "sft.jsonl")) != len(_jsonl(demo_dir / "sft.jsonl"))
+    assert (tmp_path / "tasks_test.jsonl").read_bytes() == (demo_dir / "tasks_test.jsonl").read_bytes()
+
+
 def test_other_seed_gives_other_split(tmp_path: Path) -> None:
     build_demo(tmp_path, DemoConfig(seed=7, test_per_task=5, sft_per_task=5, train_per_task=5, val_fraction=0.0))
     assert (tmp_path / "pretrain_val.jsonl").read_text(encoding="utf-8") == ""
