@@ -59,7 +59,7 @@ BUDGETS: dict[str, Budget] = {
     "tiny": Budget(vocab_size=6400, pretrain_steps=560, pretrain_batch=8, seq_len=256, sft_steps=700,
                    sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=100,
                    dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
-                   expected_s=(5, 15, 5, 280, 460, 40, 30, 25, 5)),
+                   expected_s=(5, 15, 5, 285, 450, 45, 40, 20, 5)),
     "26m": Budget(vocab_size=6400, pretrain_steps=20000, pretrain_batch=32, seq_len=512, sft_steps=4000,
                   sft_batch=32, sft_per_task=4000, pair_prompts=2000, dpo_steps=1000, dpo_batch=16,
                   eval_limit=300, dtype="auto", optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
