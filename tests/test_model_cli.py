@@ -121,6 +121,8 @@ def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str])
     assert res["ratio"]["decode_tok_s_b1"] > 0
     # The matrix products alone are part of every decode step, so they bound its speed from above.
     assert res["matmul_floor_tok_s_b1"] > res["ours"]["decode_tok_s_b1"]
+    assert res["ratio"]["matmul_floor_b1"] == pytest.approx(
+        res["matmul_floor_tok_s_b1"] / res["transformers"]["decode_tok_s_b1"], abs=0.01)
     for dtype in ("float16", "bfloat16"):
         assert res["memory"][dtype]["weights_mb"] == pytest.approx(res["memory"]["params"] * 2 / 1e6, abs=0.1)
         assert res["memory"][dtype]["peak_generate_mb"] >= res["memory"][dtype]["peak_load_mb"] >= 0
