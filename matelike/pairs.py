@@ -4,8 +4,9 @@ For every prompt that has a gold answer (the demo tasks' `{prompt, answer, task}
 `{prompt, chosen}` / `{prompt, response}` file) the model samples K answers in batches, plus (by default) its
 greedy answer: the one chat and eval give at temperature 0, loops and all, so DPO pushes down the very answers
 users see. The gold answer is `chosen`; `rejected` is the candidate that the task's scorer (`tasks.score_item`)
-rates lowest, provided it rates below the gold answer itself. Prompts with no scorer (open-ended) take the first sample that differs from
-the gold text. Prompts where no sample is worse (the model is already right) are counted and skipped.
+rates lowest, provided it rates below the gold answer itself. Prompts with no scorer (open-ended) take the first
+candidate that differs from the gold text. Prompts where no candidate is worse (the model is already right) are
+counted and skipped.
 
 Resumable. Pairs are appended to OUT after each batch, then a progress file `OUT.progress.json` records how
 many prompts are done and OUT's size at that point (written to a temporary file and renamed). A re-run with the
@@ -192,8 +193,8 @@ def make_pairs(
     """Write preference pairs for the first `limit` prompts of `data` to `out` (resuming); returns the counts.
 
     `batch_size` is prompts per generation call (each sampled `samples` times, so batch_size * samples
-    sequences), and with `greedy` each prompt's greedy answer joins the candidates. `generate_fn` defaults to `matelike.generate.generate` (tests pass their own). `model_id`
-    identifies the weights (the CLI passes the weight file's sha256) so a resume with another model is refused.
+    sequences), and with `greedy` each prompt's greedy answer joins the candidates. `generate_fn` defaults to
+    `matelike.generate.generate` (tests pass their own). `model_id` identifies the weights (the CLI passes the weight file's sha256) so a resume with another model is refused.
     """
     from matelike.records import BadRecordReport
 
@@ -205,8 +206,8 @@ def make_pairs(
     report = report if report is not None else BadRecordReport()
     items, records = read_prompt_items(data, report)
     settings = {"model": model_id, "data": str(data), "data_sha256": sha256_file(data), "samples": samples,
-                "greedy": greedy, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-                "batch_size": batch_size}
+                "greedy": greedy, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                "seed": seed, "batch_size": batch_size}
     progress_path = out.with_name(out.name + PROGRESS_SUFFIX)
     out.parent.mkdir(parents=True, exist_ok=True)
     done, counts = _start_state(out, progress_path, settings)
@@ -304,7 +305,8 @@ def _cmd_make_pairs(args: argparse.Namespace) -> int:
         counts = make_pairs(
             model, tokenizer, args.data, args.out, samples=args.samples, limit=args.limit,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, greedy=args.greedy, report=report, model_id=_weights_sha256(Path(args.model)),
+            top_p=args.top_p, seed=args.seed, greedy=args.greedy, report=report,
+            model_id=_weights_sha256(Path(args.model)),
             progress=args.progress if args.progress is not None else sys.stderr.isatty(),
         )
     except (PairsError, DataFileError, ValueError) as e:

@@ -153,6 +153,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from matelike.pack import TokenFile
     from matelike.tokenizer import Tokenizer
     from matelike.train import Trainer, seed_everything
+
     tokenizer = Tokenizer.load(args.tokenizer)
     preset = get_preset(args.preset, vocab_size=tokenizer.vocab_size)
     if args.seq_len is None:

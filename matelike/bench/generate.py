@@ -6,8 +6,9 @@ generation of random prompts (no stop tokens, so every run produces exactly the 
 Decode speed = new tokens / (time for prompt + N tokens - time for prompt + 1 token), so prefill is
 excluded. `matmul_floor_tok_s_b1` is the batch-1 speed of the weight matrix products alone, the ceiling
 for any implementation of the model in that dtype; `ratio.matmul_floor_b1` is that ceiling over transformers'
-decode speed, the largest `ratio.decode_tok_s_b1` any implementation could reach on the machine. It also reports the peak resident memory of loading the
-`0.2b` preset in fp16 and bf16, each measured in a fresh subprocess. Prints one JSON line.
+decode speed, the largest `ratio.decode_tok_s_b1` any implementation could reach on the machine. It also
+reports the peak resident memory of loading the `0.2b` preset in fp16 and bf16, each measured in a fresh
+subprocess. Prints one JSON line.
 """
 
 from __future__ import annotations
