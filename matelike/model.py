@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matelike.linear_ce import linear_cross_entropy
+
 DeviceLike = torch.device | str | None
 
 
@@ -105,7 +107,7 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
 class ModelOutput:
     """What `Transformer.forward` returns. loss already includes aux_loss_coef * aux_loss for MoE models."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss was computed with return_logits=False
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # mean over MoE layers; None for dense models
     expert_load: torch.Tensor | None = None  # (n_layers, n_experts) fraction of routed slots, detached
@@ -455,12 +457,15 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         target_logits_only: bool = False,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """Logits for every position (or only the last with last_only), and the loss when targets are given.
 
         target_logits_only (with targets): run the output projection only where targets != -100 and return
         those (N, V) logits, in row-major order. Same loss; SFT batches, where prompts carry no loss, skip most
         of the projection's cost (about a third of a small model's FLOPs).
+        return_logits=False (with targets): compute the loss chunk by chunk without materialising the logits
+        (matelike.linear_ce; faster and lighter for training); the output's logits are then None.
 
         input_ids, targets: (B, T). targets are aligned with input_ids (targets[:, t] is the token that
         should follow input_ids[:, t]); -100 is ignored. attention_mask: (B, past+T), 1 = real token
@@ -498,15 +503,18 @@ class Transformer(nn.Module):
         if target_logits_only and targets is not None:
             keep = targets != -100
             x, targets = x[keep], targets[keep]
-        logits = self.lm_head(x)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         expert_load = torch.stack(loads) if loads else None
-        loss = None
-        if targets is not None:
+        loss, logits = None, None
+        if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
+            loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+        else:
+            logits = self.lm_head(x)
+        if targets is not None and logits is not None:
             # fp32 cross-entropy: bf16 log-softmax over thousands of classes is too coarse for the loss.
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-            if aux_loss is not None:
-                loss = loss + self.config.aux_loss_coef * aux_loss
+        if loss is not None and aux_loss is not None:
+            loss = loss + self.config.aux_loss_coef * aux_loss
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, expert_load=expert_load)
 
 

@@ -100,7 +100,7 @@ class PretrainTask:
         return max(1, self.sampler.n_windows // (self.batch_size * world_size))
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], int]:
-        out = model(batch[:, :-1], batch[:, 1:])
+        out = model(batch[:, :-1], batch[:, 1:], return_logits=False)
         metrics = {"aux_loss": out.aux_loss.detach()} if out.aux_loss is not None else {}
         return out.loss, metrics, batch.shape[0] * (batch.shape[1] - 1)
 

@@ -133,7 +133,7 @@ class SFTTask:
 
     def loss(self, model: "nn.Module", batch: dict) -> tuple["torch.Tensor", dict[str, Any], int]:
         out = model(batch["input_ids"], batch["targets"], segment_ids=batch["segment_ids"],
-                    position_ids=batch["position_ids"], target_logits_only=True)
+                    position_ids=batch["position_ids"], target_logits_only=True, return_logits=False)
         n_tokens = int((batch["targets"] != IGNORE_INDEX).sum())
         metrics: dict[str, Any] = {"padding": batch["padding_fraction"]}
         if out.aux_loss is not None:

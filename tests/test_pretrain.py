@@ -158,8 +158,12 @@ def test_bench_train_prints_one_json_line(capsys) -> None:
     line = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(line)
     assert set(result["peak_tflops"]) == {"bf16", "fp32"} and result["peak_tflops"]["fp32"] > 0
-    (run,) = result["runs"]
-    assert run["dtype"] == "fp32" and run["tokens_per_s"] > 0 and 0 < run["mfu"] < 1.5
+    runs = result["runs"]
+    assert [r["loss"] for r in runs] == ["fused", "logits"]
+    for run in runs:
+        assert run["dtype"] == "fp32" and run["tokens_per_s"] > 0 and 0 < run["mfu"] < 1.5
+    with pytest.raises(SystemExit, match="--losses: unknown 'full'"):
+        main(args + ["--losses", "fused,full"])
 
 
 @pytest.mark.slow

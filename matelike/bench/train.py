@@ -2,7 +2,9 @@
 
 1. Measures this machine's bf16 and fp32 matmul peak (square matmuls, the ceiling MFU is measured against).
 2. Trains the preset (random weights, random tokens in memory) with the shared Trainer for each dtype, with and
-   without torch.compile; tokens/s is the median of the engine's own per-step figures after warmup steps.
+   without torch.compile, with the chunked projection + loss the training stages use (`fused`) and with full
+   logits then cross-entropy (`logits`); tokens/s is the median of the engine's own per-step figures after
+   warmup steps.
    MFU = tokens/s x model FLOPs per token (6N + attention, `Transformer.flops_per_token`) / peak.
 3. Peak memory of one training step of the `0.2b` preset at batch 1, context 512, bf16 autocast, AdamW, in a
    fresh subprocess: on GPU torch's max allocated bytes, on CPU the growth of peak RSS over the process's
@@ -31,8 +33,9 @@ class RandomTokens:
 
     weight_by_tokens = True
 
-    def __init__(self, vocab_size: int, batch_size: int, seq_len: int) -> None:
+    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, fused: bool = True) -> None:
         self.vocab_size, self.batch_size, self.seq_len = vocab_size, batch_size, seq_len
+        self.fused = fused
 
     def batches(self, rank: int, world_size: int, cursor: Any) -> Iterator[tuple[Any, int]]:
         import torch
@@ -44,12 +47,12 @@ class RandomTokens:
             i += 1
 
     def loss(self, model: Any, batch: Any) -> tuple[Any, dict, int]:
-        out = model(batch[:, :-1], batch[:, 1:])
+        out = model(batch[:, :-1], batch[:, 1:], return_logits=not self.fused)
         return out.loss, {}, batch.shape[0] * (batch.shape[1] - 1)
 
 
 def measure_run(preset: str, dtype: str, compile_: bool, batch_size: int, seq_len: int, steps: int,
-                warmup: int, device: str) -> dict[str, Any]:
+                warmup: int, device: str, fused: bool = True) -> dict[str, Any]:
     """Train `warmup + steps` steps through the Trainer; returns tokens/s and step time after warmup."""
     import torch
 
@@ -63,7 +66,8 @@ def measure_run(preset: str, dtype: str, compile_: bool, batch_size: int, seq_le
         seed_everything(0)
         cfg = get_preset(preset, max_seq_len=max(seq_len, get_preset(preset).max_seq_len))
         model = Transformer(cfg)
-        trainer = Trainer(config, model, None, RandomTokens(cfg.vocab_size, batch_size, seq_len), export=None)
+        trainer = Trainer(config, model, None, RandomTokens(cfg.vocab_size, batch_size, seq_len, fused),
+                          export=None)
         t0 = time.perf_counter()
         trainer.fit()
         wall = time.perf_counter() - t0
@@ -74,8 +78,9 @@ def measure_run(preset: str, dtype: str, compile_: bool, batch_size: int, seq_le
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     tps = statistics.median(m["tokens_per_s"] for m in lines[warmup:])
-    return {"dtype": precision, "compile": compile_, "tokens_per_s": round(tps, 1),
-            "step_s": round(batch_size * seq_len / tps, 4), "flops_per_token": flops, "wall_s": round(wall, 1)}
+    return {"dtype": precision, "compile": compile_, "loss": "fused" if fused else "logits",
+            "tokens_per_s": round(tps, 1), "step_s": round(batch_size * seq_len / tps, 4),
+            "flops_per_token": flops, "wall_s": round(wall, 1)}
 
 
 def memory_probe(preset: str, batch_size: int, seq_len: int, device: str) -> dict[str, Any]:
@@ -105,7 +110,7 @@ def memory_probe(preset: str, batch_size: int, seq_len: int, device: str) -> dic
     for _ in range(2):  # the second step has the optimizer state allocated: the steady-state peak
         x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=dev)
         with prec.autocast():
-            loss = model(x[:, :-1], x[:, 1:]).loss
+            loss = model(x[:, :-1], x[:, 1:], return_logits=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -138,24 +143,30 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     from matelike.train.distributed import pick_device
     from matelike.train.flops import measure_matmul_peak
 
+    losses = args.losses.split(",")
+    for loss in losses:
+        if loss not in ("fused", "logits"):
+            raise SystemExit(f"--losses: unknown {loss!r}; use fused and/or logits")
     device = pick_device(args.device, 0)
     size = 8192 if device.type == "cuda" else 2048
     peaks = {name: measure_matmul_peak(dt, device, size=size, seconds=args.peak_seconds)
              for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     runs = []
-    for dtype in args.dtypes.split(","):
-        for compile_ in ((False, True) if args.compile_runs else (False,)):
-            try:
-                r = measure_run(args.preset, dtype, compile_, args.batch_size, args.seq_len, args.steps,
-                                args.warmup, str(device))
-            except Exception as exc:  # noqa: BLE001 - one failed variant (e.g. no compiler) must not hide the rest
-                runs.append({"dtype": dtype, "compile": compile_, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                continue
-            achieved = r["tokens_per_s"] * r["flops_per_token"]
-            r["mfu"] = round(achieved / peaks[r["dtype"] if r["dtype"] in peaks else "fp32"], 4)
-            r["mfu_vs_bf16_peak"] = round(achieved / peaks["bf16"], 4)
-            runs.append(r)
-            print(json.dumps(r), file=sys.stderr, flush=True)
+    variants = [(dtype, compile_, loss) for dtype in args.dtypes.split(",")
+                for compile_ in ((False, True) if args.compile_runs else (False,)) for loss in losses]
+    for dtype, compile_, loss in variants:
+        try:
+            r = measure_run(args.preset, dtype, compile_, args.batch_size, args.seq_len, args.steps,
+                            args.warmup, str(device), fused=loss == "fused")
+        except Exception as exc:  # noqa: BLE001 - one failed variant (e.g. no compiler) must not hide the rest
+            runs.append({"dtype": dtype, "compile": compile_, "loss": loss,
+                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        achieved = r["tokens_per_s"] * r["flops_per_token"]
+        r["mfu"] = round(achieved / peaks[r["dtype"] if r["dtype"] in peaks else "fp32"], 4)
+        r["mfu_vs_bf16_peak"] = round(achieved / peaks["bf16"], 4)
+        runs.append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)
     result = {
         "bench": "train", "preset": args.preset, "device": torch.cuda.get_device_name(device)
         if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": args.batch_size,
@@ -178,6 +189,8 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated dtypes to run")
     p.add_argument("--no-compile", dest="compile_runs", action="store_false", help="skip the --compile variants")
+    p.add_argument("--losses", default="fused,logits",
+                   help="comma-separated: fused (chunked projection + loss, as training runs) and/or logits")
     p.add_argument("--memory-preset", default="0.2b", help="preset of the memory probe ('' skips it)")
     p.add_argument("--peak-seconds", type=float, default=1.0, help="seconds per matmul peak measurement")
     p.add_argument("--device", default="auto")
