@@ -31,9 +31,11 @@ def chunk_rows(vocab_size: int, device: torch.device) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int
+        ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, grad_mode: bool
     ) -> torch.Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad is set under torch.no_grad() too: grad_mode (read by the caller, since forward itself
+        # runs with gradients off) keeps evaluation from paying for gradients nobody asked for.
+        need_h, need_w = grad_mode and ctx.needs_input_grad[0], grad_mode and ctx.needs_input_grad[1]
         valid = targets != IGNORE_INDEX
         count = valid.sum()
         safe = torch.where(valid, targets, 0)
@@ -69,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_out / count
         gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(
@@ -83,4 +85,4 @@ def linear_cross_entropy(
     if h.dim() != 2 or targets.shape != h.shape[:1]:
         raise ValueError(f"expected h (N, D) and targets (N,), got {tuple(h.shape)} and {tuple(targets.shape)}")
     rows = rows or chunk_rows(weight.shape[0], h.device)
-    return _LinearCrossEntropy.apply(h, weight, targets, rows)
+    return _LinearCrossEntropy.apply(h, weight, targets, rows, torch.is_grad_enabled())

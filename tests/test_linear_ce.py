@@ -54,6 +54,17 @@ def test_only_the_needed_gradients_and_no_grad_mode() -> None:
     torch.testing.assert_close(loss, reference(h, w, t).detach())
 
 
+def test_no_grad_mode_skips_the_gradient_products() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w, t = leaves()
+    projection = 2 * h.shape[0] * h.shape[1] * w.shape[0]
+    for grad_on, products in ((False, 1), (True, 3)):  # the projection; then also dh and dW
+        with torch.set_grad_enabled(grad_on), FlopCounterMode(display=False) as counter:
+            linear_cross_entropy(h, w, t, rows=8)
+        assert counter.get_total_flops() == products * projection
+
+
 def test_every_target_ignored_gives_nan_like_cross_entropy() -> None:
     h, w, _ = leaves(n=4)
     t = torch.full((4,), -100)
