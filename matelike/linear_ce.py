@@ -45,9 +45,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # backward pass would underflow in fp16 before a GradScaler could scale it up.
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        w = weight.to(h.dtype)  # once, not per chunk (a no-op when the dtypes already agree)
         for start in range(0, h.shape[0], rows):
             hc, tc, vc = h[start : start + rows], safe[start : start + rows], valid[start : start + rows]
-            logits = (hc @ weight.t()).to(acc)  # fp32 log-sum-exp: bf16 is too coarse over thousands of classes
+            logits = (hc @ w.t()).to(acc)  # fp32 log-sum-exp: bf16 is too coarse over thousands of classes
             lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, tc[:, None]).squeeze(1)
             total += ((lse - target_logit) * vc).sum()
@@ -58,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad.mul_(vc[:, None])  # ignored rows contribute nothing
             grad = grad.to(hc.dtype)
             if grad_h is not None:
-                grad_h[start : start + rows] = (grad @ weight.to(hc.dtype)).to(h.dtype)
+                grad_h[start : start + rows] = grad @ w
             if grad_w is not None:
                 grad_w += (grad.t() @ hc).to(acc)
         ctx.save_for_backward(grad_h, grad_w, count)
