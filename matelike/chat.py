@@ -17,6 +17,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
+from matelike.device import add_device_args
+from matelike.sampling import CHAT, SamplingParams, add_sampling_args, sampling_from_args
+
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
     from matelike.tokenizer import Tokenizer
@@ -222,30 +225,25 @@ def _stdin_lines(prompt: str) -> Callable[[], str]:
     return read
 
 
-def _model_stream(model: Any, tokenizer: "Tokenizer", args: argparse.Namespace) -> StreamFn:
-    from matelike.generate import stream_generate
+def _model_stream(model: Any, tokenizer: "Tokenizer", sampling: SamplingParams) -> StreamFn:
+    from matelike.model.generation import stream_generate
 
     def stream(prompt_ids: list[int], max_new_tokens: int) -> Iterator[str]:
         return stream_generate(
             model, tokenizer, prompt_ids,
             max_new_tokens=max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
+            sampling=sampling,
             stop_ids=tokenizer.stop_ids,
-            seed=args.seed,
         )
 
     return stream
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from matelike.generate import check_sampling
-    from matelike.model_io import load_model
+    from matelike.model.io import load_model
 
     try:
-        check_sampling(args.max_new_tokens or 1, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+        sampling = sampling_from_args(args)
     except ValueError as exc:  # say so before loading the model, not in the middle of the first answer
         print(f"matelike chat: {exc}", file=sys.stderr)
         return 2
@@ -254,7 +252,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, device=args.device)
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     except (OSError, ValueError) as exc:
         print(f"matelike chat: {exc}", file=sys.stderr)
         return 2
@@ -269,7 +267,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print(f"matelike chat: --max-new-tokens must be between 1 and {context_len - 1} (the context is "
               f"{context_len})", file=sys.stderr)
         return 2
-    session = ChatSession(tokenizer, _model_stream(model, tokenizer, args), context_len, max_new,
+    session = ChatSession(tokenizer, _model_stream(model, tokenizer, sampling), context_len, max_new,
                           system=args.system)
     if sys.stdin.isatty():
         print(f"matelike chat: {args.model} (context {context_len} tokens). /help for commands.", file=sys.stderr)
@@ -280,13 +278,8 @@ def add_cli(table: "CommandTable") -> None:
     p = table.command("chat", "interactive streaming chat with a model directory", _cmd_chat)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--system", default=None, help="system prompt (change it later with /system TEXT)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="answer budget per turn (default 256, at most half the context)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="seed of each answer's sampling (reproducible turns)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    # Answer budget per turn: default 256, at most half the context (so that some history always fits).
+    add_sampling_args(p, CHAT, max_new_tokens=None)
+    add_device_args(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")

@@ -14,23 +14,24 @@ from typing import Callable, Sequence
 
 # Modules that contribute subcommands, in the order they appear in `matelike --help`.
 MODULES: tuple[str, ...] = (
-    "matelike.data_check",
-    "matelike.pack",
-    "matelike.demo_data",
-    "matelike.evaluate",
+    "matelike.data.check",
+    "matelike.data.pack",
+    "matelike.data.demo",
+    "matelike.eval",
     "matelike.tokenizer",
     "matelike.pretrain",
     "matelike.sft",
     "matelike.dpo",
-    "matelike.pairs",
+    "matelike.dpo.make_pairs",
     "matelike.chat",
     "matelike.serve",
     "matelike.bench.data",
     "matelike.bench.serve",
     "matelike.bench.train",
-    "matelike.model_cli",
+    "matelike.generate",
+    "matelike.model.info",
     "matelike.bench.generate",
-    "matelike.pipeline",
+    "matelike.run",
     "matelike.report",
 )
 

@@ -1,239 +1,96 @@
-"""Batched autoregressive generation with a per-call KV cache, sampling controls and UTF-8-safe streaming.
-
-Nothing is stored on the model: each call allocates its own KVCache for prompt + max_new_tokens positions,
-so concurrent calls (the API server) never see each other's keys. Prompts of different lengths are left
-padded and masked; positions count real tokens only, exactly as transformers' generate does.
-"""
+"""`matelike generate`: one completion, or one chat turn with --chat, from a model directory."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from matelike.model import KVCache, Transformer
+from matelike.device import add_device_args
+from matelike.sampling import CHAT, add_sampling_args, sampling_from_args
 
 if TYPE_CHECKING:
-    from matelike.tokenizer import Tokenizer
+    from matelike.cli import CommandTable
+
+def read_prompt(value: str) -> str:
+    """The --prompt value, or all of stdin for `-`."""
+    if value != "-":
+        return value
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8").removesuffix("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"<stdin>: prompt is not valid UTF-8 ({e})") from e
 
 
-def check_sampling(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float
-) -> None:
-    """Raise ValueError naming the first out-of-range sampling parameter."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+def encode_prompt(model_dir: Path, text: str) -> list[int]:
+    """Encode exactly as `AutoTokenizer.from_pretrained(model_dir)(text)`: the fast tokenizer runs this same
+    tokenizer.json with add_special_tokens=True (its post-processor, if any, adds what transformers adds)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text, add_special_tokens=True).ids
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make every already-seen token less likely, per row: positive logits are divided, negative multiplied.
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
 
-    (Dividing a negative logit, as the seed does, would *raise* that token's probability.)
-    """
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    from matelike.model.generation import default_stop_ids, stream_generate
+    from matelike.model.io import ModelDirError, load_model
 
-
-def sample_next(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick the next token per row from (B, V) logits; temperature 0 or top_k 1 is greedy (argmax)."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked before it already reach top_p; the first always stays.
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def iter_generate(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    stop_ids: Iterable[int] = (),
-    seed: int | None = None,
-) -> Iterator[list[int | None]]:
-    """Yield, step by step, each row's new token, or None for a row that has stopped.
-
-    A row stops after emitting one of stop_ids; the stop token itself is reported as None (never as text).
-    Stops early when every row has stopped. Closing the iterator drops the cache.
-    """
-    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    if not prompts:
-        return
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: generation needs at least one token")
-    cfg = model.config
-    device = model.embed.weight.device
-    B = len(prompts)
-    lengths = [len(p) for p in prompts]
-    P = max(lengths)
-    total = P + max_new_tokens
-    ids = torch.zeros(B, P, dtype=torch.long, device=device)
-    mask = torch.zeros(B, total, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, P - len(p) :] = 1  # left padding; future positions become real as they are generated
-    if int(ids.max()) >= cfg.vocab_size or int(ids.min()) < 0:
-        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size})")
-    padded = min(lengths) != P  # without padding no mask is needed at all (the fast causal path)
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
-        # Padding slots point at the row's last (real) token so only real prompt tokens are marked.
-        seen.scatter_(1, torch.where(mask[:, :P].bool(), ids, ids[:, -1:]), True)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    if max_new_tokens == 0:
-        return
-    with torch.inference_mode():
-        cache = KVCache(cfg, B, total, device, model.embed.weight.dtype)
-        out = model(ids, attention_mask=mask[:, :P] if padded else None, cache=cache, last_only=True)
-    logits = out.logits[:, -1].float()
-    for step in range(max_new_tokens):
-        with torch.inference_mode():
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            tok = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            is_stop = torch.isin(tok, stops) if len(stops) else torch.zeros_like(finished)
-            done_before = finished.clone()
-            finished |= is_stop
-        emitted = tok.tolist()
-        hidden = (done_before | is_stop).tolist()
-        yield [None if h else t for t, h in zip(emitted, hidden)]
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            return
-        with torch.inference_mode():
-            if seen is not None:
-                seen[torch.arange(B, device=device), tok] = True
-            pos = P + step
-            mask[:, pos] = 1
-            out = model(tok[:, None], attention_mask=mask[:, : pos + 1] if padded else None, cache=cache, last_only=True)
-            logits = out.logits[:, -1].float()
-
-
-def generate(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    stop_ids: Iterable[int] = (),
-    seed: int | None = None,
-) -> list[list[int]]:
-    """New tokens for each prompt (batched, left padded). A row ends at its first stop id, which is not
-    included, so `len(out[i]) < max_new_tokens` means that row stopped rather than ran out of length."""
-    outs: list[list[int]] = [[] for _ in prompts]
-    for step in iter_generate(
+    model_dir = Path(args.model)
+    try:
+        prompt = read_prompt(args.prompt)
+        sampling = sampling_from_args(args)
+        if args.system is not None and not args.chat:
+            raise ValueError("--system needs --chat (it is the system turn of the chat template)")
+        model, tokenizer = load_model(model_dir, device=args.device, dtype=args.dtype)
+    except (ValueError, OSError) as e:
+        print(f"matelike generate: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, ModelDirError) else 1
+    if tokenizer is None:
+        print(f"matelike generate: {model_dir}: no tokenizer.json in the model directory", file=sys.stderr)
+        return 1
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        ids = tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+    else:
+        ids = encode_prompt(model_dir, prompt)
+    if not ids:
+        print("matelike generate: the prompt is empty", file=sys.stderr)
+        return 2
+    context = model.config.max_seq_len
+    if len(ids) >= context:
+        print(f"matelike generate: the prompt has {len(ids)} tokens, the context is {context}", file=sys.stderr)
+        return 2
+    max_new = min(args.max_new_tokens, context - len(ids))
+    if max_new < args.max_new_tokens:
+        print(f"matelike generate: --max-new-tokens lowered to {max_new} to fit the {context}-token context",
+              file=sys.stderr)
+    out = sys.stdout
+    for piece in stream_generate(
         model,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        stop_ids=stop_ids,
-        seed=seed,
+        tokenizer,
+        ids,
+        max_new_tokens=max_new,
+        sampling=sampling,
+        stop_ids=default_stop_ids(tokenizer),
     ):
-        for row, t in zip(outs, step):
-            if t is not None:
-                row.append(t)
-    return outs
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0
 
 
-def default_stop_ids(tokenizer: Tokenizer | None) -> tuple[int, ...]:
-    """End of text and end of turn, the ids a chat model stops on."""
-    ids = (getattr(tokenizer, "eos_id", None), getattr(tokenizer, "im_end_id", None))
-    return tuple(sorted({i for i in ids if i is not None}))
-
-
-def stream_text(tokenizer: Tokenizer, token_iter: Iterable[int], max_pending: int = 8) -> Iterator[str]:
-    """Turn a stream of token ids into text pieces that never end in the middle of a UTF-8 character.
-
-    Byte-level BPE tokens can hold part of a character; the decoder shows an incomplete tail as U+FFFD.
-    Tokens are held back until their decoded text no longer ends with U+FFFD (or max_pending tokens pile
-    up, which only happens for genuinely invalid bytes: those then come out as U+FFFD once, not silently).
-    """
-    pending: list[int] = []
-    for t in token_iter:
-        pending.append(t)
-        text = tokenizer.decode(pending, skip_special_tokens=True)
-        if text.endswith("\ufffd") and len(pending) < max_pending:
-            continue
-        pending = []
-        if text:
-            yield text
-    if pending:
-        text = tokenizer.decode(pending, skip_special_tokens=True)
-        if text:
-            yield text
-
-
-def stream_generate(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompt_ids: Sequence[int],
-    *,
-    max_new_tokens: int = 256,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    stop_ids: Iterable[int] | None = None,
-    seed: int | None = None,
-) -> Iterator[str]:
-    """Generate for one prompt and yield text pieces as they come (whole characters only).
-
-    stop_ids defaults to the tokenizer's end-of-text and end-of-turn ids. Closing the generator stops
-    generation and frees its cache.
-    """
-
-    def tokens() -> Iterator[int]:
-        for step in iter_generate(
-            model,
-            [prompt_ids],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            stop_ids=default_stop_ids(tokenizer) if stop_ids is None else stop_ids,
-            seed=seed,
-        ):
-            if step[0] is None:
-                return
-            yield step[0]
-
-    yield from stream_text(tokenizer, tokens())
+def add_cli(table: CommandTable) -> None:
+    g = table.command("generate", "generate a completion (or one chat turn with --chat) from a model directory",
+                      _cmd_generate)
+    g.add_argument("--model", required=True, help="model directory (ours or a transformers Llama/Mixtral dir)")
+    g.add_argument("--prompt", required=True, help="prompt text, or - to read it from stdin")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    g.add_argument("--system", default=None, help="system turn for --chat")
+    add_sampling_args(g, CHAT)
+    add_device_args(g)

@@ -1,6 +1,6 @@
 """`matelike pretrain`: next-token prediction on packed token files, run by the shared training engine.
 
-The data is a `TokenFile` memmap (see matelike.pack). An epoch cuts the file into non-overlapping windows of
+The data is a `TokenFile` memmap (see matelike.data.pack). An epoch cuts the file into non-overlapping windows of
 seq_len+1 tokens (shifted by a seeded offset per epoch) and visits them in a seeded random order; every rank
 computes the same order and takes its own rows of each global batch, so N processes with batch B see exactly
 the data of one process with batch N*B. A window is gathered straight from the memmap, so the file is never
@@ -149,8 +149,8 @@ def _check_tokens(path: Path, tf: Any, vocab_size: int, tokenizer_sha: str | Non
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from matelike.model import Transformer, get_preset
-    from matelike.pack import TokenFile
+    from matelike.model.transformer import Transformer, get_preset
+    from matelike.data.pack import TokenFile
     from matelike.tokenizer import Tokenizer
     from matelike.train import Trainer, seed_everything
 

@@ -1,11 +1,11 @@
 """`matelike sft`: supervised fine-tuning as a task of the one training engine (matelike/train/).
 
-The stage reads instruction data (matelike.sft_data: every layout, chat template, assistant-only loss,
+The stage reads instruction data (matelike.data.sft: every layout, chat template, assistant-only loss,
 history-side truncation, packing with segment ids) and computes the masked cross-entropy; precision,
 accumulation, clipping, schedule, checkpoints, resume, DDP and metrics.jsonl are the engine's.
 
 Which weights train:
-- `--freeze embeddings` (default, as the seed): the token embedding is frozen. With tied embeddings (every
+- `--freeze embeddings` (default, as in the original Matelike project's configuration): the token embedding is frozen. With tied embeddings (every
   preset) that is also the output head, so the model keeps the token geometry pretraining learnt.
 - `--freeze all-but-layers`: only the transformer blocks train (embedding, final norm and head frozen).
 - `--freeze none`: everything trains.
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from matelike.sft_data import FORMAT_CHOICES, IGNORE_INDEX, PackedSFTData, SFTSamples, collate, pack_rows
+from matelike.data.sft import FORMAT_CHOICES, IGNORE_INDEX, PackedSFTData, SFTSamples, collate, pack_rows
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,7 @@ FREEZE_MODES = ("none", "embeddings", "all-but-layers")
 # Linear maps of our blocks that get LoRA adapters: attention (fused qkv, output) and the MLP. The MoE router
 # and the shared-expert gate stay as they are (tiny, and routing is what pretraining learnt).
 LORA_TARGETS = ("wqkv", "wo", "w_gate_up", "w_down")
-# SFT defaults that differ from the engine's (the seed: 1e-4 warming up from 0, cosine down to 1e-5).
+# SFT defaults that differ from the engine's (the original project's configuration: 1e-4 warming up from 0, cosine down to 1e-5).
 SFT_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 50, "seq_len": None}
 
 
@@ -166,7 +166,7 @@ def lora_export(tokenizer: "Tokenizer"):
     """Engine export hook: merge adapters into a copy, then write the plain HF directory."""
 
     def export(model: "nn.Module", out: Path) -> None:
-        from matelike.model_io import save_model
+        from matelike.model.io import save_model
 
         save_model(merge_lora(model) if has_lora(model) else model, tokenizer, out)
 
@@ -180,9 +180,9 @@ def _rank() -> int:
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    from matelike.model_io import load_model
-    from matelike.records import BadRecordReport, DataFileError
-    from matelike.sft_data import load_sft_samples
+    from matelike.model.io import load_model
+    from matelike.data.records import BadRecordReport, DataFileError
+    from matelike.data.sft import load_sft_samples
     from matelike.train import Trainer, TrainConfig, seed_everything
 
     main_rank = _rank() == 0

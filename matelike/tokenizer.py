@@ -58,9 +58,9 @@ CHAT_TEMPLATE = (
 )
 
 # Default sample size for training. The trainer keeps every distinct pre-token (a Chinese clause is one)
-# with per-byte pair tables: about 300 bytes of memory per character of unique-clause Chinese text, so
-# 8M characters stay under 3 GB whatever the corpus size (see `matelike bench tokenize`). 8M characters
-# are plenty of statistics for a 6400-token vocabulary.
+# with per-byte pair tables, so its memory grows with the sample, not the corpus: a fixed sample bounds it
+# whatever the corpus size (`matelike bench tokenize` prints the peak). 8M characters are plenty of
+# statistics for a 6400-token vocabulary.
 DEFAULT_MAX_CHARS = 8_000_000
 HELDOUT_MAX_CHARS = 1_000_000
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1
@@ -240,8 +240,8 @@ def new_bpe() -> "tokenizers.Tokenizer":
 def _count_chars(paths: list[Path], field: str, progress: bool) -> int:
     from tqdm import tqdm
 
-    from matelike.formats import iter_pretrain_texts
-    from matelike.records import BadRecordReport
+    from matelike.data.formats import iter_pretrain_texts
+    from matelike.data.records import BadRecordReport
 
     quiet = BadRecordReport(max_shown=0)  # the sampling pass reports them
     total = 0
@@ -279,8 +279,8 @@ def train_tokenizer(
     from tokenizers import pre_tokenizers, trainers
     from tqdm import tqdm
 
-    from matelike.formats import iter_pretrain_texts
-    from matelike.records import BadRecordReport, expand_inputs
+    from matelike.data.formats import iter_pretrain_texts
+    from matelike.data.records import BadRecordReport, expand_inputs
 
     log = log if log is not None else sys.stderr
     if vocab_size < MIN_VOCAB:
@@ -372,7 +372,7 @@ def train_tokenizer(
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from matelike.records import DataFileError
+    from matelike.data.records import DataFileError
 
     if args.vocab_size < MIN_VOCAB or args.max_chars < 1:
         print(f"error: --vocab-size must be at least {MIN_VOCAB} and --max-chars positive", file=sys.stderr)

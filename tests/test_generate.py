@@ -1,176 +1,130 @@
-"""Generation: cache == no cache, batches, sampling controls, stop ids, seeds, UTF-8-safe streaming."""
+"""`matelike model info`, `matelike generate` and `matelike bench generate` from the command line."""
 
 from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from matelike.generate import (
-    apply_repetition_penalty,
-    generate,
-    iter_generate,
-    sample_next,
-    stream_generate,
-    stream_text,
-)
-from matelike.model import ModelConfig, Transformer
-
-VOCAB = 97
+from matelike.cli import main
+from matelike.model.generation import default_stop_ids, generate, stream_text
+from matelike.model.transformer import ModelConfig, Transformer
+from matelike.generate import encode_prompt
+from matelike.model.io import save_model
+from matelike.sampling import GREEDY
 
 
-def make(seed: int = 0, vocab: int = VOCAB, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    base = dict(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64,
-                init_std=0.2)
-    base.update(kw)
-    return Transformer(ModelConfig(**base)).eval()
+def test_model_info_json_and_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "info", "--preset", "26m", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == info["active_params"] == 26_878_464
+    assert info["weights_mb"]["fp16"] == pytest.approx(26_878_464 * 2 / 1e6, abs=0.1)
+    assert main(["model", "info", "--preset", "tiny-moe"]) == 0
+    text = capsys.readouterr().out
+    assert "active parameters" in text and "fp32" in text and "bf16" in text and "MFLOP" in text
+    assert main(["model", "info", "--preset", "26m-moe", "--json"]) == 0
+    moe = json.loads(capsys.readouterr().out)
+    assert moe["active_params"] < moe["params"]
 
 
-def greedy_without_cache(model: Transformer, prompt: list[int], n: int) -> list[int]:
-    x = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            x = torch.cat([x, model(x).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return x[0, len(prompt) :].tolist()
+def test_model_info_unknown_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "info", "--preset", "7b"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
 
 
-PROMPTS = [[3, 14, 15, 92, 65, 35], [8, 9], [79, 32, 38, 46]]
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    hidden_dim=48, max_seq_len=128, init_std=0.2))
+    out = tmp_path_factory.mktemp("model")
+    save_model(model, tokenizer, out)
+    return out
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_greedy_with_cache_equals_without_and_batch_equals_one_by_one(moe: bool) -> None:
-    model = make(**({"n_experts": 4} if moe else {}))
-    batched = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
-    for p, out in zip(PROMPTS, batched):
-        assert len(out) == 10  # max_new_tokens counts new tokens only
-        assert out == greedy_without_cache(model, p, 10)
-        assert generate(model, [p], max_new_tokens=10, temperature=0)[0] == out
+def expected_text(model_dir: Path, ids: list[int], n: int) -> str:
+    from matelike.model.io import load_model
+
+    model, tok = load_model(model_dir)
+    out = generate(model, [ids], max_new_tokens=n, sampling=GREEDY, stop_ids=default_stop_ids(tok))[0]
+    return "".join(stream_text(tok, iter(out)))
 
 
-def test_top_k_1_and_temperature_0_are_greedy() -> None:
-    model = make()
-    greedy = generate(model, PROMPTS, max_new_tokens=8, temperature=0)
-    assert generate(model, PROMPTS, max_new_tokens=8, top_k=1, temperature=1.3, seed=5) == greedy
+def test_prompt_is_encoded_exactly_as_auto_tokenizer(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(model_dir)
+    for text in ["今天天气很好", "Hello, world!", "  spaced  ", "<|im_start|>user"]:
+        assert encode_prompt(model_dir, text) == auto(text)["input_ids"]
 
 
-def test_seed_makes_sampling_reproducible() -> None:
-    model = make()
-    a = generate(model, PROMPTS, max_new_tokens=12, temperature=1.5, seed=123)
-    b = generate(model, PROMPTS, max_new_tokens=12, temperature=1.5, seed=123)
-    c = generate(model, PROMPTS, max_new_tokens=12, temperature=1.5, seed=124)
-    assert a == b and a != c
+def test_generate_prints_the_greedy_continuation(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["generate", "--model", str(model_dir), "--prompt", "今天天气", "--temperature", "0",
+               "--max-new-tokens", "12"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out == expected_text(model_dir, encode_prompt(model_dir, "今天天气"), 12) + "\n"
+    # --top-k 1 is greedy too, whatever the temperature
+    assert main(["generate", "--model", str(model_dir), "--prompt", "今天天气", "--top-k", "1",
+                 "--temperature", "1.5", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == out
 
 
-def test_stop_ids_end_each_row_and_are_not_returned() -> None:
-    model = make()
-    free = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
-    stop = free[0][3]
-    stopped = generate(model, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[stop])
-    for f, s in zip(free, stopped):
-        expected = f[: f.index(stop)] if stop in f else f
-        assert s == expected
-    assert len(stopped[0]) == free[0].index(stop) < 10
+def test_generate_reads_the_prompt_from_stdin(
+    model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("北京是\n".encode("utf-8"))))
+    assert main(["generate", "--model", str(model_dir), "--prompt", "-", "--temperature", "0",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected_text(model_dir, encode_prompt(model_dir, "北京是"), 6) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe bad")))
+    assert main(["generate", "--model", str(model_dir), "--prompt", "-"]) == 2
+    assert "<stdin>" in capsys.readouterr().err
 
 
-def test_iter_generate_reports_stopped_rows_as_none_and_stops_when_all_done() -> None:
-    model = make()
-    first = generate(model, PROMPTS, max_new_tokens=1, temperature=0)
-    steps = list(iter_generate(model, PROMPTS, max_new_tokens=20, temperature=0, stop_ids=[t[0] for t in first]))
-    assert steps == [[None, None, None]]
+def test_generate_chat_with_system_turn(model_dir: Path, capsys: pytest.CaptureFixture[str], tokenizer) -> None:
+    rc = main(["generate", "--model", str(model_dir), "--prompt", "你好", "--chat", "--system", "你是助手",
+               "--temperature", "0", "--max-new-tokens", "8"])
+    assert rc == 0
+    ids = tokenizer.encode_chat(
+        [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"}], add_generation_prompt=True
+    )[0]
+    assert capsys.readouterr().out == expected_text(model_dir, ids, 8) + "\n"
 
 
-def test_repetition_penalty_lowers_seen_tokens_whatever_the_sign() -> None:
-    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0], [2.0, -1.0, 0.5, -3.0], [2.0, -1.0, 0.5, -3.0]])
-    # row 0 saw a token with a positive logit, row 1 one with a negative logit, row 2 nothing
-    seen = torch.tensor([[True, False, False, False], [False, True, False, False], [False] * 4])
-    before = torch.softmax(logits, -1)
-    after = torch.softmax(apply_repetition_penalty(logits, seen, 1.5), -1)
-    assert after[0, 0] < before[0, 0]  # positive logit
-    assert after[1, 1] < before[1, 1]  # negative logit (dividing it, as the seed does, would raise it)
-    assert torch.equal(after[2], before[2])  # per row: row 2 saw nothing
-    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+def test_generate_usage_errors(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--system", "x"]) == 2
+    assert "--chat" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", ""]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 1
+    assert "config.json" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "天" * 400]) == 2
+    assert "context" in capsys.readouterr().err
 
 
-def test_repetition_penalty_in_generate_covers_prompt_and_generated_tokens() -> None:
-    model = make()
-    prompt = [1, 2, 3]
-    free = generate(model, [prompt], max_new_tokens=12, temperature=0)[0]
-    assert len(set(free)) < len(free)  # this little model loves repeating itself
-    out = generate(model, [prompt], max_new_tokens=12, temperature=0, repetition_penalty=1e4)[0]
-    assert len(set(out)) == len(out) and not set(out) & set(prompt)
-
-
-def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)
-    g = torch.Generator().manual_seed(0)
-    picks = sample_next(logits, top_p=0.7, generator=g)
-    assert set(picks.tolist()) == {0, 1}
-    assert set(sample_next(logits, top_p=0.01, generator=g).tolist()) == {0}
-    assert set(sample_next(logits, top_k=3, generator=g).tolist()) == {0, 1, 2}
-
-
-@pytest.mark.parametrize(
-    "kw, word",
-    [
-        ({"max_new_tokens": -1}, "max_new_tokens"),
-        ({"temperature": -0.1}, "temperature"),
-        ({"top_k": 0}, "top_k"),
-        ({"top_p": 0.0}, "top_p"),
-        ({"top_p": 1.5}, "top_p"),
-        ({"repetition_penalty": 0.0}, "repetition_penalty"),
-    ],
-)
-def test_bad_sampling_parameters_are_rejected(kw: dict, word: str) -> None:
-    args = {"max_new_tokens": 4, **kw}
-    with pytest.raises(ValueError, match=word):
-        generate(make(), PROMPTS, **args)
-
-
-def test_bad_prompts_are_rejected() -> None:
-    with pytest.raises(ValueError, match="empty"):
-        generate(make(), [[1, 2], []], max_new_tokens=2)
-    with pytest.raises(ValueError, match="token ids"):
-        generate(make(), [[1, VOCAB]], max_new_tokens=2)
-    assert generate(make(), [], max_new_tokens=2) == []
-    assert generate(make(), [[1]], max_new_tokens=0) == [[]]
-
-
-def test_generation_leaves_no_state_on_the_module() -> None:
-    model = make()
-    before = (set(vars(model)), {k: v.clone() for k, v in model.state_dict().items()}, [n for n, _ in model.named_buffers()])
-    generate(model, PROMPTS, max_new_tokens=5, temperature=0)
-    assert set(vars(model)) == before[0]
-    assert [n for n, _ in model.named_buffers()] == before[2]
-    assert all(torch.equal(v, before[1][k]) for k, v in model.state_dict().items())
-    assert torch.is_grad_enabled()  # generation does not leak inference mode into the caller
-
-
-def test_stream_text_never_splits_a_utf8_character(tokenizer) -> None:
-    text = "鑫龘你好，世界！ok"
-    ids = tokenizer.encode(text)
-    # precondition: the rare characters are split over several byte tokens
-    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
-    pieces = list(stream_text(tokenizer, iter(ids)))
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
-    assert len(pieces) > 1  # it streams, not one blob at the end
-
-
-def test_stream_text_flushes_invalid_bytes_instead_of_holding_them_forever(tokenizer) -> None:
-    ids = tokenizer.encode("鑫")
-    lone = ids[:1]  # the first byte of a 3-byte character and then nothing: invalid
-    pieces = list(stream_text(tokenizer, iter(lone + tokenizer.encode("好"))))
-    assert "".join(pieces).endswith("好")
-
-
-def test_stream_generate_matches_generate_and_can_be_closed(tokenizer) -> None:
-    model = make(vocab=tokenizer.vocab_size)
-    prompt = tokenizer.encode("今天天气")
-    ids = generate(model, [prompt], max_new_tokens=16, temperature=0, stop_ids=())[0]
-    pieces = list(stream_generate(model, tokenizer, prompt, max_new_tokens=16, temperature=0, stop_ids=()))
-    assert pieces == list(stream_text(tokenizer, iter(ids)))
-    stream = stream_generate(model, tokenizer, prompt, max_new_tokens=16, temperature=0, stop_ids=())
-    next(stream)
-    stream.close()  # stops generation; nothing left running
-    with pytest.raises(StopIteration):
-        next(stream)
+@pytest.mark.slow
+def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "generate", "--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+               "--batch-sizes", "1,2", "--memory-preset", "tiny"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    for side in ("ours", "transformers"):
+        assert res[side]["decode_tok_s_b1"] > 0 and res[side]["prefill_tok_s_b2"] > 0
+    assert res["ratio"]["decode_tok_s_b1"] > 0
+    # The matrix products alone are part of every decode step, so they bound its speed from above.
+    assert res["matmul_floor_tok_s_b1"] > res["ours"]["decode_tok_s_b1"]
+    assert res["ratio"]["matmul_floor_b1"] == pytest.approx(
+        res["matmul_floor_tok_s_b1"] / res["transformers"]["decode_tok_s_b1"], abs=0.01)
+    for dtype in ("float16", "bfloat16"):
+        assert res["memory"][dtype]["weights_mb"] == pytest.approx(res["memory"]["params"] * 2 / 1e6, abs=0.1)
+        assert res["memory"][dtype]["peak_generate_mb"] >= res["memory"][dtype]["peak_load_mb"] >= 0
+        assert res["memory"][dtype]["load_anon_mb"] >= 0

@@ -25,7 +25,7 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> tuple[Path, Path]:
     """(train.bin, val.bin) of a tiny corpus packed with the session's tiny tokenizer."""
-    from matelike.pack import pack
+    from matelike.data.pack import pack
 
     root = tmp_path_factory.mktemp("packed")
     corpus = root / "corpus.jsonl"
@@ -102,7 +102,7 @@ def test_epoch_size_counts_micro_batches_per_rank() -> None:
 # ------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_pretrain_end_to_end_writes_model_checkpoints_metrics(tmp_path: Path, tokenizer_dir: Path, packed) -> None:
-    from matelike.model_io import load_model
+    from matelike.model.io import load_model
 
     out = tmp_path / "run"
     assert main(pretrain_args(out, tokenizer_dir, packed, "--max-steps", "4", "--save-every", "2",

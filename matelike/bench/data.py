@@ -153,7 +153,7 @@ def _child(job: str, kwargs: dict) -> dict:
         return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
                 "peak_rss_mb": _vm_hwm_mb(), "main_peak_rss_mb": _vm_hwm_mb()}
     else:
-        from matelike.pack import pack
+        from matelike.data.pack import pack
 
         pack(**kwargs, progress=False)
     wall = time.perf_counter() - t0

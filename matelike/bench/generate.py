@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from matelike.device import DTYPES, torch_dtype, training_dtype
+from matelike.sampling import GREEDY
+
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
 
@@ -87,13 +90,13 @@ def peak_load_memory(model_dir: str, dtype_name: str) -> dict[str, float]:
     """Run in a fresh process: peak resident-set growth (MB) while loading, then after a short generation."""
     import torch
 
-    from matelike.generate import generate
-    from matelike.model_io import load_model
+    from matelike.model.generation import generate
+    from matelike.model.io import load_model
 
     base, base_anon = _proc_status_kb("VmRSS"), _proc_status_kb("RssAnon")  # imports done
     model, _ = load_model(model_dir, dtype=getattr(torch, dtype_name))
     loaded, loaded_anon = _proc_status_kb("VmHWM"), _proc_status_kb("RssAnon")
-    generate(model, [[1, 2, 3, 4]], max_new_tokens=8, temperature=0)
+    generate(model, [[1, 2, 3, 4]], max_new_tokens=8, sampling=GREEDY)
     gen = _proc_status_kb("VmHWM")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
@@ -109,8 +112,8 @@ def peak_load_memory(model_dir: str, dtype_name: str) -> dict[str, float]:
 def _memory(preset: str, tmp: Path) -> dict[str, Any]:
     import torch
 
-    from matelike.model import Transformer, get_preset
-    from matelike.model_io import save_model
+    from matelike.model.transformer import Transformer, get_preset
+    from matelike.model.io import save_model
 
     # Built straight in fp16: no 0.8 GB fp32 copy of the 0.2b model.
     model = Transformer(get_preset(preset), device="meta", dtype=torch.float16).to_empty(device="cpu")
@@ -132,32 +135,33 @@ def _memory(preset: str, tmp: Path) -> dict[str, Any]:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from matelike.generate import generate
-    from matelike.model import Transformer, get_preset
-    from matelike.model_io import load_model, save_model
+    from matelike.model.generation import generate
+    from matelike.model.transformer import Transformer, get_preset
+    from matelike.model.io import load_model, save_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    dtype_name = training_dtype(args.dtype, torch.device("cpu"))
     result: dict[str, Any] = {
         "bench": "generate",
         "preset": args.preset,
         "threads": torch.get_num_threads(),
-        "dtype": args.dtype,
+        "dtype": dtype_name,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
     }
     with tempfile.TemporaryDirectory(prefix="matelike-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        dtype = getattr(torch, args.dtype)
+        dtype = torch_dtype(dtype_name)
         save_model(Transformer(get_preset(args.preset)).to(dtype), None, tmp / "model")
         ours, _ = load_model(tmp / "model")
         vocab = ours.config.vocab_size
         prompts = torch.randint(0, vocab, (max(batch_sizes), args.prompt_len), generator=torch.Generator().manual_seed(1))
 
         def run_ours(b: int, n: int) -> Any:
-            return generate(ours, prompts[:b].tolist(), max_new_tokens=n, temperature=0)
+            return generate(ours, prompts[:b].tolist(), max_new_tokens=n, sampling=GREEDY)
 
         result["ours"] = _speeds(run_ours, batch_sizes, args.prompt_len, args.new_tokens, args.repeats)
         if not ours.config.is_moe:
@@ -209,7 +213,8 @@ def add_cli(table: CommandTable) -> None:
     p.add_argument("--repeats", type=int, default=3, help="best of N runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="weights dtype of the saved directory, used by both sides")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights dtype of the saved directory, used by both sides (auto as matelike.device picks "
+                        "it for the CPU)")
     p.add_argument("--memory-preset", default="0.2b", help="preset whose fp16/bf16 load memory is measured ('' = skip)")
     p.add_argument("--skip-transformers", action="store_true", help="time only our generate")

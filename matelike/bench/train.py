@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from matelike.device import DEVICE_HELP
+
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
 
@@ -56,7 +58,7 @@ def measure_run(preset: str, dtype: str, compile_: bool, batch_size: int, seq_le
     """Train `warmup + steps` steps through the Trainer; returns tokens/s and step time after warmup."""
     import torch
 
-    from matelike.model import Transformer, get_preset
+    from matelike.model.transformer import Transformer, get_preset
     from matelike.train import TrainConfig, Trainer, seed_everything
 
     with tempfile.TemporaryDirectory(prefix="matelike-bench-train-") as tmp:
@@ -89,13 +91,13 @@ def memory_probe(preset: str, batch_size: int, seq_len: int, device: str) -> dic
 
     import torch
 
-    from matelike.model import Transformer, get_preset
+    from matelike.model.transformer import Transformer, get_preset
     from matelike.train import TrainConfig
     from matelike.train.optim import build_optimizer
+    from matelike.device import resolve_device
     from matelike.train.precision import Precision
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     import psutil
 
     rss0 = psutil.Process().memory_info().rss  # now, after imports; ru_maxrss may hold an import-time peak
@@ -140,14 +142,14 @@ def _probe_in_subprocess(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_bench_train(args: argparse.Namespace) -> int:
     import torch
 
-    from matelike.train.distributed import pick_device
+    from matelike.device import resolve_device
     from matelike.train.flops import measure_matmul_peak
 
     losses = args.losses.split(",")
     for loss in losses:
         if loss not in ("fused", "logits"):
             raise SystemExit(f"--losses: unknown {loss!r}; use fused and/or logits")
-    device = pick_device(args.device, 0)
+    device = resolve_device(args.device)
     size = 8192 if device.type == "cuda" else 2048
     peaks = {name: measure_matmul_peak(dt, device, size=size, seconds=args.peak_seconds)
              for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
@@ -193,4 +195,4 @@ def add_cli(table: "CommandTable") -> None:
                    help="comma-separated: fused (chunked projection + loss, as training runs) and/or logits")
     p.add_argument("--memory-preset", default="0.2b", help="preset of the memory probe ('' skips it)")
     p.add_argument("--peak-seconds", type=float, default=1.0, help="seconds per matmul peak measurement")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)

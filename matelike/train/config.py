@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+from matelike.device import DTYPES, add_device_args
+
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -109,8 +110,6 @@ def add_engine_args(
                    help="linear warmup from 0 (default: 2%% of the steps, at most 1000)")
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="decoupled weight decay (matrices)")
     g.add_argument("--clip", type=float, default=d["clip"], help="max gradient norm, 0 disables")
-    g.add_argument("--dtype", choices=DTYPES, default=d["dtype"],
-                   help="auto: bf16 autocast on bf16 GPUs and AMX CPUs, fp16+scaler on older GPUs, else fp32")
     g.add_argument("--compile", action="store_true", default=d["compile"], help="torch.compile the model")
     g.add_argument("--save-every", type=int, default=d["save_every"], help="checkpoint every N steps")
     g.add_argument("--keep", type=int, default=d["keep"], help="keep the last K checkpoints (0 = all)")
@@ -123,7 +122,7 @@ def add_engine_args(
                    help="adamw, or muon for hidden matrices (AdamW for embeddings, head, norms)")
     g.add_argument("--muon-lr", type=float, default=d["muon_lr"], help="peak learning rate of Muon's matrices")
     g.add_argument("--fsdp", action="store_true", default=d["fsdp"], help="shard with FSDP2 under torchrun")
-    g.add_argument("--device", default=d["device"], help="auto, cpu, cuda")
+    add_device_args(g, training=True)
     g.add_argument("--max-bad-steps", type=int, default=d["max_bad_steps"],
                    help="stop after this many steps in a row with a non-finite loss or gradient")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d["progress"],

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from matelike.device import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -32,22 +34,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda but no GPU is visible")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
 def setup(device: str = "auto") -> DistInfo:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun) and start the process group when world size > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -58,7 +58,7 @@ Run length: --max-steps wins, else --max-tokens / (batch * seq_len * grad_accum 
 
 What the engine writes under --out
 ----------------------------------
-- the model directory itself (``export(model, out)``, by default ``matelike.model_io.save_model``), at every
+- the model directory itself (``export(model, out)``, by default ``matelike.model.io.save_model``), at every
   checkpoint and at the end; rank 0 only (under FSDP the full weights are gathered first);
 - ``checkpoints/step-N/`` (see matelike.train.checkpoint): model, optimizer, scheduler, scaler, step, tokens,
   the Task's cursor and every rank's RNG states; written atomically, hashed, the last --keep kept. --resume
@@ -147,10 +147,10 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def default_export(tokenizer: Any) -> Callable[[nn.Module, Path], None]:
-    """Write the HF model directory with matelike.model_io.save_model."""
+    """Write the HF model directory with matelike.model.io.save_model."""
 
     def export(model: nn.Module, out: Path) -> None:
-        from matelike.model_io import save_model
+        from matelike.model.io import save_model
 
         save_model(model, tokenizer, out)
 
@@ -161,7 +161,7 @@ class Trainer:
     """Runs a Task to completion (or to a signal) with everything in the module docstring.
 
     `export(model, out_dir)` writes the model directory at --out at every save and at the end; it defaults to
-    `matelike.model_io.save_model(model, tokenizer, out_dir)`. Pass `export=None` with `tokenizer=None` only in
+    `matelike.model.io.save_model(model, tokenizer, out_dir)`. Pass `export=None` with `tokenizer=None` only in
     tests of the engine itself.
     """
 

@@ -1,0 +1,214 @@
+"""Preference data: `{prompt, chosen, rejected}` records -> token ids with a completion-only mask -> batches.
+
+Records in TRL's columns (strings or message lists, jsonl or parquet) go through `formats.to_preference`;
+bad ones are reported with FILE:LINE by a `BadRecordReport` and counted. Each side (prompt + chosen,
+prompt + rejected) is rendered with the chat template by the SFT stage's `fit_messages` (same rendering, same
+history-side truncation) and then only the final assistant turn keeps its mask: DPO compares the two
+answers, not the earlier turns they share.
+
+A batch of B pairs is one (2B, W) tensor, chosen rows first, so one forward pass scores both sides.
+It also carries the pair indices so that precomputed reference log-probabilities can be looked up after
+a resume or in any shuffle order.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+
+from matelike.data.sft import IGNORE_INDEX, SFTSamples, fit_messages
+
+if TYPE_CHECKING:
+    from matelike.data.records import BadRecordReport
+    from matelike.tokenizer import Tokenizer
+
+
+@dataclass
+class PreferenceStats:
+    """What happened to every record, printed and saved so nothing is lost silently."""
+
+    records: int = 0
+    bad: int = 0
+    pairs: int = 0
+    truncated: int = 0  # pairs kept after dropping their oldest exchanges
+    dropped_too_long: int = 0  # prompt's last turn plus an answer does not fit --seq-len
+    tokens: int = 0  # input positions over kept pairs, both sides
+    files: dict[str, int] = field(default_factory=dict)  # path -> pairs kept
+
+    def summary(self) -> str:
+        return (
+            f"preference data: {self.records} records, {self.pairs} pairs kept, {self.bad} bad, "
+            f"{self.truncated} truncated, {self.dropped_too_long} dropped as too long; {self.tokens} tokens"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PreferencePairs:
+    """Rendered pairs: pair i is `chosen.sample(i)` against `rejected.sample(i)` (ids and loss mask)."""
+
+    chosen: SFTSamples
+    rejected: SFTSamples
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def lengths(self) -> np.ndarray:
+        """Input positions per pair: the longer of the two sides (what a padded row needs)."""
+        return np.maximum(self.chosen.lengths, self.rejected.lengths)
+
+
+def _final_turn_only(mask: list[int]) -> list[int]:
+    """Keep the last run of 1s (the final assistant turn and its <|im_end|>), zero the earlier turns."""
+    out = list(mask)
+    i = len(out) - 1
+    while i >= 0 and not out[i]:
+        i -= 1
+    while i >= 0 and out[i]:
+        i -= 1
+    for j in range(i + 1):
+        out[j] = 0
+    return out
+
+
+def render_pair(
+    tokenizer: "Tokenizer", prompt: list[dict[str, str]], chosen: list[dict[str, str]],
+    rejected: list[dict[str, str]], seq_len: int,
+) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]], int] | None:
+    """(chosen ids+mask, rejected ids+mask, history turns dropped) or None when a side does not fit."""
+    sides = []
+    dropped = 0
+    for answer in (chosen, rejected):
+        fit = fit_messages(tokenizer, prompt + answer, seq_len)
+        if fit.ids is None:
+            return None
+        sides.append((fit.ids, _final_turn_only(fit.mask)))
+        dropped = max(dropped, fit.turns_dropped)
+    return sides[0], sides[1], dropped
+
+
+def load_preference_pairs(
+    paths: Iterable[str | Path], tokenizer: "Tokenizer", seq_len: int, report: "BadRecordReport | None" = None,
+) -> tuple[PreferencePairs, PreferenceStats]:
+    """Read and render every pair of `paths` (files or directories, jsonl / parquet / csv)."""
+    from matelike.data.formats import RecordError, to_preference
+    from matelike.data.records import BadRecord, BadRecordReport, expand_inputs, iter_records
+
+    report = report if report is not None else BadRecordReport()
+    stats = PreferenceStats()
+    ids: dict[str, list[list[int]]] = {"chosen": [], "rejected": []}
+    masks: dict[str, list[list[int]]] = {"chosen": [], "rejected": []}
+    for path in expand_inputs(paths):
+        kept = 0
+        for line, rec in iter_records(path):
+            stats.records += 1
+            if isinstance(rec, BadRecord):
+                stats.bad += 1
+                report.add(rec)
+                continue
+            try:
+                pref = to_preference(rec)
+            except RecordError as e:
+                stats.bad += 1
+                report.add(BadRecord(str(path), line, e.reason))
+                continue
+            rendered = render_pair(tokenizer, pref.prompt, pref.chosen, pref.rejected, seq_len)
+            if rendered is None:
+                stats.dropped_too_long += 1
+                continue
+            (ci, cm), (ri, rm), dropped = rendered
+            stats.truncated += bool(dropped)
+            stats.tokens += len(ci) + len(ri) - 2
+            for side, i, m in (("chosen", ci, cm), ("rejected", ri, rm)):
+                ids[side].append(i)
+                masks[side].append(m)
+            kept += 1
+        stats.files[str(path)] = kept
+        stats.pairs += kept
+    pairs = PreferencePairs(SFTSamples.from_lists(ids["chosen"], masks["chosen"]),
+                            SFTSamples.from_lists(ids["rejected"], masks["rejected"]))
+    return pairs, stats
+
+
+def collate_pairs(pairs: PreferencePairs, indices: list[int], pad_id: int) -> dict:
+    """One batch: `input_ids`/`targets` (2B, W), chosen rows then rejected rows, right padding.
+
+    Right padding under a causal mask leaves the real tokens' logits untouched, so no attention mask is
+    needed and the fast causal attention path applies.
+    """
+    import torch
+
+    rows = [pairs.chosen.sample(i) for i in indices] + [pairs.rejected.sample(i) for i in indices]
+    width = max(len(ids) - 1 for ids, _ in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    real = 0
+    for r, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        input_ids[r, :n] = ids[:-1]
+        targets[r, :n] = np.where(mask[1:] > 0, ids[1:], IGNORE_INDEX)
+        real += n
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "targets": torch.from_numpy(targets),
+        "index": torch.tensor(indices, dtype=torch.long),
+        "real_tokens": real,
+        "padding_fraction": 1.0 - real / float(input_ids.size),
+    }
+
+
+class PreferenceBatches:
+    """Epochs of shuffled pair batches with a resumable integer cursor (global batches since the start).
+
+    Epoch e shuffles with (seed, e); global batch k takes pairs [k*G, (k+1)*G) of that order with
+    G = batch_size * world_size, and rank r takes every world_size-th of them. Inside a global batch the
+    pairs are sorted by length before the split so the padded rows of a rank stay close in length. The last
+    partial global batch of an epoch is kept when it has at least one pair per rank.
+    """
+
+    def __init__(self, pairs: PreferencePairs, batch_size: int, pad_id: int, seed: int = 0) -> None:
+        if len(pairs) == 0:
+            raise ValueError("no preference pairs to train on")
+        self.pairs = pairs
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.seed = seed
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+
+    def batches_per_epoch(self, world_size: int = 1) -> int:
+        usable = max(len(self.pairs) // world_size * world_size, world_size)
+        return max(1, -(-usable // (self.batch_size * world_size)))
+
+    def iter_batches(self, rank: int = 0, world_size: int = 1, cursor: int = 0) -> Iterator[tuple[int, dict]]:
+        """Yield (cursor after this batch, batch) forever, starting at global batch `cursor`."""
+        n = self.batches_per_epoch(world_size)
+        epoch, k = divmod(cursor, n)
+        done = cursor
+        g = self.batch_size * world_size
+        lengths = self.pairs.lengths()
+        while True:
+            order = self.order(epoch)
+            usable = len(order) // world_size * world_size
+            if usable == 0:  # fewer pairs than ranks: rank r reuses pair r % n
+                order, usable = np.arange(world_size) % len(order), world_size
+            for b in range(k, n):
+                chunk = order[b * g : min((b + 1) * g, usable)]
+                chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+                done += 1
+                yield done, collate_pairs(self.pairs, chunk[rank::world_size].tolist(), self.pad_id)
+            epoch, k = epoch + 1, 0
+
+
+def print_stats(stats: PreferenceStats, report: "BadRecordReport | None" = None) -> None:
+    """The data summary (and the bad-record summary when any) on stderr."""
+    print(stats.summary(), file=sys.stderr)
+    if report is not None and stats.bad:
+        print(report.summary(), file=sys.stderr)

@@ -1,0 +1,429 @@
+"""`matelike eval --model DIR`: demo task scores, held-out loss / bits per byte, C-Eval style multiple choice.
+
+Any saved model directory works (pretrain-only, SFT, DPO), and every model is asked the same way, so the
+numbers compare across stages:
+
+- Tasks (`tasks_test.jsonl`: `{task, prompt, answer}`): each prompt goes in as a user turn of the chat template
+  (`--prompt-format plain` feeds the bare prompt and a newline instead), answers come from batched greedy
+  decoding and are scored by `matelike.eval.scoring.score_task`. The answer budget is 1.5x the gold answer's token
+  count plus 8 tokens, cut per item after decoding, so an item's budget does not depend on its batch mates.
+  `baselines` holds what a rule with no model scores on the same items (`tasks.trivial_answers`: the majority
+  label, every character a word, `无`, another item's continuation): the floor to read each score against.
+- Held-out loss (`--val FILE`, pretraining jsonl): documents joined with `<|endoftext|>` as in packing, with one
+  more in front so that every text token is predicted (and every byte counted), cut into windows of the model's
+  context; every token after the first is predicted exactly once. `loss` is
+  the mean cross-entropy in nats over all predicted tokens (separators included, as in training); `bpb` is the
+  cross-entropy of the text tokens in bits divided by the UTF-8 bytes of the text, which compares models with
+  different tokenizers.
+- Multiple choice (`--ceval FILE.csv...`, columns question, A, B, C, D, answer): the question and options are
+  shown with `答案：`, and the model picks the letter with the highest log-likelihood as the next tokens.
+  Accuracy per file; bad rows are reported as FILE:LINE and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from matelike.data.records import BadRecord, BadRecordReport, DataFileError, iter_records
+from matelike.eval.scoring import MAIN_METRIC, TASKS, score_task, trivial_answers
+
+from matelike.device import add_device_args
+from matelike.sampling import GREEDY
+
+if TYPE_CHECKING:
+    from matelike.cli import CommandTable
+    from matelike.tokenizer import Tokenizer
+
+PROMPT_FORMATS = ("chat", "plain")
+CHOICES = ("A", "B", "C", "D")
+MC_INSTRUCTION = "以下是单项选择题，请选出其中的正确答案。"
+
+
+class EvalError(Exception):
+    """A problem with the evaluation's inputs as a whole (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def encode_prompt(tokenizer: "Tokenizer", prompt: str, prompt_format: str) -> list[int]:
+    """Token ids that ask `prompt`: a chat user turn plus the assistant header, or the bare text and a newline."""
+    if prompt_format == "chat":
+        return tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+    if prompt_format == "plain":
+        return tokenizer.encode(prompt + "\n")
+    raise ValueError(f"unknown prompt format {prompt_format!r} (expected chat or plain)")
+
+
+def _context_len(model: Any) -> int:
+    return int(model.config.max_seq_len)
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+
+def load_task_items(path: str | Path, tasks: Sequence[str], limit: int | None,
+                    report: BadRecordReport) -> dict[str, list[dict[str, str]]]:
+    """The first `limit` items of each task in `tasks` from a `{task, prompt, answer}` file, in file order."""
+    items: dict[str, list[dict[str, str]]] = {t: [] for t in tasks}
+    for line, rec in iter_records(path):
+        if isinstance(rec, BadRecord):
+            report.add(rec)
+            continue
+        problem = None
+        for key in ("task", "prompt", "answer"):
+            if key not in rec or rec[key] is None:
+                problem = f"missing field: {key!r}"
+            elif not isinstance(rec[key], str):
+                problem = f"wrong type: field {key!r} is not a string"
+            elif key != "answer" and not rec[key].strip():
+                problem = f"empty text: field {key!r}"
+            if problem:
+                break
+        if problem is None and rec["task"] not in TASKS:
+            problem = f"unknown task: {rec['task']!r} (expected one of {', '.join(TASKS)})"
+        if problem:
+            report.add(BadRecord(str(path), line, problem))
+            continue
+        bucket = items.get(rec["task"])
+        if bucket is not None and (limit is None or len(bucket) < limit):
+            bucket.append({"prompt": rec["prompt"], "answer": rec["answer"]})
+    return items
+
+
+def answer_budget(tokenizer: "Tokenizer", gold: str) -> int:
+    """New tokens allowed for an answer: 1.5x the gold answer's tokens plus 8."""
+    return math.ceil(1.5 * len(tokenizer.encode(gold))) + 8
+
+
+def generate_answers(model: Any, tokenizer: "Tokenizer", prompts: Sequence[list[int]], budgets: Sequence[int],
+                     *, batch_size: int = 32, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers (decoded text, special tokens dropped, stripped) for token-id prompts.
+
+    Prompts are batched by length to keep padding small. Each row is cut to its own budget afterwards, and a
+    prompt longer than the context minus its budget keeps its end (where the question and answer header are).
+    """
+    from matelike.model.generation import default_stop_ids, generate
+
+    ctx = _context_len(model)
+    stop = default_stop_ids(tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        budget = min(max(budgets[i] for i in rows), ctx - 1)
+        batch = [list(prompts[i])[-(ctx - budget):] for i in rows]
+        new = generate(model, batch, max_new_tokens=budget, sampling=GREEDY, stop_ids=stop)
+        for i, ids in zip(rows, new):
+            out[i] = tokenizer.decode(ids[:budgets[i]], skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(len(rows))
+    return out
+
+
+def evaluate_tasks(model: Any, tokenizer: "Tokenizer", items: dict[str, list[dict[str, str]]], *,
+                   prompt_format: str = "chat", batch_size: int = 32, progress: bool = False,
+                   ) -> tuple[dict[str, dict[str, float | int]], list[dict[str, str]]]:
+    """(metrics per task, predictions) for the loaded test items; `progress` shows a bar per task on stderr."""
+    from tqdm import tqdm
+
+    metrics: dict[str, dict[str, float | int]] = {}
+    predictions: list[dict[str, str]] = []
+    for task, rows in items.items():
+        prompts = [encode_prompt(tokenizer, r["prompt"], prompt_format) for r in rows]
+        budgets = [answer_budget(tokenizer, r["answer"]) for r in rows]
+        with tqdm(total=len(rows), desc=f"eval {task}", unit="item", disable=not progress, leave=False) as bar:
+            preds = generate_answers(model, tokenizer, prompts, budgets, batch_size=batch_size, progress=bar.update)
+        metrics[task] = score_task(task, [r["answer"] for r in rows], preds)
+        predictions += [{"task": task, "prompt": r["prompt"], "answer": r["answer"], "prediction": p}
+                        for r, p in zip(rows, preds)]
+    return metrics, predictions
+
+
+def trivial_baselines(items: dict[str, list[dict[str, str]]]) -> dict[str, dict[str, float | int]]:
+    """Scores of `tasks.trivial_answers` on the same test items: the floor each task's score is read against."""
+    out: dict[str, dict[str, float | int]] = {}
+    for task, rows in items.items():
+        golds = [r["answer"] for r in rows]
+        answers = trivial_answers(task, golds)
+        if answers is not None:
+            out[task] = score_task(task, golds, answers)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- held-out loss
+
+
+def heldout_loss(model: Any, tokenizer: "Tokenizer", path: str | Path, report: BadRecordReport, *,
+                 field: str = "text", batch_size: int = 8, max_tokens: int | None = None) -> dict[str, Any]:
+    """Mean cross-entropy (nats/token) and bits per UTF-8 byte of the documents in a pretraining file.
+
+    With `max_tokens`, whole documents are read until the stream holds at least that many tokens.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from matelike.data.formats import RecordError, pretrain_text
+
+    eos = tokenizer.eos_id
+    special = set(getattr(tokenizer, "special_ids", None) or [eos])
+    stream: list[int] = []
+    n_bytes = docs = 0
+    for line, rec in iter_records(path):
+        if isinstance(rec, BadRecord):
+            report.add(rec)
+            continue
+        try:
+            text = pretrain_text(rec, field)
+        except RecordError as e:
+            report.add(BadRecord(str(path), line, e.reason))
+            continue
+        stream.append(eos)
+        stream += tokenizer.encode(text)
+        n_bytes += len(text.encode("utf-8"))
+        docs += 1
+        if max_tokens is not None and len(stream) >= max_tokens:
+            break
+    if docs == 0:
+        raise EvalError(f"{path}: no usable documents for the held-out loss")
+    ids = torch.tensor(stream, dtype=torch.long)
+    T = _context_len(model)
+    device = next(model.parameters()).device
+    sum_all = sum_text = 0.0
+    n_targets = 0
+    starts = list(range(0, len(stream) - 1, T))
+    with torch.inference_mode():
+        for b in range(0, len(starts), batch_size):
+            windows = starts[b:b + batch_size]
+            x = torch.zeros(len(windows), T, dtype=torch.long)
+            y = torch.full((len(windows), T), -100, dtype=torch.long)
+            for r, s in enumerate(windows):
+                chunk = ids[s:s + T + 1]
+                x[r, :len(chunk) - 1] = chunk[:-1]
+                y[r, :len(chunk) - 1] = chunk[1:]
+            logits = model(x.to(device)).logits.float()
+            nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1).to(device), ignore_index=-100,
+                                  reduction="none").view_as(y).cpu()
+            valid = y != -100
+            is_text = valid & ~torch.isin(y, torch.tensor(sorted(special), dtype=torch.long))
+            sum_all += float(nll[valid].sum())
+            sum_text += float(nll[is_text].sum())
+            n_targets += int(valid.sum())
+    return {"file": str(path), "docs": docs, "tokens": n_targets, "bytes": n_bytes,
+            "loss": sum_all / n_targets, "bpb": sum_text / math.log(2) / n_bytes}
+
+
+# ---------------------------------------------------------------------------------------------- multiple choice
+
+
+def mc_prompt(row: dict[str, str]) -> str:
+    """The question text shown for one C-Eval row (the model answers with a letter)."""
+    options = "\n".join(f"{c}. {row[c].strip()}" for c in CHOICES)
+    return f"{MC_INSTRUCTION}\n\n{row['question'].strip()}\n{options}\n答案："
+
+
+def load_mc_rows(path: str | Path, report: BadRecordReport) -> list[dict[str, str]]:
+    """Usable rows of a C-Eval layout CSV; bad rows go to `report` as FILE:LINE: reason."""
+    rows: list[dict[str, str]] = []
+    required = ("question", *CHOICES, "answer")
+    checked_header = False
+    for line, rec in iter_records(path):
+        if isinstance(rec, BadRecord):
+            report.add(rec)
+            continue
+        if not checked_header:
+            missing = [c for c in required if c not in rec]
+            if missing:
+                raise DataFileError(f"{path}:1: CSV header lacks column(s) {', '.join(missing)} "
+                                    f"(C-Eval layout: question, A, B, C, D, answer)")
+            checked_header = True
+        if not (rec["question"] or "").strip():
+            report.add(BadRecord(str(path), line, "empty text: field 'question'"))
+            continue
+        answer = (rec["answer"] or "").strip().upper()
+        if answer not in CHOICES:
+            report.add(BadRecord(str(path), line, f"bad answer: {rec['answer']!r} (expected one of A, B, C, D)"))
+            continue
+        rows.append({**{k: rec[k] or "" for k in required}, "answer": answer})
+    return rows
+
+
+def choice_logprobs(model: Any, tokenizer: "Tokenizer", prompt_ids: Sequence[int],
+                    choices: Sequence[str] = CHOICES) -> list[float]:
+    """log P(choice tokens | prompt) for each choice: one forward over the prompt+choice rows."""
+    import torch
+    import torch.nn.functional as F
+
+    ctx = _context_len(model)
+    conts = [tokenizer.encode(c) for c in choices]
+    longest = max(len(c) for c in conts)
+    prompt = list(prompt_ids)[-(ctx - longest):]
+    seqs = [prompt + c for c in conts]
+    width = max(len(s) for s in seqs)
+    device = next(model.parameters()).device
+    # Right padding: causal attention means the padded tail never influences the scored positions.
+    x = torch.full((len(seqs), width), tokenizer.eos_id, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+    with torch.inference_mode():
+        logp = F.log_softmax(model(x.to(device)).logits.float(), dim=-1).cpu()
+    scores = []
+    for r, c in enumerate(conts):
+        p = len(prompt)
+        scores.append(float(sum(logp[r, p - 1 + j, tok] for j, tok in enumerate(c))))
+    return scores
+
+
+def evaluate_mc(model: Any, tokenizer: "Tokenizer", path: str | Path, report: BadRecordReport, *,
+                prompt_format: str = "chat", limit: int | None = None) -> dict[str, Any]:
+    """Accuracy of letter choice by log-likelihood on one C-Eval layout CSV."""
+    before = report.by_file.get(str(path), 0)
+    rows = load_mc_rows(path, report)
+    if limit is not None:
+        rows = rows[:limit]
+    correct = 0
+    for row in rows:
+        scores = choice_logprobs(model, tokenizer, encode_prompt(tokenizer, mc_prompt(row), prompt_format))
+        pick = CHOICES[max(range(len(CHOICES)), key=lambda i: scores[i])]
+        correct += pick == row["answer"]
+    return {"n": len(rows), "correct": correct, "accuracy": correct / len(rows) if rows else 0.0,
+            "bad": report.by_file.get(str(path), 0) - before}
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The printed summary: one line per metric."""
+    lines = [f"{'what':<28} {'metric':<10} {'value':>9} {'baseline':>9}  n"]
+    for task, m in result.get("tasks", {}).items():
+        base = result.get("baselines", {}).get(task, {})
+        for key, value in m.items():
+            if key != "n":
+                mark = " *" if key == MAIN_METRIC.get(task) else ""
+                b = f"{base[key]:>9.4f}" if key in base else f"{'-':>9}"
+                lines.append(f"{task:<28} {key:<10} {value:>9.4f} {b}  {m['n']}{mark}")
+    if "val" in result:
+        v = result["val"]
+        lines.append(f"{'held-out text':<28} {'loss':<10} {v['loss']:>9.4f}  {v['tokens']} tokens")
+        lines.append(f"{'held-out text':<28} {'bpb':<10} {v['bpb']:>9.4f}  {v['bytes']} bytes")
+    for path, m in result.get("ceval", {}).items():
+        lines.append(f"{Path(path).name[:28]:<28} {'accuracy':<10} {m['accuracy']:>9.4f}  {m['n']}")
+    return "\n".join(lines)
+
+
+def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tasks: Sequence[str] = TASKS,
+             limit: int | None = None, val: str | Path | None = None, ceval: Sequence[str | Path] = (),
+             prompt_format: str = "chat", batch_size: int = 32, device: str = "cpu", dtype: str | None = None,
+             val_max_tokens: int | None = None, report: BadRecordReport | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Everything `matelike eval` computes, as the JSON-ready dict (also used by `matelike run`)."""
+    import torch
+
+    from matelike.model.io import load_model
+
+    report = report if report is not None else BadRecordReport()
+    t0 = time.time()
+    model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
+    if tokenizer is None:
+        raise EvalError(f"{model_dir}: the model directory has no tokenizer.json")
+    result: dict[str, Any] = {"model": str(model_dir), "prompt_format": prompt_format}
+    with torch.inference_mode():
+        if tasks_file is not None and tasks:
+            items = load_task_items(tasks_file, tasks, limit, report)
+            empty = [t for t, rows in items.items() if not rows]
+            if empty:
+                raise EvalError(f"{tasks_file}: no test items for task(s) {', '.join(empty)}")
+            result["tasks"], result["predictions"] = evaluate_tasks(
+                model, tokenizer, items, prompt_format=prompt_format, batch_size=batch_size, progress=progress)
+            result["baselines"] = trivial_baselines(items)
+        if val is not None:
+            result["val"] = heldout_loss(model, tokenizer, val, report, max_tokens=val_max_tokens)
+        if ceval:
+            result["ceval"] = {str(p): evaluate_mc(model, tokenizer, p, report, prompt_format=prompt_format,
+                                                   limit=limit) for p in ceval}
+    result["bad_records"] = report.total
+    result["seconds"] = round(time.time() - t0, 2)
+    return result
+
+
+def _parse_tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(TASKS)}")
+    return list(dict.fromkeys(names))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    tasks_file = args.tasks_file
+    val = args.val
+    if args.data is not None:
+        data = Path(args.data)
+        tasks_file = tasks_file or data / "tasks_test.jsonl"
+        val = val or data / "pretrain_val.jsonl"
+    if tasks_file is None and val is None and not args.ceval:
+        print("error: nothing to evaluate: give --data DIR, --tasks-file, --val or --ceval", file=sys.stderr)
+        return 2
+    from matelike.model.io import ModelDirError
+
+    report = BadRecordReport()
+    try:
+        result = run_eval(args.model, tasks_file=tasks_file, tasks=args.tasks, limit=args.limit, val=val,
+                          ceval=args.ceval or (), prompt_format=args.prompt_format, batch_size=args.batch_size,
+                          device=args.device, dtype=args.dtype, val_max_tokens=args.val_max_tokens, report=report,
+                          progress=not args.quiet and sys.stderr.isatty())
+    except (EvalError, DataFileError, ModelDirError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    predictions = result.pop("predictions", [])
+    print(format_table(result))
+    if report.total:
+        print(report.summary(), file=sys.stderr)
+    if args.predictions:
+        Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.predictions, "w", encoding="utf-8") as f:
+            for p in predictions:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result["samples"] = {t: next((p for p in predictions if p["task"] == t), None) for t in result.get("tasks", {})}
+        out.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
+
+
+def add_cli(table: "CommandTable") -> None:
+    p = table.command("eval", "score a model directory: demo tasks, held-out loss / bits per byte, C-Eval CSVs",
+                      _cmd_eval)
+    p.add_argument("--model", required=True, help="model directory (any saved stage)")
+    p.add_argument("--data", help="demo data directory: uses its tasks_test.jsonl and pretrain_val.jsonl")
+    p.add_argument("--tasks-file", help="test items, jsonl with task, prompt, answer")
+    p.add_argument("--tasks", type=_parse_tasks, default=list(TASKS),
+                   help=f"comma-separated tasks to score (default: {','.join(TASKS)})")
+    p.add_argument("--limit", type=_positive, help="score only the first N items of each task / C-Eval file")
+    p.add_argument("--val", help="pretraining validation jsonl for held-out loss and bits per byte")
+    p.add_argument("--val-max-tokens", type=_positive, help="read whole documents up to about this many tokens")
+    p.add_argument("--ceval", nargs="+", help="C-Eval layout CSV files (question, A, B, C, D, answer)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
+                   help="ask as a chat user turn (default) or as bare text")
+    p.add_argument("--batch-size", type=_positive, default=32, help="prompts generated together")
+    add_device_args(p)
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--predictions", help="write every task answer as jsonl here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

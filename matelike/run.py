@@ -1,0 +1,238 @@
+"""`matelike run`: the whole pipeline on the embedded demo data, one stage after another.
+
+Every stage runs as its own `python -m matelike ...` process, exactly the command a user would type, so the
+report can print the commands that reproduce the run and a crash in one stage cannot corrupt another's state.
+Each stage writes into its own folder under OUT and, once it has finished, a marker `OUT/.stages/NAME.json`
+(command, wall time). Re-running skips stages with a marker; an interrupted training stage resumes from its
+newest checkpoint (`--resume`), make-pairs continues its file, and the quick stages start over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from matelike.cli import CommandTable
+
+STAGES: tuple[str, ...] = ("data", "tokenizer", "pack", "pretrain", "sft", "pairs", "dpo", "eval", "report")
+MARKERS = ".stages"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much work each stage does for one preset. `expected_s` weights the overall ETA."""
+
+    vocab_size: int
+    pretrain_steps: int
+    pretrain_batch: int
+    optimizer: str  # of pretraining and SFT: adamw, or muon (not with --fsdp; it learns faster on the tiny model)
+    seq_len: int
+    sft_steps: int
+    sft_batch: int
+    sft_per_task: int
+    pair_prompts: int
+    dpo_steps: int
+    dpo_batch: int
+    eval_limit: int
+    dtype: str
+    tokenizer_chars: int  # characters sampled to train the tokenizer
+    eval_tokens: int  # held-out tokens scored at each pretraining eval
+    expected_s: tuple[float, ...]  # one per stage, in STAGES order
+
+
+# The tiny budget is sized so that the whole run fits in 15 minutes on a 2-core CPU (measured figures in the
+# README); 26m and 0.2b are the original Matelike project's sizes with budgets meant for one GPU.
+BUDGETS: dict[str, Budget] = {
+    "micro": Budget(vocab_size=2048, pretrain_steps=30, pretrain_batch=4, seq_len=256, sft_steps=20, sft_batch=8,
+                    sft_per_task=60, pair_prompts=40, dpo_steps=6, dpo_batch=4, eval_limit=6, dtype="auto",
+                    optimizer="muon", tokenizer_chars=300_000, eval_tokens=4096,
+                    expected_s=(8, 10, 8, 15, 12, 10, 10, 15, 5)),
+    "tiny": Budget(vocab_size=6400, pretrain_steps=2400, pretrain_batch=8, seq_len=256, sft_steps=700,
+                   sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=100,
+                   dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
+                   expected_s=(5, 12, 2, 440, 180, 35, 22, 13, 2)),
+    "26m": Budget(vocab_size=6400, pretrain_steps=20000, pretrain_batch=32, seq_len=512, sft_steps=4000,
+                  sft_batch=32, sft_per_task=4000, pair_prompts=2000, dpo_steps=1000, dpo_batch=16,
+                  eval_limit=300, dtype="auto", optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
+                  expected_s=(10, 60, 30, 3600, 900, 600, 600, 300, 10)),
+    "0.2b": Budget(vocab_size=6400, pretrain_steps=40000, pretrain_batch=32, seq_len=512, sft_steps=6000,
+                   sft_batch=32, sft_per_task=4000, pair_prompts=4000, dpo_steps=2000, dpo_batch=16,
+                   eval_limit=300, dtype="auto", optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
+                   expected_s=(10, 60, 30, 14400, 3600, 1200, 1200, 600, 10)),
+}
+MODEL_PRESET = {"micro": "tiny", "tiny": "tiny", "26m": "26m", "0.2b": "0.2b"}
+
+
+def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
+    """The `matelike` argument lists of every stage for this run (a stage may run several commands)."""
+    b = BUDGETS[preset]
+    data, tok, pack = out / "data", out / "tokenizer", out / "pack"
+    common = ["--dtype", b.dtype, "--seq-len", str(b.seq_len), "--resume"]
+    evals = [
+        ["eval", "--model", str(out / name), "--data", str(data), "--val", str(data / "pretrain_val.jsonl"),
+         "--limit", str(b.eval_limit), "--out", str(out / "eval" / f"{name}.json"),
+         "--predictions", str(out / "eval" / f"{name}_predictions.jsonl")]
+        for name in ("pretrain", "sft", "dpo")
+    ]
+    return {
+        "data": [["data", "demo", "--out", str(data), "--sft-per-task", str(b.sft_per_task)]],
+        "tokenizer": [["tokenizer", "train", "--input", str(data / "pretrain.jsonl"), "--out", str(tok),
+                       "--vocab-size", str(b.vocab_size), "--max-chars", str(b.tokenizer_chars), "--heldout", str(data / "pretrain_val.jsonl")]],
+        "pack": [["data", "pack", "--tokenizer", str(tok), "--input", str(data / "pretrain.jsonl"),
+                  "--out", str(pack / "pretrain.bin"), "--val-input", str(data / "pretrain_val.jsonl"),
+                  "--val-out", str(pack / "pretrain_val.bin")]],
+        "pretrain": [["pretrain", "--preset", MODEL_PRESET[preset], "--data", str(pack / "pretrain.bin"),
+                      "--val", str(pack / "pretrain_val.bin"), "--tokenizer", str(tok), "--out", str(out / "pretrain"),
+                      "--max-steps", str(b.pretrain_steps), "--batch-size", str(b.pretrain_batch),
+                      "--warmup-steps", str(max(1, b.pretrain_steps // 20)), "--lr", "2e-3", "--min-lr", "2e-4",
+                      "--optimizer", b.optimizer,
+                      "--eval-every", str(max(1, b.pretrain_steps // 5)), "--eval-tokens", str(b.eval_tokens), *common]],
+        "sft": [["sft", "--init", str(out / "pretrain"), "--data", str(data / "sft.jsonl"), "--out", str(out / "sft"),
+                 "--max-steps", str(b.sft_steps), "--batch-size", str(b.sft_batch), "--freeze", "none",
+                 "--warmup-steps", str(max(1, b.sft_steps // 20)), "--lr", "1e-3", "--min-lr", "1e-4",
+                 "--optimizer", b.optimizer, *common]],
+        "pairs": [["dpo", "make-pairs", "--model", str(out / "sft"), "--data", str(data / "tasks_train.jsonl"),
+                   "--out", str(out / "pairs" / "pairs.jsonl"), "--limit", str(b.pair_prompts)]],
+        "dpo": [["dpo", "--init", str(out / "sft"), "--data", str(out / "pairs" / "train.jsonl"),
+                 "--val", str(out / "pairs" / "val.jsonl"), "--out", str(out / "dpo"),
+                 "--max-steps", str(b.dpo_steps), "--batch-size", str(b.dpo_batch),
+                 "--warmup-steps", str(max(1, b.dpo_steps // 10)), "--lr", "1e-4", "--min-lr", "1e-5", "--rpo-alpha", "1.0",
+                 "--eval-every", str(max(1, b.dpo_steps // 4)), *common]],
+        "eval": evals,
+        "report": [["report", str(out)]],
+    }
+
+
+def split_pairs(pairs: Path, train: Path, val: Path, val_every: int = 10) -> tuple[int, int]:
+    """Hold out every `val_every`-th pair (deterministic) so DPO's reward accuracy is measured on unseen pairs."""
+    n_train = n_val = 0
+    with open(pairs, encoding="utf-8") as src, open(train, "w", encoding="utf-8") as t, \
+            open(val, "w", encoding="utf-8") as v:
+        for i, line in enumerate(src):
+            if not line.strip():
+                continue
+            if i % val_every == val_every - 1:
+                v.write(line)
+                n_val += 1
+            else:
+                t.write(line)
+                n_train += 1
+    if n_train == 0:
+        raise RuntimeError(f"{pairs}: no preference pairs were made; the SFT model may already answer every "
+                           f"prompt correctly, or the pair stage found no prompts")
+    if n_val == 0:  # too few pairs to hold any out: evaluate on the training ones and say so in the file name
+        shutil.copyfile(train, val)
+    return n_train, n_val
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Pipeline:
+    """Runs the stages in order with skip-if-complete, resume and an overall progress line with ETA."""
+
+    def __init__(self, out: Path, preset: str, stages: list[str], force: bool,
+                 runner: Callable[[list[str]], int] | None = None) -> None:
+        self.out, self.preset, self.stages, self.force = out, preset, stages, force
+        self.budget = BUDGETS[preset]
+        self.runner = runner or self._subprocess
+        self.markers = out / MARKERS
+
+    @staticmethod
+    def _subprocess(argv: list[str]) -> int:
+        return subprocess.call([sys.executable, "-m", "matelike", *argv])
+
+    def done(self, stage: str) -> bool:
+        return (self.markers / f"{stage}.json").is_file()
+
+    def _stage_dirs(self, stage: str) -> list[Path]:
+        return {"data": [self.out / "data"], "tokenizer": [self.out / "tokenizer"], "pack": [self.out / "pack"],
+                "pretrain": [self.out / "pretrain"], "sft": [self.out / "sft"], "pairs": [self.out / "pairs"],
+                "dpo": [self.out / "dpo"], "eval": [self.out / "eval"], "report": []}[stage]
+
+    def _eta(self, index: int, started: float, done_s: dict[str, float]) -> str:
+        exp = dict(zip(STAGES, self.budget.expected_s))
+        # Scale the expected times by how this machine has done so far on the stages it ran.
+        ran_exp = sum(exp[s] for s in done_s)
+        scale = (sum(done_s.values()) / ran_exp) if ran_exp > 0 else 1.0
+        remaining = sum(exp[s] for s in self.stages[index:]) * scale
+        return f"elapsed {_fmt_s(time.time() - started)}, ETA {_fmt_s(remaining)}"
+
+    def run(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.markers.mkdir(exist_ok=True)
+        cmds = stage_commands(self.out, self.preset)
+        started, done_s = time.time(), {}
+        for i, stage in enumerate(self.stages):
+            head = f"[{i + 1}/{len(self.stages)}] {stage}"
+            if self.done(stage) and not self.force:
+                print(f"{head}: complete, skipped ({self.markers / (stage + '.json')})", flush=True)
+                continue
+            if self.force or stage in ("data", "tokenizer", "pack", "eval"):
+                # Quick stages restart from scratch; training stages and make-pairs resume what they left.
+                for d in self._stage_dirs(stage):
+                    shutil.rmtree(d, ignore_errors=True)
+            (self.markers / f"{stage}.json").unlink(missing_ok=True)
+            print(f"{head}: starting ({self._eta(i, started, done_s)})", flush=True)
+            t0 = time.time()
+            if stage == "dpo":
+                try:
+                    n_train, n_val = split_pairs(self.out / "pairs" / "pairs.jsonl",
+                                                 self.out / "pairs" / "train.jsonl", self.out / "pairs" / "val.jsonl")
+                except (OSError, RuntimeError) as e:
+                    print(f"{head}: {e}", file=sys.stderr)
+                    return 1
+                print(f"{head}: {n_train} training pairs, {n_val} held-out pairs", flush=True)
+            for argv in cmds[stage]:
+                print("$ matelike " + " ".join(argv), flush=True)
+                rc = self.runner(argv)
+                if rc != 0:
+                    print(f"{head}: failed with exit code {rc}; fix the cause and re-run the same command to "
+                          f"continue from here", file=sys.stderr)
+                    return rc
+            wall = time.time() - t0
+            done_s[stage] = wall
+            marker = {"stage": stage, "preset": self.preset, "wall_s": round(wall, 2),
+                      "commands": [["matelike", *a] for a in cmds[stage]], "finished": time.time()}
+            (self.markers / f"{stage}.json").write_text(json.dumps(marker, ensure_ascii=False, indent=2) + "\n",
+                                                       encoding="utf-8")
+            print(f"{head}: done in {_fmt_s(wall)}", flush=True)
+        print(f"all stages complete in {_fmt_s(time.time() - started)}; report: {self.out / 'report.md'}; "
+              f"chat with: matelike chat --model {self.out / 'dpo'}", flush=True)
+        return 0
+
+
+def _parse_stages(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+    return [s for s in STAGES if s in names]  # always in pipeline order
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    return Pipeline(Path(args.out), args.preset, args.stages, args.force).run()
+
+
+def add_cli(table: "CommandTable") -> None:
+    p = table.command("run", "run the whole pipeline on the embedded demo data", _cmd_run)
+    p.add_argument("--out", required=True, help="output directory; each stage gets a folder inside")
+    p.add_argument("--preset", default="tiny", choices=sorted(BUDGETS),
+                   help="model size and budget: tiny (CPU, <= 15 min), micro (a smoke test), 26m, 0.2b (GPU)")
+    p.add_argument("--stages", type=_parse_stages, default=list(STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--force", action="store_true", help="redo stages even if they completed")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per stage (default: torch's choice)")

@@ -1,0 +1,64 @@
+"""`matelike serve --model DIR`: OpenAI-compatible HTTP API and web chat page (FastAPI + uvicorn).
+
+The application lives in app.py, the request schema in schema.py and the generation worker in worker.py;
+this module only holds the command, so `matelike --help` does not import FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+from matelike.device import add_device_args
+
+if TYPE_CHECKING:
+    from matelike.cli import CommandTable
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from matelike.serve.app import create_app, load_served_model
+    from matelike.serve.worker import GenerationWorker
+
+    if args.max_active < 1:
+        print("matelike serve: --max-active must be at least 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        served = load_served_model(args.model, name=args.model_name, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError) as exc:
+        print(f"matelike serve: {exc}", file=sys.stderr)
+        return 2
+    worker = GenerationWorker(served.source, max_active=args.max_active)
+    app = create_app(served, worker, api_key=args.api_key)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the "
+              "model", file=sys.stderr)
+    print(f"serving {served.name} (context {served.context_len}) on http://{args.host}:{args.port}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        worker.close()
+    return 0
+
+
+def add_cli(table: "CommandTable") -> None:
+    p = table.command("serve", "OpenAI-compatible HTTP API and web chat page for a model directory", _cmd_serve)
+    p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: directory name)")
+    add_device_args(p)
+    p.add_argument("--max-active", type=int, default=8,
+                   help="requests generated at once (round-robin, one token each); more wait in a queue")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for generation (default: torch's choice, one per core)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -1,0 +1,366 @@
+"""The OpenAI-compatible HTTP API (FastAPI) and web chat page behind `matelike serve`.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream` as server-sent events ending in
+`data: [DONE]`), GET /v1/models, GET /health, GET / (the chat page, shipped in matelike/static). Generation
+runs on one worker thread (see worker.py); the HTTP side only validates, queues and relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from matelike.serve.schema import (
+    APIError,
+    RequestParams,
+    parse_chat_request,
+    parse_completion_request,
+    parse_json_body,
+)
+from matelike.serve.worker import GenerationWorker, Job, TokenSource
+
+if TYPE_CHECKING:
+    from matelike.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# How often a waiting request checks whether its client went away (seconds).
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServedModel:
+    """What the HTTP layer needs to know about the model: its name, context, tokenizer and token source."""
+
+    name: str
+    context_len: int
+    tokenizer: "Tokenizer"
+    source: TokenSource
+    created: int = 0
+
+
+def model_token_source(model: Any, tokenizer: "Tokenizer") -> TokenSource:
+    """Generation for one request as (text piece, tokens generated so far), from matelike.model.generation.
+
+    Built on iter_generate + stream_text rather than stream_generate because the API reports exact token
+    counts (usage, finish_reason "length") and a text piece can hold several tokens.
+    """
+    from matelike.model.generation import iter_generate, stream_text
+
+    stop_ids = tokenizer.stop_ids
+
+    def source(prompt_ids: list[int], params: RequestParams, max_new_tokens: int) -> Iterator[tuple[str, int]]:
+        steps = iter_generate(
+            model, [prompt_ids],
+            max_new_tokens=max_new_tokens,
+            sampling=params.sampling,
+            stop_ids=stop_ids,
+        )
+        count = 0
+
+        def tokens() -> Iterator[int]:
+            nonlocal count
+            for step in steps:
+                if step[0] is None:  # the stop token: not part of the answer, not counted
+                    return
+                count += 1
+                yield step[0]
+
+        try:
+            for piece in stream_text(tokenizer, tokens()):
+                yield piece, count
+            yield "", count  # tokens that decoded to no text still count
+        finally:
+            steps.close()  # frees the request's KV cache now, also when the request is cancelled
+
+    return source
+
+
+def load_served_model(model_dir: str | Path, name: str | None = None, device: str = "cpu",
+                      dtype: str | None = None) -> ServedModel:
+    """Load a model directory for serving (generation itself runs under torch.inference_mode)."""
+    from matelike.model.io import load_model
+
+    model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir}: no tokenizer.json in the model directory; the server needs one")
+    model.eval()
+    return ServedModel(
+        name=name or Path(model_dir).resolve().name,
+        context_len=int(model.config.max_seq_len),
+        tokenizer=tokenizer,
+        source=model_token_source(model, tokenizer),
+        created=int(Path(model_dir, "config.json").stat().st_mtime),  # load_model has read it: it exists
+    )
+
+
+# --- responses ----------------------------------------------------------------------------------------------
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def _sse(obj: dict | str) -> str:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _Relay:
+    """Carries one job's events from the worker thread into the request's event loop."""
+
+    def __init__(self, worker: GenerationWorker, prompt_ids: list[int], params: RequestParams, max_new: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[dict] = asyncio.Queue()
+        self.job = worker.submit(Job(prompt_ids, params, max_new, emit=self._emit))
+
+    def _emit(self, event: dict) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening any more
+            self.job.cancel.set()
+
+    async def next(self, request: Request) -> dict:
+        """The next event; cancels the job and raises ConnectionAbortedError if the client disconnects."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.events.get(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.job.cancel.set()
+                    raise ConnectionAbortedError("client disconnected") from None
+
+
+def create_app(served: ServedModel, worker: GenerationWorker, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application serving `served` through `worker`."""
+
+    app = FastAPI(title="Matelike", docs_url=None, redoc_url=None, openapi_url=None)
+    static_dir = Path(str(resources.files("matelike.serve") / "static"))
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        return _error_response(APIError(400, f"Invalid request: {exc.errors()}"))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(APIError(500, f"Internal server error: {type(exc).__name__}", type="server_error").body(),
+                            status_code=500)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Missing or invalid API key: send the header 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key", type="authentication_error")
+
+    def model_card() -> dict[str, Any]:
+        return {"id": served.name, "object": "model", "created": served.created, "owned_by": "matelike",
+                "context_length": served.context_len}
+
+    def budget(prompt_ids: list[int], params: RequestParams) -> int:
+        """New tokens allowed: the request's max_tokens, clipped to what the context still holds."""
+        room = served.context_len - len(prompt_ids)
+        if room < 1:
+            raise APIError(400, f"The prompt is {len(prompt_ids)} tokens but this model's context is "
+                                f"{served.context_len} tokens (at least 1 must be left for the answer); "
+                                "shorten the messages.", param="messages", code="context_length_exceeded")
+        return min(params.max_tokens or room, room)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": served.name, "pending_requests": worker.pending}
+
+    @app.get("/")
+    async def index():
+        return FileResponse(static_dir / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=static_dir), name="static")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model_info(model_id: str, request: Request) -> dict[str, Any]:
+        check_key(request)
+        if model_id != served.name:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{served.name}'.",
+                           param="model", code="model_not_found", type="not_found_error")
+        return model_card()
+
+    async def run(request: Request, prompt_ids: list[int], params: RequestParams, stream: bool, include_usage: bool,
+                  chat: bool):
+        max_new = budget(prompt_ids, params)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        n_prompt = len(prompt_ids)
+        relay = _Relay(worker, prompt_ids, params, max_new)
+
+        def choice(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+            if not chat:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict[str, Any]:
+            obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                   "model": served.name, "choices": choices}
+            if usage is not None:
+                obj["usage"] = usage
+            return obj
+
+        if not stream:
+            pieces: list[str] = []
+            try:
+                while True:
+                    event = await relay.next(request)
+                    if event["type"] == "text":
+                        pieces.append(event["text"])
+                    elif event["type"] == "done":
+                        break
+                    elif event["type"] == "error":
+                        raise APIError(500, event["message"], type="server_error")
+                    else:  # cancelled: only happens on shutdown
+                        raise APIError(503, "The server is shutting down.", type="server_error")
+            except ConnectionAbortedError:
+                return JSONResponse({}, status_code=499)
+            finally:
+                relay.job.cancel.set()  # no-op when finished; stops generation if this task was cancelled
+            text = "".join(pieces)
+            usage = _usage(n_prompt, event["completion_tokens"])
+            if chat:
+                body = {"id": rid, "object": "chat.completion", "created": created, "model": served.name,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "logprobs": None, "finish_reason": event["finish_reason"]}],
+                        "usage": usage}
+            else:
+                body = {"id": rid, "object": "text_completion", "created": created, "model": served.name,
+                        "choices": [{"index": 0, "text": text, "logprobs": None,
+                                     "finish_reason": event["finish_reason"]}],
+                        "usage": usage}
+            return JSONResponse(body)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    yield _sse(chunk([choice("", None, first=True)]))
+                while True:
+                    event = await relay.next(request)
+                    if event["type"] == "text":
+                        yield _sse(chunk([choice(event["text"], None)]))
+                    elif event["type"] == "done":
+                        usage = _usage(n_prompt, event["completion_tokens"])
+                        yield _sse(chunk([choice(None if chat else "", event["finish_reason"])]))
+                        if include_usage:
+                            yield _sse(chunk([], usage))
+                        break
+                    else:
+                        message = event.get("message", "The server is shutting down.")
+                        yield _sse(APIError(500, message, type="server_error").body())
+                        break
+                yield _sse("[DONE]")
+            except ConnectionAbortedError:
+                return
+            finally:
+                # Runs also when Starlette cancels this generator because the client went away.
+                relay.job.cancel.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        req = parse_chat_request(parse_json_body(await request.body()), served.context_len)
+        if req.messages[-1]["role"] == "assistant":
+            raise APIError(400, "The last message must not be from the assistant: there is nothing to answer.",
+                           param="messages")
+        prompt_ids, _ = served.tokenizer.encode_chat(req.messages, add_generation_prompt=True)
+        return await run(request, prompt_ids, req.params, req.stream, req.include_usage, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_key(request)
+        req = parse_completion_request(parse_json_body(await request.body()), served.context_len)
+        prompt_ids = served.tokenizer.encode(req.prompt)
+        if not prompt_ids:
+            raise APIError(400, "'prompt' must not be empty.", param="prompt")
+        return await run(request, prompt_ids, req.params, req.stream, req.include_usage, chat=False)
+
+    return app
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on a daemon thread, for tests and benchmarks; use as a context manager."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None) -> None:
+        import uvicorn
+
+        self.host = host
+        self.port = port or free_port(host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, name="matelike-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
