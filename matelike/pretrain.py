@@ -107,8 +107,7 @@ class PretrainTask:
     def evaluate(self, model: nn.Module, rank: int, world_size: int) -> dict[str, float]:  # noqa: F811
         """Held-out cross-entropy (without MoE aux loss) over the first `eval_tokens` of the val file, and bits
         per byte = nats per token / ln 2 / UTF-8 bytes per token, comparable across tokenizers."""
-        import torch.nn.functional as F
-
+        from matelike.eval.heldout import heldout_nll
         from matelike.train.distributed import sum_over_ranks
 
         assert self.val_tokens is not None
@@ -119,14 +118,10 @@ class PretrainTask:
             mine = np.arange(rank, n_windows - n_windows % world_size, world_size, dtype=np.int64) * self.seq_len
         else:
             mine = np.arange(n_windows, dtype=np.int64) * self.seq_len
-        device = next(model.parameters()).device
-        nats, count = 0.0, 0
-        for k in range(0, len(mine), self.batch_size):
-            batch = self._window(self.val_tokens, mine[k:k + self.batch_size]).to(device)
-            logits = model(batch[:, :-1]).logits
-            nats += float(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
-            count += batch[:, 1:].numel()
-        nats, count = sum_over_ranks([nats, float(count)])
+        windows = (self._window(self.val_tokens, mine[k:k + self.batch_size])
+                   for k in range(0, len(mine), self.batch_size))
+        sums = heldout_nll(model, ({"input_ids": w[:, :-1], "targets": w[:, 1:]} for w in windows))
+        nats, count = sum_over_ranks([sums.nats, float(sums.tokens)])
         val_loss = nats / max(count, 1.0)
         out = {"val_loss": val_loss}
         if self.val_bytes_per_token:

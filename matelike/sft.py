@@ -142,23 +142,14 @@ class SFTTask:
 
     def evaluate(self, model: "nn.Module", rank: int, world_size: int) -> dict[str, float]:  # noqa: F811
         """Token-mean cross-entropy on the held-out answers (no MoE aux term), rows split over ranks."""
-        import torch.nn.functional as F
-
+        from matelike.eval.heldout import heldout_nll
         from matelike.train.distributed import sum_over_ranks
 
         assert self.val is not None and self._val_rows is not None
-        device = next(model.parameters()).device
-        total, count = 0.0, 0.0
         mine = self._val_rows[rank::world_size]
-        for b in range(0, len(mine), self.val_batch_size):
-            batch = collate(self.val, mine[b : b + self.val_batch_size], self.data.pad_id)
-            targets = batch["targets"].to(device)
-            out = model(batch["input_ids"].to(device), segment_ids=batch["segment_ids"].to(device),
-                        position_ids=batch["position_ids"].to(device))
-            total += float(F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum"))
-            count += int((targets != IGNORE_INDEX).sum())
-        total, count = sum_over_ranks([total, count])
+        sums = heldout_nll(model, (collate(self.val, mine[b : b + self.val_batch_size], self.data.pad_id)
+                                   for b in range(0, len(mine), self.val_batch_size)))
+        total, count = sum_over_ranks([sums.nats, float(sums.tokens)])
         return {"val_loss": total / max(count, 1.0)}
 
 
@@ -184,6 +175,7 @@ def run_sft(args: argparse.Namespace) -> int:
     from matelike.data.records import BadRecordReport, DataFileError
     from matelike.data.sft import load_sft_samples
     from matelike.train import Trainer, TrainConfig, seed_everything
+    from matelike.train.config import stage_seq_len
 
     main_rank = _rank() == 0
     seed_everything(args.seed)
@@ -191,11 +183,11 @@ def run_sft(args: argparse.Namespace) -> int:
     if tokenizer is None:
         print(f"matelike sft: {args.init} has no tokenizer.json; SFT needs the model's tokenizer", file=sys.stderr)
         return 2
-    if args.seq_len is None:
-        args.seq_len = model.config.max_seq_len
-    elif args.seq_len > model.config.max_seq_len and main_rank:
-        print(f"matelike sft: note: --seq-len {args.seq_len} exceeds the model's max_seq_len "
-              f"{model.config.max_seq_len}", file=sys.stderr)
+    try:
+        args.seq_len = stage_seq_len(args.seq_len, model.config.max_seq_len, args.init)
+    except ValueError as e:
+        print(f"matelike sft: {e}", file=sys.stderr)
+        return 2
     model.float()  # master weights in fp32; the engine's autocast picks the compute dtype
 
     quiet = None if main_rank else open(os.devnull, "w")

@@ -229,3 +229,10 @@ def test_resume_continues_exactly_with_lora(init_dir, sft_file, tmp_path, capsys
     la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
     assert la == lb and len(la) == 4
+
+
+def test_seq_len_longer_than_the_model_context_is_refused(init_dir, sft_file, tmp_path, capsys):
+    # the same policy as dpo: the model's context by default, never silently more
+    assert _sft(init_dir, sft_file, tmp_path / "out", "--seq-len", "129") == 2
+    assert "--seq-len 129 exceeds the context" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -308,7 +308,7 @@ def reference_tables(
 # Engine defaults for preference training: a small learning rate (the policy must stay near the reference),
 # short warmup, no weight decay (it would pull the weights away from the reference for no reason).
 DPO_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 10, "batch_size": 8, "seq_len": 512, "weight_decay": 0.0,
+    "lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 10, "batch_size": 8, "seq_len": None, "weight_decay": 0.0,
     "save_every": 500, "log_every": 10,
 }
 
@@ -322,6 +322,7 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
     from matelike.model.io import load_model
     from matelike.data.records import BadRecordReport, DataFileError
     from matelike.train import TrainConfig, Trainer, seed_everything
+    from matelike.train.config import stage_seq_len
     from matelike.train import distributed as D
     from matelike.train.precision import Precision
 
@@ -330,16 +331,20 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
         # Common DPO learning rates (5e-7) sit below the default floor; follow --lr rather than refuse it.
         args.min_lr = args.lr / 10
         print(f"matelike: --min-lr not given and above --lr; using {args.min_lr:g}", file=sys.stderr)
-    config = TrainConfig.from_args(args, stage="dpo", init=str(args.init), loss=args.loss, beta=beta,
-                                   simpo_gamma=args.simpo_gamma, ref_in_memory=args.ref_in_memory,
-                                   rpo_alpha=args.rpo_alpha)
-    info = D.setup(config.device)
-    seed_everything(config.seed)
+    info = D.setup(args.device)
+    seed_everything(args.seed)
     model, tokenizer = load_model(args.init, device=info.device, dtype=torch.float32)
     if tokenizer is None:
         print(f"error: {args.init} has no tokenizer.json", file=sys.stderr)
         return 2
-    seq_len = min(config.seq_len, model.config.max_seq_len)
+    try:
+        seq_len = args.seq_len = stage_seq_len(args.seq_len, model.config.max_seq_len, args.init)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = TrainConfig.from_args(args, stage="dpo", init=str(args.init), loss=args.loss, beta=beta,
+                                   simpo_gamma=args.simpo_gamma, ref_in_memory=args.ref_in_memory,
+                                   rpo_alpha=args.rpo_alpha)
     report = BadRecordReport() if info.is_main else BadRecordReport(stream=_Null())
     try:
         pairs, stats = load_preference_pairs(args.data, tokenizer, seq_len, report)

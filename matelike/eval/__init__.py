@@ -28,9 +28,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from matelike.data.records import BadRecord, BadRecordReport, DataFileError, iter_records
+from matelike.data.sft import IGNORE_INDEX
 from matelike.eval.scoring import MAIN_METRIC, TASKS, score_task, trivial_answers
 
 from matelike.device import add_device_args
@@ -167,9 +168,9 @@ def heldout_loss(model: Any, tokenizer: "Tokenizer", path: str | Path, report: B
     With `max_tokens`, whole documents are read until the stream holds at least that many tokens.
     """
     import torch
-    import torch.nn.functional as F
 
     from matelike.data.formats import RecordError, pretrain_text
+    from matelike.eval.heldout import heldout_nll
 
     eos = tokenizer.eos_id
     special = set(getattr(tokenizer, "special_ids", None) or [eos])
@@ -194,29 +195,22 @@ def heldout_loss(model: Any, tokenizer: "Tokenizer", path: str | Path, report: B
         raise EvalError(f"{path}: no usable documents for the held-out loss")
     ids = torch.tensor(stream, dtype=torch.long)
     T = _context_len(model)
-    device = next(model.parameters()).device
-    sum_all = sum_text = 0.0
-    n_targets = 0
     starts = list(range(0, len(stream) - 1, T))
-    with torch.inference_mode():
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
         for b in range(0, len(starts), batch_size):
             windows = starts[b:b + batch_size]
             x = torch.zeros(len(windows), T, dtype=torch.long)
-            y = torch.full((len(windows), T), -100, dtype=torch.long)
+            y = torch.full((len(windows), T), IGNORE_INDEX, dtype=torch.long)
             for r, s in enumerate(windows):
                 chunk = ids[s:s + T + 1]
                 x[r, :len(chunk) - 1] = chunk[:-1]
                 y[r, :len(chunk) - 1] = chunk[1:]
-            logits = model(x.to(device)).logits.float()
-            nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1).to(device), ignore_index=-100,
-                                  reduction="none").view_as(y).cpu()
-            valid = y != -100
-            is_text = valid & ~torch.isin(y, torch.tensor(sorted(special), dtype=torch.long))
-            sum_all += float(nll[valid].sum())
-            sum_text += float(nll[is_text].sum())
-            n_targets += int(valid.sum())
-    return {"file": str(path), "docs": docs, "tokens": n_targets, "bytes": n_bytes,
-            "loss": sum_all / n_targets, "bpb": sum_text / math.log(2) / n_bytes}
+            yield {"input_ids": x, "targets": y}
+
+    sums = heldout_nll(model, batches(), exclude_ids=sorted(special))
+    return {"file": str(path), "docs": docs, "tokens": sums.tokens, "bytes": n_bytes,
+            "loss": sums.mean, "bpb": sums.text_nats / math.log(2) / n_bytes}
 
 
 # ---------------------------------------------------------------------------------------------- multiple choice

@@ -87,6 +87,23 @@ class TrainConfig:
         return d
 
 
+def stage_seq_len(requested: int | None, context: int, init: str | Path) -> int:
+    """The one --seq-len policy of the stages that start from a saved model (sft, dpo, rl).
+
+    Default: the model's context. Longer is refused: positions past the context were never trained, and a
+    stage must not quietly train on something other than what was asked (pretraining, which builds its
+    model, sets the new model's context to --seq-len instead).
+    """
+    if requested is None:
+        return context
+    if requested < 1:
+        raise ValueError(f"--seq-len must be at least 1, got {requested}")
+    if requested > context:
+        raise ValueError(f"--seq-len {requested} exceeds the context of {init} ({context} tokens); "
+                         f"use --seq-len {context} or less")
+    return requested
+
+
 def add_engine_args(
     parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None, **stage_defaults: Any
 ) -> argparse.ArgumentParser:
@@ -103,7 +120,9 @@ def add_engine_args(
     g.add_argument("--epochs", type=float, default=d["epochs"], help="passes over the data (default 1)")
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
-    g.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sequence")
+    g.add_argument("--seq-len", type=int, default=d["seq_len"],
+                   help="tokens per sequence (default: the model's context; pretrain gives the new model this "
+                        "context, sft and dpo refuse more than the saved model's)")
     g.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=d["min_lr"], help="learning rate at the end of the cosine")
     g.add_argument("--warmup-steps", type=int, default=d["warmup_steps"],

@@ -438,3 +438,17 @@ def test_rpo_alpha_adds_the_chosen_nll(tmp_path: Path, tokenizer) -> None:
     mixed, metrics, _ = DPOTask(data, ref_logps=ref, rpo_alpha=0.5).loss(model, batch)
     nll = metrics["nll_chosen"]
     assert nll > 0 and mixed.item() == pytest.approx(plain.item() + 0.5 * nll, rel=1e-5)
+
+
+def test_seq_len_defaults_to_the_model_context_and_longer_is_refused(tmp_path: Path, init_dir: Path, capsys) -> None:
+    from matelike.cli import main
+
+    data = _write_jsonl(tmp_path / "p.jsonl", [STRING_PAIR, MESSAGE_PAIR] * 2)
+    from matelike.model.io import load_model
+
+    context = load_model(init_dir)[0].config.max_seq_len
+    code = main(["dpo", *_run_args(init_dir, data, tmp_path / "long", "--max-steps", "1", "--seq-len",
+                                   str(context + 1))])
+    assert code == 2 and f"--seq-len {context + 1} exceeds the context" in capsys.readouterr().err
+    assert not (tmp_path / "long" / "model.safetensors").exists()
+    assert main(["dpo", *_run_args(init_dir, data, tmp_path / "ok", "--max-steps", "1")]) == 0
