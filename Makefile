@@ -6,7 +6,7 @@ DEMO_OUT ?= runs/demo
 PRESET ?= tiny
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test llama-cpp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+# The GGUF export tests run the real llama.cpp: .ci/llama-cpp.sh compiles llama-cpp-python once into a wheel
+# cache outside the tree (minutes) and afterwards only installs that wheel.
+$(VENV)/.installed-test: pyproject.toml .ci/llama-cpp.sh $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[test]"
+	bash .ci/llama-cpp.sh $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+llama-cpp: $(VENV)/.installed
+	bash .ci/llama-cpp.sh $(BIN)/python
 
 demo: $(VENV)/.installed
 	$(BIN)/matelike run --preset $(PRESET) --out $(DEMO_OUT)

@@ -30,6 +30,7 @@ MODULES: tuple[str, ...] = (
     "matelike.bench.train",
     "matelike.generate",
     "matelike.model.info",
+    "matelike.export.gguf",
     "matelike.bench.generate",
     "matelike.run",
     "matelike.report",
@@ -97,8 +98,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _is_model_dir_error(e):
+            raise
+        # One place for every command that reads a model directory: a damaged one is the user's input, not a
+        # bug, so it gets one line naming the file instead of a traceback.
+        print(f"matelike {_command_name(args)}: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 1
     finally:
         _end_process_group()
+
+
+def _is_model_dir_error(e: BaseException) -> bool:
+    """Whether `e` is matelike.model.io.ModelDirError, without importing that module (and torch with it):
+    if it raised one, it is already imported."""
+    io = sys.modules.get("matelike.model.io")
+    return io is not None and isinstance(e, io.ModelDirError)
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """The command as typed: `sft`, `data check`, `dpo make-pairs`."""
+    name = str(args.command)
+    if name == "dpo-make-pairs":
+        return "dpo make-pairs"
+    sub = getattr(args, f"{name}_command", None)
+    return f"{name} {sub}" if sub else name
 
 
 def _end_process_group() -> None:

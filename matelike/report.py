@@ -90,22 +90,53 @@ def plot_curves(run: Path, stage: str, rows: list[dict[str, Any]]) -> Path | Non
     return path
 
 
-def _eval_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """Flattens an eval JSON into {metric name: value}."""
-    flat: dict[str, float] = {}
-    for task, metrics in (result.get("tasks") or {}).items():
-        if isinstance(metrics, dict):
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k not in ("n", "count"):
-                    flat[f"{task} {k}"] = v
+def _with_ci(value: Any, ci: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "–"
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if isinstance(ci, list) and len(ci) == 2 else f"{value:.4f}"
+
+
+def _eval_metrics(result: dict[str, Any]) -> dict[str, str]:
+    """An eval JSON as {row name: formatted value}: each task's main metric with its 95% interval, the chat
+    behaviour figures, held-out loss and C-Eval accuracy."""
+    from matelike.eval.scoring import MAIN_METRIC
+
+    flat: dict[str, str] = {}
+    for task, m in (result.get("tasks") or {}).items():
+        key = MAIN_METRIC.get(task)
+        if isinstance(m, dict) and key in m:
+            flat[f"{task} {key} (n={m.get('n')})"] = _with_ci(m[key], m.get("ci95"))
+    chat = result.get("chat") or {}
+    if "open" in chat:
+        o = chat["open"]
+        flat[f"chat: task-format leak on open prompts (n={o['n']}, lower is better)"] = _with_ci(
+            o["leak"]["rate"], o["leak"]["ci95"])
+        flat[f"chat: identity questions naming the model (n={o['identity']['n']})"] = _with_ci(
+            o["identity"]["rate"], o["identity"]["ci95"])
+        for k in ("char_f1", "rouge_l"):
+            flat[f"chat: reply {k} vs reference (n={o['n']})"] = _with_ci(o[k]["mean"], o[k]["ci95"])
+    for task, m in (chat.get("later_turn_tasks") or {}).items():
+        key = MAIN_METRIC[task]
+        flat[f"{task} {key}, asked in a later turn (n={m['n']})"] = _with_ci(m[key], m.get("ci95"))
     held = result.get("heldout") or result.get("val") or {}
     if isinstance(held, dict):
         for k in ("loss", "bpb", "val_loss", "val_bpb"):
             if isinstance(held.get(k), (int, float)):
-                flat[f"held-out {k}"] = held[k]
+                flat[f"held-out {k}"] = f"{held[k]:.4f}"
     for name, metrics in (result.get("ceval") or {}).items():
         if isinstance(metrics, dict) and isinstance(metrics.get("accuracy"), (int, float)):
-            flat[f"C-Eval {name} accuracy"] = metrics["accuracy"]
+            flat[f"C-Eval {name} accuracy"] = f"{metrics['accuracy']:.4f}"
+    return flat
+
+
+def _baseline_metrics(result: dict[str, Any]) -> dict[str, str]:
+    """The rule baselines under the same row names as `_eval_metrics`."""
+    flat = _eval_metrics({"tasks": result.get("baselines") or {}})
+    o = (result.get("chat") or {}).get("open")
+    if o:
+        for k in ("char_f1", "rouge_l"):
+            flat[f"chat: reply {k} vs reference (n={o['n']})"] = _with_ci(o["baseline"][k]["mean"],
+                                                                          o["baseline"][k]["ci95"])
     return flat
 
 
@@ -113,16 +144,21 @@ def build_report(run: Path) -> str:
     """Writes run/report.md (and the PNGs) and returns its text."""
     run = Path(run)
     lines = [f"# Matelike run report: `{run}`", ""]
-    markers = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted((run / ".stages").glob("*.json"))}
+    from matelike.run import STAGES
 
-    lines += ["## Stages", "", "| stage | parameters | tokens seen | wall time | tokens/s | final train loss | "
-              "final val loss |", "|---|---|---|---|---|---|---|"]
+    order = {name: i for i, name in enumerate(STAGES)}  # pipeline order, so the commands run top to bottom
+    paths = sorted((run / ".stages").glob("*.json"), key=lambda p: (order.get(p.stem, len(order)), p.stem))
+    markers = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in paths}
+
+    lines += ["## Stages", "", "| stage | parameters | dtype | tokens seen | wall time | tokens/s | final train loss | "
+              "final val loss |", "|---|---|---|---|---|---|---|---|"]
     curves: list[tuple[str, Path]] = []
     for stage in TRAIN_STAGES:
         rows = read_metrics(run / stage / "metrics.jsonl")
         params = _params(run / stage)
         wall = markers.get(stage, {}).get("wall_s")
-        lines.append(f"| {stage} | {_num(params, '{:,}')} | {_num(_last(rows, 'tokens'), '{:,}')} | "
+        lines.append(f"| {stage} | {_num(params, '{:,}')} | {_num(_last(rows, 'dtype'))} | "
+                     f"{_num(_last(rows, 'tokens'), '{:,}')} | "
                      f"{_num(wall, '{:.0f} s')} | {_num(_last(rows, 'tokens_per_s'), '{:,.0f}')} | "
                      f"{_num(_last(rows, 'loss'))} | {_num(_last(rows, 'val_loss'))} |")
         png = plot_curves(run, stage, rows)
@@ -147,12 +183,15 @@ def build_report(run: Path) -> str:
         # Every model is scored on the same items, so one set of rule-based baselines serves the whole table.
         final_eval = evals.get("dpo") or evals.get("sft") or next(iter(evals.values()))
         if final_eval.get("baselines"):
-            flat["trivial baseline"] = _eval_metrics({"tasks": final_eval["baselines"]})
-        keys = sorted({k for f in flat.values() for k in f})
-        lines += ["", "## Evaluation (held-out)", "", "| metric | " + " | ".join(flat) + " |",
+            flat["rule baseline"] = _baseline_metrics(final_eval)
+        keys = list(dict.fromkeys(k for f in flat.values() for k in f))
+        lines += ["", "## Evaluation (held-out)", "",
+                  "Each figure with its 95% interval (Wilson for rates, bootstrap over items otherwise); the rule "
+                  "baseline reads no model: the majority label, every character a word, always `无`, another "
+                  "item's real continuation or reply.", "", "| metric | " + " | ".join(flat) + " |",
                   "|---|" + "---|" * len(flat)]
         for k in keys:
-            lines.append(f"| {k} | " + " | ".join(_num(flat[n].get(k)) for n in flat) + " |")
+            lines.append(f"| {k} | " + " | ".join(flat[n].get(k, "–") for n in flat) + " |")
         samples = [s for s in (final_eval.get("samples") or {}).values() if s]
         if samples:
             lines += ["", "## Sample answers (final model)", ""]
@@ -168,7 +207,7 @@ def build_report(run: Path) -> str:
               f"torch threads {torch.get_num_threads()}",
               f"- GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
               f"- Python {platform.python_version()}, torch {torch.__version__}",
-              f"- dtype: {next((m.get('dtype') for m in markers.values() if m.get('dtype')), 'auto (bf16 where supported)')}"]
+              "- dtype: each training stage's column above (what `--dtype auto` chose on this machine)"]
     cmds = [" ".join(c) for s in markers.values() for c in s.get("commands", [])]
     if cmds:
         lines += ["", "## Commands to reproduce", "", "```"] + cmds + ["```"]

@@ -47,24 +47,29 @@ class Budget:
     tokenizer_chars: int  # characters sampled to train the tokenizer
     eval_tokens: int  # held-out tokens scored at each pretraining eval
     expected_s: tuple[float, ...]  # one per stage, in STAGES order
+    model_size: str  # the preset's parameter count in words, for the identity answers of the demo data
 
 
 # The tiny budget is sized so that the whole run fits in 15 minutes on a 2-core CPU (measured figures in the
 # README); 26m and 0.2b are the original Matelike project's sizes with budgets meant for one GPU.
 BUDGETS: dict[str, Budget] = {
-    "micro": Budget(vocab_size=2048, pretrain_steps=30, pretrain_batch=4, seq_len=256, sft_steps=20, sft_batch=8,
+    "micro": Budget(model_size="约100万",
+                    vocab_size=2048, pretrain_steps=30, pretrain_batch=4, seq_len=256, sft_steps=20, sft_batch=8,
                     sft_per_task=60, pair_prompts=40, dpo_steps=6, dpo_batch=4, eval_limit=6, dtype="auto",
                     optimizer="muon", tokenizer_chars=300_000, eval_tokens=4096,
                     expected_s=(8, 10, 8, 15, 12, 10, 10, 15, 5)),
-    "tiny": Budget(vocab_size=6400, pretrain_steps=2400, pretrain_batch=8, seq_len=256, sft_steps=700,
-                   sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=100,
+    "tiny": Budget(model_size="约160万",
+                   vocab_size=6400, pretrain_steps=2400, pretrain_batch=8, seq_len=256, sft_steps=700,
+                   sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=300,
                    dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
                    expected_s=(5, 12, 2, 440, 180, 35, 22, 13, 2)),
-    "26m": Budget(vocab_size=6400, pretrain_steps=20000, pretrain_batch=32, seq_len=512, sft_steps=4000,
+    "26m": Budget(model_size="约2700万",
+                  vocab_size=6400, pretrain_steps=20000, pretrain_batch=32, seq_len=512, sft_steps=4000,
                   sft_batch=32, sft_per_task=4000, pair_prompts=2000, dpo_steps=1000, dpo_batch=16,
                   eval_limit=300, dtype="auto", optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
                   expected_s=(10, 60, 30, 3600, 900, 600, 600, 300, 10)),
-    "0.2b": Budget(vocab_size=6400, pretrain_steps=40000, pretrain_batch=32, seq_len=512, sft_steps=6000,
+    "0.2b": Budget(model_size="约2亿",
+                   vocab_size=6400, pretrain_steps=40000, pretrain_batch=32, seq_len=512, sft_steps=6000,
                    sft_batch=32, sft_per_task=4000, pair_prompts=4000, dpo_steps=2000, dpo_batch=16,
                    eval_limit=300, dtype="auto", optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
                    expected_s=(10, 60, 30, 14400, 3600, 1200, 1200, 600, 10)),
@@ -79,12 +84,14 @@ def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
     common = ["--dtype", b.dtype, "--seq-len", str(b.seq_len), "--resume"]
     evals = [
         ["eval", "--model", str(out / name), "--data", str(data), "--val", str(data / "pretrain_val.jsonl"),
+         "--chat-file", str(data / "chat_test.jsonl"),
          "--limit", str(b.eval_limit), "--out", str(out / "eval" / f"{name}.json"),
          "--predictions", str(out / "eval" / f"{name}_predictions.jsonl")]
         for name in ("pretrain", "sft", "dpo")
     ]
     return {
-        "data": [["data", "demo", "--out", str(data), "--sft-per-task", str(b.sft_per_task)]],
+        "data": [["data", "demo", "--out", str(data), "--sft-per-task", str(b.sft_per_task),
+                  "--model-size", b.model_size]],
         "tokenizer": [["tokenizer", "train", "--input", str(data / "pretrain.jsonl"), "--out", str(tok),
                        "--vocab-size", str(b.vocab_size), "--max-chars", str(b.tokenizer_chars), "--heldout", str(data / "pretrain_val.jsonl")]],
         "pack": [["data", "pack", "--tokenizer", str(tok), "--input", str(data / "pretrain.jsonl"),
@@ -134,6 +141,9 @@ def split_pairs(pairs: Path, train: Path, val: Path, val_every: int = 10) -> tup
     return n_train, n_val
 
 
+PACE_PRIOR_S = 60.0
+
+
 def _fmt_s(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -163,11 +173,13 @@ class Pipeline:
 
     def _eta(self, index: int, started: float, done_s: dict[str, float]) -> str:
         exp = dict(zip(STAGES, self.budget.expected_s))
-        # Scale the expected times by how this machine has done so far on the stages it ran.
+        # The expected stage times scaled by this machine's pace on the stages it ran. The pace is shrunk
+        # towards 1 by a minute of expected time, so that a few-second stage running 2x slow does not double
+        # the estimate; it is printed, so that when the estimate moves the reason is on the line.
         ran_exp = sum(exp[s] for s in done_s)
-        scale = (sum(done_s.values()) / ran_exp) if ran_exp > 0 else 1.0
+        scale = (sum(done_s.values()) + PACE_PRIOR_S) / (ran_exp + PACE_PRIOR_S)
         remaining = sum(exp[s] for s in self.stages[index:]) * scale
-        return f"elapsed {_fmt_s(time.time() - started)}, ETA {_fmt_s(remaining)}"
+        return f"elapsed {_fmt_s(time.time() - started)}, ETA {_fmt_s(remaining)} at {scale:.2f}x the expected pace"
 
     def run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 if TYPE_CHECKING:
     import tokenizers
@@ -93,11 +93,28 @@ class Tokenizer:
         template = CHAT_TEMPLATE
         config = file.parent / "tokenizer_config.json"
         jinja = file.parent / "chat_template.jinja"  # where transformers' save_pretrained puts it
+        # Every failure below is a ValueError naming the file: a damaged model directory gets a one-line answer.
         if config.is_file():
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") or CHAT_TEMPLATE
+            try:
+                settings = json.loads(config.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested past the recursion limit
+                raise ValueError(f"{config}: not a tokenizer config ({type(e).__name__}: {e})") from e
+            if not isinstance(settings, dict):
+                raise ValueError(f"{config}: not a tokenizer config (expected a JSON object)")
+            template = settings.get("chat_template") or CHAT_TEMPLATE
         if jinja.is_file():
-            template = jinja.read_text(encoding="utf-8")
-        return cls(HFTokenizer.from_file(str(file)), template)
+            try:
+                template = jinja.read_text(encoding="utf-8")
+            except ValueError as e:
+                raise ValueError(f"{jinja}: not a UTF-8 chat template ({e})") from e
+        try:
+            backend = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises plain Exception for files that are not JSON or not a tokenizer
+            raise ValueError(f"{file}: not a tokenizer.json ({str(e).splitlines()[0] if str(e) else e!r})") from e
+        try:
+            return cls(backend, template)
+        except ValueError as e:  # lacks the special tokens
+            raise ValueError(f"{file}: {e}") from e
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into directory `path`."""
@@ -177,49 +194,83 @@ class Tokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------------
     @staticmethod
-    def _render(messages: Sequence[dict], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
-        """ChatML text and the character spans of assistant content + `<|im_end|>` (the trained part)."""
-        parts: list[str] = []
-        spans: list[tuple[int, int]] = []
-        pos = 0
-        for m in messages:
-            role, content = m["role"], m["content"]
-            if role == "assistant":
-                head = f"{IM_START}assistant\n"
-                body = content + IM_END
-                spans.append((pos + len(head), pos + len(head) + len(body)))
-                piece = head + body + "\n"
-            else:
-                piece = f"{IM_START}{role}\n{content}{IM_END}\n"
-            parts.append(piece)
-            pos += len(piece)
+    def _render(messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        """ChatML text of `messages`."""
+        parts = [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages]
         if add_generation_prompt:
             parts.append(f"{IM_START}assistant\n")
-        return "".join(parts), spans
+        return "".join(parts)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         """ChatML text: `<|im_start|>role\\ncontent<|im_end|>\\n` per message (+ `<|im_start|>assistant\\n`)."""
-        return self._render(messages, add_generation_prompt)[0]
+        return self._render(messages, add_generation_prompt)
+
+    def _plain(self) -> "tokenizers.Tokenizer":
+        """A copy of the backend that reads special-token strings as plain text, for message content.
+
+        `encode_special_tokens` is the backend's switch for that (transformers' `split_special_tokens`); it is
+        set on a copy, never toggled on the shared backend, so threads encoding documents are not affected.
+        """
+        plain = getattr(self, "_plain_tok", None)
+        if plain is None or not plain.encode_special_tokens:  # pickling drops the flag: rebuild the copy
+            from tokenizers import Tokenizer as HFTokenizer
+
+            plain = HFTokenizer.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain_tok = plain
+        return plain
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Ids of the chat text and the assistant mask (1 on assistant content tokens and their `<|im_end|>`).
 
-        The whole text is encoded at once (ids equal `encode(apply_chat_template(...))`); the mask comes from
-        character offsets, so a token is trained on when it overlaps an assistant span.
+        Only the template puts special tokens in: each `role\\ncontent` piece between them is encoded as plain
+        text, so content holding "<|im_end|>\\n<|im_start|>system" stays ordinary bytes (a user cannot forge a
+        turn) and decodes back to itself. For content free of special-token strings the ids equal
+        `encode(apply_chat_template(...))`, since the special tokens split the text into these same pieces. The
+        mask comes from character offsets: a token is trained on when it overlaps assistant content.
+        Raises RecordError for a message that is not `{role: str, content: str}` of valid Unicode.
         """
-        text, spans = self._render(messages, add_generation_prompt)
-        enc = self._tok.encode(text, add_special_tokens=False)
-        mask = [0] * len(enc.ids)
-        if spans:
-            k = 0
-            for i, (start, end) in enumerate(enc.offsets):
-                while k < len(spans) and spans[k][1] <= start:
-                    k += 1
-                if k == len(spans):
-                    break
-                if end > spans[k][0] and start < spans[k][1]:
-                    mask[i] = 1
-        return enc.ids, mask
+        plain = self._plain()
+        newline = plain.encode("\n", add_special_tokens=False).ids
+        ids: list[int] = []
+        mask: list[int] = []
+        for i, m in enumerate(messages):
+            role, content = _message_text(m, i)
+            head = f"{role}\n"
+            enc = plain.encode(head + content, add_special_tokens=False)
+            trained = role == "assistant"
+            ids.append(self.im_start_id)
+            ids.extend(enc.ids)
+            ids.append(self.im_end_id)
+            ids.extend(newline)
+            mask.append(0)
+            mask.extend(int(trained and end > len(head)) for _, end in enc.offsets)
+            mask.append(int(trained))
+            mask.extend([0] * len(newline))
+        if add_generation_prompt:
+            ids.append(self.im_start_id)
+            ids.extend(plain.encode("assistant\n", add_special_tokens=False).ids)
+            mask.extend([0] * (len(ids) - len(mask)))
+        return ids, mask
+
+
+def _message_text(message: object, index: int) -> tuple[str, str]:
+    """(role, content) of one chat message; RecordError when either is not a string of valid Unicode."""
+    from matelike.data.formats import RecordError
+
+    if not isinstance(message, Mapping):
+        raise RecordError(f"wrong type: message {index} is not an object")
+    out = []
+    for key in ("role", "content"):
+        value = message.get(key)
+        if not isinstance(value, str):
+            raise RecordError(f"wrong type: message {index} has no string {key!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: the tokenizer would fail on it with a bare TypeError
+            raise RecordError(f"invalid Unicode: message {index} {key} holds a lone surrogate") from None
+        out.append(value)
+    return out[0], out[1]
 
 
 # ---- training -------------------------------------------------------------------------------------------
@@ -237,7 +288,7 @@ def new_bpe() -> "tokenizers.Tokenizer":
     return tok
 
 
-def _count_chars(paths: list[Path], field: str, progress: bool) -> int:
+def _count_chars(paths: list[Path], field: str, progress: bool, max_record_bytes: int) -> int:
     from tqdm import tqdm
 
     from matelike.data.formats import iter_pretrain_texts
@@ -248,7 +299,7 @@ def _count_chars(paths: list[Path], field: str, progress: bool) -> int:
     with tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, disable=not progress,
               desc="counting", file=sys.stderr) as bar:
         for p in paths:
-            for t in iter_pretrain_texts(p, field, quiet):
+            for t in iter_pretrain_texts(p, field, quiet, max_record_bytes=max_record_bytes):
                 total += len(t)
             bar.update(p.stat().st_size)
     return total
@@ -266,6 +317,7 @@ def train_tokenizer(
     seed: int = 0,
     progress: bool = True,
     log=None,
+    max_record_bytes: int | None = None,
 ) -> Tokenizer:
     """Train the byte-level BPE on `inputs` and save it to `out_dir`.
 
@@ -273,16 +325,18 @@ def train_tokenizer(
     max_chars / total_chars (a seeded draw), so the sample is uniform over the whole input; the texts stream
     into the trainer and are never held at once. Without `heldout` files, about 1% of documents (at most 1M
     characters) are withheld from training to measure compression; the figures are printed to `log`
-    (stderr by default) and saved in `out_dir/tokenizer_train.json`.
+    (stderr by default) and saved in `out_dir/tokenizer_train.json`. A record over `max_record_bytes` (default
+    `records.MAX_RECORD_BYTES`) is reported bad unparsed; ValueError when no usable text is left.
     """
     import numpy as np
     from tokenizers import pre_tokenizers, trainers
     from tqdm import tqdm
 
     from matelike.data.formats import iter_pretrain_texts
-    from matelike.data.records import BadRecordReport, expand_inputs
+    from matelike.data.records import MAX_RECORD_BYTES, BadRecordReport, expand_inputs
 
     log = log if log is not None else sys.stderr
+    max_record_bytes = max_record_bytes or MAX_RECORD_BYTES
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab_size must be at least {MIN_VOCAB} (256 bytes + special tokens + 1 merge)")
     paths = expand_inputs(inputs)
@@ -290,14 +344,14 @@ def train_tokenizer(
     total_bytes = sum(p.stat().st_size for p in paths)
     t0 = time.perf_counter()
     # Characters never exceed bytes, so when the files are small enough no counting pass is needed.
-    total_chars = total_bytes if total_bytes <= max_chars else _count_chars(paths, field, progress)
+    total_chars = total_bytes if total_bytes <= max_chars else _count_chars(paths, field, progress, max_record_bytes)
     keep_p = min(1.0, max_chars / max(total_chars, 1))
     hold_p = 0.0 if heldout_paths else min(0.01, HELDOUT_MAX_CHARS / max(total_chars, 1))
     rng = np.random.default_rng(seed)
     report = BadRecordReport(stream=log)
     held: list[str] = []
     held_chars = 0
-    stats = {"docs": 0, "train_docs": 0, "train_chars": 0}
+    stats = {"docs": 0, "train_docs": 0, "train_chars": 0, "records": 0}
 
     def sample() -> Iterator[list[str]]:
         nonlocal held_chars
@@ -305,7 +359,8 @@ def train_tokenizer(
         with tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress, desc="sampling",
                   file=sys.stderr) as bar:
             for p in paths:
-                for text in iter_pretrain_texts(p, field, report):
+                counts: dict[str, int] = {}
+                for text in iter_pretrain_texts(p, field, report, counts, max_record_bytes=max_record_bytes):
                     stats["docs"] += 1
                     r = rng.random()
                     if r < hold_p and held_chars < HELDOUT_MAX_CHARS:
@@ -319,6 +374,7 @@ def train_tokenizer(
                             yield batch
                             batch = []
                 bar.update(p.stat().st_size)
+                stats["records"] += counts.get("records", 0)
         if batch:
             yield batch
 
@@ -332,14 +388,15 @@ def train_tokenizer(
     )
     tok.train_from_iterator(sample(), trainer=trainer)
     if not stats["train_docs"]:
-        raise ValueError(f"no usable text in {', '.join(map(str, paths))} ({report.summary()})")
+        raise ValueError(f"no usable text in {', '.join(map(str, paths))}: {stats['records']} records read, "
+                         f"{stats['docs']} usable ({report.summary()}); nothing written")
     result = Tokenizer(tok)
     result.save(out_dir)
 
     if heldout_paths:
         quiet = BadRecordReport(max_shown=0)
         for p in heldout_paths:
-            for text in iter_pretrain_texts(p, field, quiet):
+            for text in iter_pretrain_texts(p, field, quiet, max_record_bytes=max_record_bytes):
                 if held_chars >= HELDOUT_MAX_CHARS:
                     break
                 held.append(text)
@@ -374,13 +431,14 @@ def train_tokenizer(
 def _cmd_train(args: argparse.Namespace) -> int:
     from matelike.data.records import DataFileError
 
-    if args.vocab_size < MIN_VOCAB or args.max_chars < 1:
-        print(f"error: --vocab-size must be at least {MIN_VOCAB} and --max-chars positive", file=sys.stderr)
+    if args.vocab_size < MIN_VOCAB or args.max_chars < 1 or args.max_record_bytes < 1:
+        print(f"error: --vocab-size must be at least {MIN_VOCAB}, --max-chars and --max-record-bytes positive",
+              file=sys.stderr)
         return 2
     try:
         tok = train_tokenizer(args.input, args.out, vocab_size=args.vocab_size, max_chars=args.max_chars,
                               field=args.field, heldout=args.heldout or (), seed=args.seed,
-                              progress=not args.quiet)
+                              progress=not args.quiet, max_record_bytes=args.max_record_bytes)
     except DataFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -398,6 +456,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_cli(table: "CommandTable") -> None:
+    from matelike.data.records import MAX_RECORD_BYTES
+
     p = table.group_command("tokenizer", "train", "train the byte-level BPE tokenizer", _cmd_train,
                             group_help="tokenizer commands")
     p.add_argument("--input", nargs="+", required=True, help="jsonl/parquet/txt files or directories")
@@ -408,4 +468,6 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--field", default="text", help="text field of jsonl/parquet records")
     p.add_argument("--heldout", nargs="+", help="files to measure compression on (default: 1%% withheld)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help="a record (line, row) larger than this is reported bad and skipped unparsed (bounds memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

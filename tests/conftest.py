@@ -85,11 +85,17 @@ def make_chat_model(tokenizer, tmp_path_factory: pytest.TempPathFactory):
     Untied embeddings and a wide init make greedy answers depend on the prompt (a tied random model just
     repeats the last prompt token), which the serving tests need.
     """
-    from matelike.bench.serve import save_random_model
+    import torch
+
+    from matelike.model.io import save_model
+    from matelike.model.transformer import Transformer, get_preset
 
     def make(max_seq_len: int = 128, name: str = "tiny-test") -> Path:
         out = tmp_path_factory.mktemp("chat-model") / name  # the server names the model after its folder
-        return save_random_model(tokenizer, out, "tiny", seed=1, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                 hidden_dim=128, max_seq_len=max_seq_len, tie_embeddings=False, init_std=0.1)
+        torch.manual_seed(1)
+        config = get_preset("tiny", vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                            hidden_dim=128, max_seq_len=max_seq_len, tie_embeddings=False, init_std=0.1)
+        save_model(Transformer(config), tokenizer, out)
+        return out
 
     return make

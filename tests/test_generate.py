@@ -111,7 +111,7 @@ def test_generate_usage_errors(model_dir: Path, tmp_path: Path, capsys: pytest.C
 
 @pytest.mark.slow
 def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["bench", "generate", "--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+    rc = main(["bench", "generate", "--preset", "tiny", "--prompt-len", "8", "--new-tokens", "16", "--repeats", "3",
                "--batch-sizes", "1,2", "--memory-preset", "tiny"])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -128,3 +128,15 @@ def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str])
         assert res["memory"][dtype]["weights_mb"] == pytest.approx(res["memory"]["params"] * 2 / 1e6, abs=0.1)
         assert res["memory"][dtype]["peak_generate_mb"] >= res["memory"][dtype]["peak_load_mb"] >= 0
         assert res["memory"][dtype]["load_anon_mb"] >= 0
+
+
+def test_bench_decode_speed_too_short_to_time_is_none_not_absurd() -> None:
+    import time
+
+    from matelike.bench.generate import _speeds
+
+    # A decode that "takes" less than its prefill (timing noise) must not become a speed of 1e10 tokens/s.
+    res = _speeds(lambda b, n: time.sleep(0.01 if n == 1 else 0.0), [1], prompt_len=8, new=4, repeats=3)
+    assert res["decode_tok_s_b1"] is None and res["prefill_tok_s_b1"] > 0
+    res = _speeds(lambda b, n: time.sleep(0.001 * n), [1], prompt_len=8, new=4, repeats=3)
+    assert 200 < res["decode_tok_s_b1"] < 1100  # 4 tokens in about 4 ms

@@ -10,13 +10,14 @@ from matelike.report import build_report, read_metrics
 
 def _write_run(run: Path) -> None:
     (run / ".stages").mkdir(parents=True)
-    for stage, wall in (("data", 3.0), ("pretrain", 120.0), ("sft", 60.0), ("dpo", 30.0)):
+    # written in this order so that alphabetical order is not pipeline order
+    for stage, wall in (("sft", 60.0), ("data", 3.0), ("dpo", 30.0), ("pretrain", 120.0)):
         (run / ".stages" / f"{stage}.json").write_text(json.dumps(
             {"stage": stage, "wall_s": wall, "commands": [["matelike", stage, "--out", str(run / stage)]]}))
     for stage, base in (("pretrain", 6.0), ("sft", 3.0), ("dpo", 0.7)):
         (run / stage).mkdir()
         lines = [json.dumps({"step": s, "tokens": 1000 * s, "loss": base - 0.1 * s, "lr": 1e-3,
-                             "tokens_per_s": 5000.0}) for s in range(1, 6)]
+                             "tokens_per_s": 5000.0, "dtype": "fp32"}) for s in range(1, 6)]
         lines.append(json.dumps({"step": 5, "tokens": 5000, "loss": base - 0.5, "lr": 1e-3, "tokens_per_s": 5000.0,
                                  "val_loss": base - 0.4, "val_bpb": 2.0}))
         if stage == "dpo":
@@ -27,9 +28,15 @@ def _write_run(run: Path) -> None:
     (run / "eval").mkdir()
     for name, acc in (("pretrain", 0.5), ("sft", 0.85), ("dpo", 0.9)):
         (run / "eval" / f"{name}.json").write_text(json.dumps({
-            "tasks": {"sentiment": {"accuracy": acc, "n": 10}, "segmentation": {"f1": acc - 0.1, "n": 10}},
+            "tasks": {"sentiment": {"accuracy": acc, "n": 10, "ci95": [acc - 0.2, min(1.0, acc + 0.1)]},
+                      "segmentation": {"f1": acc - 0.1, "n": 10}},
             "val": {"loss": 3.0, "bpb": 1.5},
-            "baselines": {"sentiment": {"accuracy": 0.5, "n": 10}},
+            "baselines": {"sentiment": {"accuracy": 0.5, "n": 10, "ci95": [0.24, 0.76]}},
+            "chat": {"open": {"n": 40, "leak": {"rate": 1 - acc, "ci95": [0.0, 0.3]},
+                              "identity": {"rate": acc, "n": 4, "ci95": [0.3, 1.0]},
+                              "char_f1": {"mean": 0.2, "ci95": [0.1, 0.3]}, "rouge_l": {"mean": 0.1, "ci95": [0.05, 0.2]},
+                              "baseline": {"char_f1": {"mean": 0.1, "ci95": [0.05, 0.15]},
+                                           "rouge_l": {"mean": 0.05, "ci95": [0.0, 0.1]}}}},
             "samples": {"sentiment": {"task": "sentiment", "prompt": "判断评论情感：很好", "answer": "正面",
                                       "prediction": "正面"}}}))
 
@@ -44,15 +51,18 @@ def test_report_has_stages_curves_eval_table_samples_and_commands(tmp_path: Path
     _write_run(tmp_path)
     text = build_report(tmp_path)
     assert (tmp_path / "report.md").read_text(encoding="utf-8") == text
-    assert "| pretrain | – | 5,000 | 120 s | 5,000 | 5.5000 | 5.6000 |" in text
+    assert "| pretrain | – | fp32 | 5,000 | 120 s | 5,000 | 5.5000 | 5.6000 |" in text
     for stage in ("pretrain", "sft", "dpo"):
         png = tmp_path / f"loss_{stage}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({png.name})" in text
-    assert "| metric | pretrain | sft | dpo | trivial baseline |" in text
-    assert "| sentiment accuracy | 0.5000 | 0.8500 | 0.9000 | 0.5000 |" in text
+    assert "| metric | pretrain | sft | dpo | rule baseline |" in text
+    assert "| sentiment accuracy (n=10) | 0.50 [0.30, 0.60] | 0.85 [0.65, 0.95] | 0.90 [0.70, 1.00] | 0.50 [0.24, 0.76] |" in text
+    assert "| chat: task-format leak on open prompts (n=40, lower is better) | 0.50 [0.00, 0.30] |" in text
     assert "| held-out bpb | 1.5000 | 1.5000 | 1.5000 | – |" in text
     assert "判断评论情感：很好" in text and "model: 正面" in text
-    assert f"matelike pretrain --out {tmp_path / 'pretrain'}" in text
+    commands = text.split("## Commands to reproduce")[1]
+    order = [commands.index(f"matelike {stage} --out") for stage in ("data", "pretrain", "sft", "dpo")]
+    assert order == sorted(order)  # pipeline order, runnable top to bottom
     assert "## Machine" in text and "torch" in text
     assert "DPO on held-out pairs: reward accuracy 0.7500, reward margin 0.3000." in text

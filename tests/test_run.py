@@ -112,3 +112,14 @@ def test_dpo_stage_without_pairs_fails_cleanly(tmp_path: Path, capsys: pytest.Ca
     assert "no preference pairs" in capsys.readouterr().err
     assert runner.calls[-1][:2] == ["dpo", "make-pairs"]  # dpo itself never started
     assert not (tmp_path / ".stages" / "dpo.json").exists()
+
+
+def test_eta_is_shrunk_towards_the_expected_pace_and_says_it(tmp_path: Path) -> None:
+    pipe = Pipeline(tmp_path, "tiny", list(STAGES), force=False, runner=FakeRunner(tmp_path))
+    expected = dict(zip(STAGES, pipe.budget.expected_s))
+    # A 5-second stage taking 12 s (2.4x) barely moves a 12-minute estimate, and the line says by how much.
+    line = pipe._eta(1, 0.0, {"data": 12.0})
+    pace = (12.0 + 60.0) / (expected["data"] + 60.0)
+    assert f"at {pace:.2f}x the expected pace" in line and pace < 1.15
+    fresh = pipe._eta(0, 0.0, {})
+    assert "at 1.00x the expected pace" in fresh

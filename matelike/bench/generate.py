@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,14 +40,24 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def _speeds(run: Callable[[int, int], Any], batch_sizes: list[int], prompt_len: int, new: int, repeats: int) -> dict:
-    """run(batch, n_new) generates n_new tokens for `batch` prompts; returns tok/s figures."""
-    out: dict[str, float] = {}
+    """run(batch, n_new) generates n_new tokens for `batch` prompts; returns tok/s figures.
+
+    Decode time is the median over repeats of the paired difference (prompt + new+1 tokens) - (prompt + 1
+    token), timed back to back; a run too short for the machine's noise (a difference of at most zero) is
+    reported as None rather than as an absurd speed that would pass into a ratio unnoticed.
+    """
+    out: dict[str, float | None] = {}
     run(1, 2)  # warm-up (allocator, thread pool, lazy imports)
     for b in batch_sizes:
-        t_prefill = _best_time(lambda: run(b, 1), repeats)
-        t_total = _best_time(lambda: run(b, new + 1), repeats)
-        out[f"decode_tok_s_b{b}"] = round(b * new / max(t_total - t_prefill, 1e-9), 1)
-        out[f"prefill_tok_s_b{b}"] = round(b * prompt_len / t_prefill, 1)
+        prefills, decodes = [], []
+        for _ in range(repeats):
+            t_prefill = _best_time(lambda: run(b, 1), 1)
+            t_total = _best_time(lambda: run(b, new + 1), 1)
+            prefills.append(t_prefill)
+            decodes.append(t_total - t_prefill)
+        decode = statistics.median(decodes)
+        out[f"decode_tok_s_b{b}"] = round(b * new / decode, 1) if decode > 0 else None
+        out[f"prefill_tok_s_b{b}"] = round(b * prompt_len / min(prefills), 1)
     return out
 
 
@@ -187,9 +198,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
             result["transformers"] = _speeds(run_hf, batch_sizes, args.prompt_len, args.new_tokens, args.repeats)
             result["ratio"] = {
-                k: round(result["ours"][k] / result["transformers"][k], 2) for k in result["ours"] if k in result["transformers"]
+                k: round(result["ours"][k] / result["transformers"][k], 2) for k in result["ours"]
+                if result["ours"][k] and result["transformers"].get(k)
             }
-            if "matmul_floor_tok_s_b1" in result:  # the highest decode ratio any implementation could print
+            if "matmul_floor_tok_s_b1" in result and result["transformers"].get("decode_tok_s_b1"):  # the highest decode ratio any implementation could print
                 result["ratio"]["matmul_floor_b1"] = round(
                     result["matmul_floor_tok_s_b1"] / result["transformers"]["decode_tok_s_b1"], 2)
         if args.memory_preset:

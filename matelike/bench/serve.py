@@ -92,7 +92,7 @@ def run_level(url: str, clients: int, n_requests: int, max_tokens: int, seconds:
                         return
                     issued += 1
                     number = issued
-                body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0,
+                body = {"max_tokens": max_tokens, "temperature": 0,
                         "messages": [{"role": "user", "content": f"第{number}个问题：请评价这家店（顾客{worker_id}）。"}]}
                 start = time.perf_counter()
                 try:

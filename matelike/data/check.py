@@ -16,8 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from matelike.data.formats import RecordError, guess_kind, pretrain_text, to_messages, to_preference
-from matelike.data.records import BadRecord, BadRecordReport, DataFileError, expand_inputs, iter_records
+from matelike.data.formats import guess_kind, pretrain_text, to_messages, to_preference
+from matelike.data.records import (
+    MAX_RECORD_BYTES,
+    BadRecordReport,
+    DataFileError,
+    ReadCounts,
+    expand_inputs,
+    read_converted,
+)
 
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
@@ -67,27 +74,23 @@ def _count_duplicates(hashes: array) -> int:
     return int(a.size - np.unique(a).size)
 
 
-def check_file(path: Path, kind: str, text_field: str, report: BadRecordReport, hashes: array) -> FileStats:
+def check_file(path: Path, kind: str, text_field: str, report: BadRecordReport, hashes: array,
+               max_record_bytes: int = MAX_RECORD_BYTES) -> FileStats:
     """Validate every record of `path` as `kind` ('auto' decides from the first object record)."""
     stats = FileStats(path=str(path), kind="" if kind == "auto" else kind)
     before = dict(report.by_reason)
-    for line, rec in iter_records(path):
-        stats.records += 1
-        if isinstance(rec, BadRecord):
-            report.add(rec)
-            stats.bad += 1
-            continue
+    counts = ReadCounts()
+
+    def convert(rec: dict) -> tuple[str, int]:
         if not stats.kind:
             stats.kind = guess_kind(rec, text_field)
-        try:
-            key, n_chars = _content_key(rec, stats.kind, text_field)
-        except RecordError as e:
-            report.add(BadRecord(str(path), line, e.reason))
-            stats.bad += 1
-            continue
-        stats.good += 1
+        return _content_key(rec, stats.kind, text_field)
+
+    for _, _, (key, n_chars) in read_converted(path, convert, report, counts=counts,
+                                                max_record_bytes=max_record_bytes):
         stats.chars += n_chars
         hashes.append(_hash64(key))
+    stats.records, stats.good, stats.bad = counts.records, counts.good, counts.bad
     stats.bad_by_reason = {k: n - before.get(k, 0) for k, n in report.by_reason.items() if n > before.get(k, 0)}
     return stats
 
@@ -102,7 +105,7 @@ def _line(s: FileStats) -> str:
 
 
 def check_paths(paths: list[str], kind: str = "auto", text_field: str = "text", max_shown: int = 20,
-                out: TextIO | None = None, as_json: bool = False) -> int:
+                out: TextIO | None = None, as_json: bool = False, max_record_bytes: int = MAX_RECORD_BYTES) -> int:
     """Run the check over `paths`; prints the report to `out` (stdout) and returns the exit code."""
     out = out if out is not None else sys.stdout
     report = BadRecordReport(max_shown=max_shown, stream=out)
@@ -120,7 +123,7 @@ def check_paths(paths: list[str], kind: str = "auto", text_field: str = "text", 
     for path in files:
         start = len(hashes)
         try:
-            s = check_file(path, kind, text_field, report, hashes)
+            s = check_file(path, kind, text_field, report, hashes, max_record_bytes)
         except DataFileError as e:
             print(f"error: {e}", file=sys.stderr)
             unreadable += 1
@@ -146,8 +149,11 @@ def check_paths(paths: list[str], kind: str = "auto", text_field: str = "text", 
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    if args.max_record_bytes < 1:
+        print("error: --max-record-bytes must be positive", file=sys.stderr)
+        return 2
     return check_paths(args.paths, kind=args.format, text_field=args.field, max_shown=args.max_shown,
-                       as_json=args.json)
+                       as_json=args.json, max_record_bytes=args.max_record_bytes)
 
 
 def add_cli(table: "CommandTable") -> None:
@@ -159,3 +165,5 @@ def add_cli(table: "CommandTable") -> None:
                    help="record layout; auto decides per file from its first record")
     p.add_argument("--max-shown", type=int, default=20, help="bad records listed per file")
     p.add_argument("--json", action="store_true", help="also print the totals as one JSON line")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help="a record (line, row) larger than this is bad, skipped unparsed (bounds memory)")

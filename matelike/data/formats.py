@@ -241,27 +241,27 @@ def guess_kind(obj: dict, field: str = "text") -> str:
 
 
 def iter_pretrain_texts(path: str | Path, text_field: str, report: "BadRecordReport",
-                        stats: dict[str, int] | None = None) -> Iterator[str]:
+                        stats: dict[str, int] | None = None, *, max_record_bytes: int | None = None) -> Iterator[str]:
     """Document texts of one pretraining file, in order; bad records go to `report`.
 
-    `stats`, when given, is updated with `records`, `documents` and `bad` counts.
+    `stats`, when given, is updated with `records`, `documents` and `bad` counts. `max_record_bytes` caps one
+    record (default `records.MAX_RECORD_BYTES`).
     """
-    from matelike.data.records import BadRecord, iter_records
+    from matelike.data.records import MAX_RECORD_BYTES, ReadCounts, read_converted
 
     stats = stats if stats is not None else {}
     for key in ("records", "documents", "bad"):
         stats.setdefault(key, 0)
-    for line, rec in iter_records(path, columns=[text_field]):
-        stats["records"] += 1
-        if isinstance(rec, BadRecord):
-            report.add(rec)
-            stats["bad"] += 1
-            continue
-        try:
-            text = pretrain_text(rec, text_field)
-        except RecordError as e:
-            report.add(BadRecord(str(path), line, e.reason))
-            stats["bad"] += 1
-            continue
-        stats["documents"] += 1
+    counts = ReadCounts()
+    base = {key: stats[key] for key in ("records", "documents", "bad")}
+
+    def sync() -> None:  # per record, so a caller that stops reading early still gets true counts
+        stats["records"] = base["records"] + counts.records
+        stats["documents"] = base["documents"] + counts.good
+        stats["bad"] = base["bad"] + counts.bad
+
+    for _, _, text in read_converted(path, lambda rec: pretrain_text(rec, text_field), report, counts=counts,
+                                     columns=[text_field], max_record_bytes=max_record_bytes or MAX_RECORD_BYTES):
+        sync()
         yield text
+    sync()

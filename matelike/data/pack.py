@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from matelike.data.records import BadRecordReport, DataFileError, expand_inputs
+from matelike.data.records import MAX_RECORD_BYTES, BadRecordReport, DataFileError, expand_inputs
 
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_CHARS = 1 << 20  # about 1M characters per work item: large enough to amortise pickling
+
+
+class NoDocumentsError(ValueError):
+    """Not one usable document to pack: nothing is written (exit code 1)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -146,12 +150,12 @@ class _Output:
 
 
 def _document_texts(paths: list[Path], text_field: str, report: BadRecordReport,
-                    per_file: dict[str, dict]) -> Iterator[str]:
+                    per_file: dict[str, dict], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[str]:
     from matelike.data.formats import iter_pretrain_texts
 
     for path in paths:
         stats = per_file.setdefault(str(path), {"path": str(path), "bytes": path.stat().st_size})
-        yield from iter_pretrain_texts(path, text_field, report, stats)
+        yield from iter_pretrain_texts(path, text_field, report, stats, max_record_bytes=max_record_bytes)
 
 
 def pack(
@@ -168,11 +172,13 @@ def pack(
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
     progress: bool = True,
     report: BadRecordReport | None = None,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> dict:
     """Tokenize `inputs` into `out` (+ `out.json` meta); returns the train meta (with `val` meta if any).
 
     With `val_out`, documents of `val_inputs` go there; without `val_inputs`, a seeded `val_fraction` of the
-    input documents is held out instead (the same documents whatever the worker count).
+    input documents is held out instead (the same documents whatever the worker count). Raises
+    NoDocumentsError, writing nothing, when no document is left for the training file.
     """
     from tqdm import tqdm
 
@@ -201,7 +207,7 @@ def pack(
         n_bytes = [0, 0]
         sources = [(0, paths), (1, val_paths)] if val_paths else [(0, paths)]
         for fixed_split, srcs in sources:
-            for text in _document_texts(srcs, text_field, report, per_file):
+            for text in _document_texts(srcs, text_field, report, per_file, max_record_bytes):
                 split = fixed_split
                 if sample_val and rng.random() < val_fraction:
                     split = 1
@@ -228,6 +234,14 @@ def pack(
         for o in outputs:
             o.abort()
         raise
+    if outputs[0].documents == 0:
+        for o in outputs:
+            o.abort()
+        records = sum(f.get("records", 0) for f in per_file.values())
+        if any(o.documents for o in outputs):
+            raise NoDocumentsError(f"no documents packed: all {outputs[1].documents} went to the validation split")
+        raise NoDocumentsError(f"no documents packed: no usable record in {', '.join(map(str, paths))} "
+                               f"({records} records read, {report.summary()})")
     base = {
         "format_version": FORMAT_VERSION,
         "dtype": dtype.name,
@@ -316,7 +330,8 @@ class TokenWindows:
 def _cmd_pack(args: argparse.Namespace) -> int:
     problem = ("--val-input needs --val-out" if args.val_input and not args.val_out else
                "--val-fraction must be in [0, 1)" if not 0 <= args.val_fraction < 1 else
-               "--workers must be at least 1" if args.workers < 1 else None)
+               "--workers must be at least 1" if args.workers < 1 else
+               "--max-record-bytes must be positive" if args.max_record_bytes < 1 else None)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -324,7 +339,10 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     try:
         meta = pack(args.tokenizer, args.input, args.out, val_out=args.val_out, val_inputs=args.val_input or (),
                     val_fraction=args.val_fraction, workers=args.workers, text_field=args.field, seed=args.seed,
-                    progress=not args.quiet, report=report)
+                    progress=not args.quiet, report=report, max_record_bytes=args.max_record_bytes)
+    except NoDocumentsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (DataFileError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -336,9 +354,6 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         v = meta["val"]
         print(f"{args.val_out}: {v['tokens']} tokens, {v['documents']} documents")
     print(report.summary() + (" (skipped)" if report.total else ""))
-    if meta["documents"] == 0:
-        print("error: no documents packed", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -356,4 +371,6 @@ def add_cli(table: "CommandTable") -> None:
                         "on 2 cores); N > 1: N encoding processes. The output is identical either way.")
     p.add_argument("--field", default="text", help="text field of jsonl/parquet records")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help="a record (line, row) larger than this is reported bad and skipped unparsed (bounds memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

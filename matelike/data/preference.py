@@ -95,10 +95,11 @@ def render_pair(
 
 def load_preference_pairs(
     paths: Iterable[str | Path], tokenizer: "Tokenizer", seq_len: int, report: "BadRecordReport | None" = None,
+    *, max_record_bytes: int | None = None,
 ) -> tuple[PreferencePairs, PreferenceStats]:
     """Read and render every pair of `paths` (files or directories, jsonl / parquet / csv)."""
-    from matelike.data.formats import RecordError, to_preference
-    from matelike.data.records import BadRecord, BadRecordReport, expand_inputs, iter_records
+    from matelike.data.formats import to_preference
+    from matelike.data.records import MAX_RECORD_BYTES, BadRecordReport, ReadCounts, expand_inputs, read_converted
 
     report = report if report is not None else BadRecordReport()
     stats = PreferenceStats()
@@ -106,18 +107,9 @@ def load_preference_pairs(
     masks: dict[str, list[list[int]]] = {"chosen": [], "rejected": []}
     for path in expand_inputs(paths):
         kept = 0
-        for line, rec in iter_records(path):
-            stats.records += 1
-            if isinstance(rec, BadRecord):
-                stats.bad += 1
-                report.add(rec)
-                continue
-            try:
-                pref = to_preference(rec)
-            except RecordError as e:
-                stats.bad += 1
-                report.add(BadRecord(str(path), line, e.reason))
-                continue
+        counts = ReadCounts()
+        for _, _, pref in read_converted(path, to_preference, report, counts=counts,
+                                         max_record_bytes=max_record_bytes or MAX_RECORD_BYTES):
             rendered = render_pair(tokenizer, pref.prompt, pref.chosen, pref.rejected, seq_len)
             if rendered is None:
                 stats.dropped_too_long += 1
@@ -129,6 +121,8 @@ def load_preference_pairs(
                 ids[side].append(i)
                 masks[side].append(m)
             kept += 1
+        stats.records += counts.records
+        stats.bad += counts.bad
         stats.files[str(path)] = kept
         stats.pairs += kept
     pairs = PreferencePairs(SFTSamples.from_lists(ids["chosen"], masks["chosen"]),

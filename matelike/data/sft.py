@@ -179,57 +179,51 @@ def load_sft_samples(
     seq_len: int,
     fmt: str = "auto",
     report: "BadRecordReport | None" = None,
+    *,
+    max_record_bytes: int | None = None,
 ) -> tuple[SFTSamples, SFTStats]:
     """Read SFT records from jsonl / parquet / csv files in any supported layout.
 
-    Bad records (unreadable, wrong layout, missing or empty fields) go to `report` with FILE:LINE and are
-    counted; every good record is rendered and fitted with `fit_messages`.
+    Bad records (unreadable, over `max_record_bytes`, wrong layout, missing or empty fields) go to `report`
+    with FILE:LINE and are counted; every good record is rendered and fitted with `fit_messages`.
     """
-    from matelike.data.formats import RecordError, detect_sft_format, to_messages
-    from matelike.data.records import BadRecord, BadRecordReport, expand_inputs, iter_records
+    from matelike.data.formats import detect_sft_format, to_messages
+    from matelike.data.records import MAX_RECORD_BYTES, BadRecordReport, ReadCounts, read_converted
 
     if fmt not in FORMAT_CHOICES:
         raise ValueError(f"unknown SFT format {fmt!r}; choose one of {', '.join(FORMAT_CHOICES)}")
     layout_arg = FORMAT_CHOICES[fmt]
     report = report if report is not None else BadRecordReport()
     stats = SFTStats()
+    counts = ReadCounts()
     # Small numpy arrays, not lists of Python ints: a million samples stay a few bytes per token.
     all_ids: list[np.ndarray] = []
     all_masks: list[np.ndarray] = []
-    for path in expand_inputs(paths):
-        for line, rec in iter_records(path):
-            stats.records += 1
-            if isinstance(rec, BadRecord):
-                stats.bad += 1
-                report.add(rec)
-                continue
-            try:
-                layout = layout_arg or detect_sft_format(rec)
-                messages = to_messages(rec, layout)
-            except RecordError as e:
-                stats.bad += 1
-                report.add(BadRecord(str(path), line, e.reason))
-                continue
-            except KeyError as e:  # a forced --format whose field the record lacks
-                stats.bad += 1
-                report.add(BadRecord(str(path), line, f"missing field: {e.args[0]!r} (--format {fmt})"))
-                continue
-            stats.formats[layout] = stats.formats.get(layout, 0) + 1
-            fit = fit_messages(tokenizer, messages, seq_len)
-            if fit.ids is None:
-                if fit.reason == "no_answer":
-                    stats.dropped_no_answer += 1
-                else:
-                    stats.dropped_too_long += 1
-                continue
-            if fit.turns_dropped:
-                stats.truncated += 1
-                stats.turns_dropped += fit.turns_dropped
-            stats.samples += 1
-            stats.tokens += len(fit.ids) - 1
-            stats.loss_tokens += sum(fit.mask[1:])
-            all_ids.append(np.asarray(fit.ids, dtype=np.int32))
-            all_masks.append(np.asarray(fit.mask, dtype=np.uint8))
+
+    def convert(rec: dict) -> tuple[str, list[dict[str, str]]]:
+        # A forced --format on a record of another layout is a RecordError ("missing field") from to_messages.
+        layout = layout_arg or detect_sft_format(rec)
+        return layout, to_messages(rec, layout)
+
+    for _, _, (layout, messages) in read_converted(paths, convert, report, counts=counts,
+                                                   max_record_bytes=max_record_bytes or MAX_RECORD_BYTES):
+        stats.formats[layout] = stats.formats.get(layout, 0) + 1
+        fit = fit_messages(tokenizer, messages, seq_len)
+        if fit.ids is None:
+            if fit.reason == "no_answer":
+                stats.dropped_no_answer += 1
+            else:
+                stats.dropped_too_long += 1
+            continue
+        if fit.turns_dropped:
+            stats.truncated += 1
+            stats.turns_dropped += fit.turns_dropped
+        stats.samples += 1
+        stats.tokens += len(fit.ids) - 1
+        stats.loss_tokens += sum(fit.mask[1:])
+        all_ids.append(np.asarray(fit.ids, dtype=np.int32))
+        all_masks.append(np.asarray(fit.mask, dtype=np.uint8))
+    stats.records, stats.bad = counts.records, counts.bad
     return SFTSamples.from_lists(all_ids, all_masks), stats
 
 

@@ -1,7 +1,8 @@
 """`matelike dpo make-pairs`: preference pairs from the SFT model's own answers.
 
-For every prompt that has a gold answer (the demo tasks' `{prompt, answer, task}` training items, or any
-`{prompt, chosen}` / `{prompt, response}` file) the model samples K answers in batches, plus (by default) its
+For every prompt that has a gold answer (the demo tasks' `{prompt, answer, task}` training items, any
+`{prompt, chosen}` / `{prompt, response}` / alpaca file, or an SFT file of `{messages}` / `{conversations}` whose
+last assistant turn is the gold answer) the model samples K answers in batches, plus (by default) its
 greedy answer: the one chat and eval give at temperature 0, loops and all, so DPO pushes down the very answers
 users see. The gold answer is `chosen`; `rejected` is the candidate that the task's scorer (`tasks.score_item`)
 rates lowest, provided it rates below the gold answer itself. Prompts with no scorer (open-ended) take the first
@@ -78,27 +79,27 @@ class PairCounts:
         per[what] = per.get(what, 0) + 1
 
 
-def read_prompt_items(path: str | Path, report: "BadRecordReport") -> tuple[list[PromptItem], int]:
+def read_prompt_items(path: str | Path, report: "BadRecordReport", *,
+                      max_record_bytes: int | None = None) -> tuple[list[PromptItem], int]:
     """Prompts with gold answers from `path`; bad records go to `report`. Returns (items, records read)."""
-    from matelike.data.formats import RecordError
-    from matelike.data.records import BadRecord, iter_records
+    from matelike.data.records import MAX_RECORD_BYTES, ReadCounts, read_converted
 
+    counts = ReadCounts()
     items: list[PromptItem] = []
-    records = 0
-    for line, rec in iter_records(path):
-        records += 1
-        if isinstance(rec, BadRecord):
-            report.add(rec)
-            continue
-        try:
-            items.append(prompt_item(line, rec))
-        except RecordError as e:
-            report.add(BadRecord(str(path), line, e.reason))
-    return items, records
+    for _, line, item in read_converted(path, lambda rec: prompt_item(0, rec), report, counts=counts,
+                                        max_record_bytes=max_record_bytes or MAX_RECORD_BYTES):
+        item.line = line  # the converter sees only the record
+        items.append(item)
+    return items, counts.records
 
 
 def prompt_item(line: int, rec: dict) -> PromptItem:
-    """Validate one record; the prompt and gold answer are checked as the SFT conversation they make."""
+    """Validate one record; the prompt and gold answer are checked as the SFT conversation they make.
+
+    Reads the layouts `matelike sft` reads: `{prompt, answer|chosen|response}` (prompt a string or messages),
+    alpaca `{instruction, input, output}`, and `{messages|conversations: [...]}` whose last (assistant) turn is
+    the gold answer and the turns before it the prompt.
+    """
     from matelike.data.formats import RecordError, to_messages
     from matelike.eval.scoring import TASKS
 
@@ -106,9 +107,14 @@ def prompt_item(line: int, rec: dict) -> PromptItem:
         # alpaca layout (alpaca-gpt4-data-zh): the prompt is the instruction plus its input, gold is `output`
         conv = to_messages(rec, "alpaca")
         return PromptItem(line, conv[-2]["content"], conv[:-1], conv[-1]["content"], None)
+    if "prompt" not in rec and ("messages" in rec or "conversations" in rec):
+        # the SFT file itself (the demo's sft.jsonl): to_messages checks it ends with an assistant turn
+        conv = to_messages(rec, "messages")
+        return PromptItem(line, conv[:-1], conv[:-1], conv[-1]["content"], _task(rec, TASKS))
     key = next((k for k in GOLD_FIELDS if rec.get(k) is not None), None)
     if key is None:
-        raise RecordError("missing field: expected 'answer', 'chosen' or 'response'")
+        raise RecordError("missing field: expected 'answer', 'chosen' or 'response' (with 'prompt'), "
+                          "alpaca 'instruction'+'output', or 'messages'/'conversations'")
     gold = rec[key]
     if isinstance(gold, list) and len(gold) == 1 and isinstance(gold[0], dict):  # [{role: assistant, content}]
         gold = gold[0].get("content")
@@ -123,11 +129,18 @@ def prompt_item(line: int, rec: dict) -> PromptItem:
         conv = to_messages({"messages": [*prompt, {"role": "assistant", "content": gold}]}, "messages")
     else:
         raise RecordError("wrong type: field 'prompt' is neither a string nor an array of messages")
+    return PromptItem(line, prompt, conv[:-1], gold, _task(rec, TASKS))
+
+
+def _task(rec: dict, tasks: Iterable[str]) -> str | None:
+    """The record's scorer name; an unknown task name is open-ended (None), not an error: other data sets
+    label their own kinds."""
+    from matelike.data.formats import RecordError
+
     task = rec.get("task")
     if task is not None and not isinstance(task, str):
         raise RecordError("wrong type: field 'task' is not a string")
-    # An unknown task name is open-ended (no scorer), not an error: other data sets label their own kinds.
-    return PromptItem(line, prompt, conv[:-1], gold, task if task in TASKS else None)
+    return task if task in tasks else None
 
 
 def pick_rejected(item: PromptItem, samples: Sequence[str]) -> tuple[str | None, str]:
@@ -212,6 +225,10 @@ def make_pairs(
     seed = sampling.seed or 0
     report = report if report is not None else BadRecordReport()
     items, records = read_prompt_items(data, report)
+    if not items:  # 0 pairs with exit 0 would look like a model that is always right
+        raise PairsError(f"{data}: no usable prompt with a gold answer in {records} records ({report.summary()}); "
+                         "expected {prompt, answer|chosen|response}, alpaca {instruction, output} or "
+                         "{messages|conversations} ending with an assistant turn")
     settings = {"model": model_id, "data": str(data), "data_sha256": sha256_file(data), "samples": samples,
                 "greedy": greedy, "max_new_tokens": max_new_tokens, "temperature": sampling.temperature,
                 "top_p": sampling.top_p, "seed": seed, "batch_size": batch_size}
@@ -328,7 +345,9 @@ def add_cli(table: "CommandTable") -> None:
                       _cmd_make_pairs)
     p.prog = "matelike dpo make-pairs"
     p.add_argument("--model", required=True, help="model directory (the SFT model)")
-    p.add_argument("--data", required=True, help="{prompt, answer, task} / {prompt, chosen} / {prompt, response} / alpaca {instruction, input, output} file")
+    p.add_argument("--data", required=True,
+                   help="{prompt, answer, task} / {prompt, chosen} / {prompt, response} / alpaca {instruction, input, "
+                        "output} / {messages} or {conversations} (the last assistant turn is the gold answer) file")
     p.add_argument("--out", required=True, type=Path,
                    help="pairs jsonl ({prompt, chosen, rejected}); continues where it stopped if present")
     p.add_argument("--samples", type=int, default=4, help="answers sampled per prompt (K)")

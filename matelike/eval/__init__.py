@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from matelike.data.records import BadRecord, BadRecordReport, DataFileError, iter_records
 from matelike.data.sft import IGNORE_INDEX
+from matelike.eval.intervals import task_interval
 from matelike.eval.scoring import MAIN_METRIC, TASKS, score_task, trivial_answers
 
 from matelike.device import add_device_args
@@ -141,10 +142,42 @@ def evaluate_tasks(model: Any, tokenizer: "Tokenizer", items: dict[str, list[dic
         budgets = [answer_budget(tokenizer, r["answer"]) for r in rows]
         with tqdm(total=len(rows), desc=f"eval {task}", unit="item", disable=not progress, leave=False) as bar:
             preds = generate_answers(model, tokenizer, prompts, budgets, batch_size=batch_size, progress=bar.update)
-        metrics[task] = score_task(task, [r["answer"] for r in rows], preds)
+        golds = [r["answer"] for r in rows]
+        metrics[task] = score_task(task, golds, preds)
+        metrics[task]["ci95"] = list(task_interval(task, golds, preds))
         predictions += [{"task": task, "prompt": r["prompt"], "answer": r["answer"], "prediction": p}
                         for r, p in zip(rows, preds)]
     return metrics, predictions
+
+
+def evaluate_chat(model: Any, tokenizer: "Tokenizer", path: str | Path, report: BadRecordReport, *,
+                  limit: int | None = None, batch_size: int = 32) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Chat metrics (matelike.eval.chat) and the replies, for a chat test file."""
+    from matelike.eval.chat import load_chat_items, score_open
+
+    items = load_chat_items(str(path), report, limit)
+    if not items:
+        raise EvalError(f"{path}: no chat test items")
+    prompts = [tokenizer.encode_chat(it["messages"], add_generation_prompt=True)[0] for it in items]
+    budgets = [answer_budget(tokenizer, it.get("reference", it.get("answer", ""))) for it in items]
+    replies = generate_answers(model, tokenizer, prompts, budgets, batch_size=batch_size)
+    open_items = [(it, r) for it, r in zip(items, replies) if it["kind"] == "open"]
+    out: dict[str, Any] = {}
+    if open_items:
+        out["open"] = score_open([it for it, _ in open_items], [r for _, r in open_items])
+    later: dict[str, Any] = {}
+    for task in TASKS:
+        rows = [(it, r) for it, r in zip(items, replies) if it["kind"] == "task" and it["task"] == task]
+        if rows:
+            golds, preds = [it["answer"] for it, _ in rows], [r for _, r in rows]
+            later[task] = {**score_task(task, golds, preds), "ci95": list(task_interval(task, golds, preds))}
+    if later:
+        out["later_turn_tasks"] = later
+    predictions = [{"task": "chat" if it["kind"] == "open" else it["task"], "kind": it["kind"],
+                    "category": it.get("category"), "messages": it["messages"],
+                    "answer": it.get("reference", it.get("answer")), "prediction": r}
+                   for it, r in zip(items, replies)]
+    return out, predictions
 
 
 def trivial_baselines(items: dict[str, list[dict[str, str]]]) -> dict[str, dict[str, float | int]]:
@@ -155,6 +188,7 @@ def trivial_baselines(items: dict[str, list[dict[str, str]]]) -> dict[str, dict[
         answers = trivial_answers(task, golds)
         if answers is not None:
             out[task] = score_task(task, golds, answers)
+            out[task]["ci95"] = list(task_interval(task, golds, answers))
     return out
 
 
@@ -293,16 +327,37 @@ def evaluate_mc(model: Any, tokenizer: "Tokenizer", path: str | Path, report: Ba
 # ---------------------------------------------------------------------------------------------- command
 
 
+def _ci(ci: Sequence[float] | None) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """The printed summary: one line per metric."""
-    lines = [f"{'what':<28} {'metric':<10} {'value':>9} {'baseline':>9}  n"]
+    """The printed summary: one line per metric, the 95% interval next to each task's main metric."""
+    lines = [f"{'what':<28} {'metric':<10} {'value':>9} {'95% CI':>13} {'baseline':>9} {'95% CI':>13}  n"]
     for task, m in result.get("tasks", {}).items():
         base = result.get("baselines", {}).get(task, {})
         for key, value in m.items():
-            if key != "n":
-                mark = " *" if key == MAIN_METRIC.get(task) else ""
-                b = f"{base[key]:>9.4f}" if key in base else f"{'-':>9}"
-                lines.append(f"{task:<28} {key:<10} {value:>9.4f} {b}  {m['n']}{mark}")
+            if key in ("n", "ci95"):
+                continue
+            main = key == MAIN_METRIC.get(task)
+            ci, bci = (_ci(m.get("ci95")), _ci(base.get("ci95"))) if main else ("", "")
+            b = f"{base[key]:>9.4f}" if key in base else f"{'-':>9}"
+            lines.append(f"{task:<28} {key:<10} {value:>9.4f} {ci:>13} {b} {bci:>13}  {m['n']}{' *' if main else ''}")
+    chat = result.get("chat", {})
+    if "open" in chat:
+        o = chat["open"]
+        lines.append(f"{'chat (open prompts)':<28} {'leak':<10} {o['leak']['rate']:>9.4f} {_ci(o['leak']['ci95']):>13}"
+                     f" {'-':>9} {'':>13}  {o['n']}")
+        lines.append(f"{'chat (identity questions)':<28} {'named':<10} {o['identity']['rate']:>9.4f} "
+                     f"{_ci(o['identity']['ci95']):>13} {'-':>9} {'':>13}  {o['identity']['n']}")
+        for key in ("char_f1", "rouge_l"):
+            b = o["baseline"][key]
+            lines.append(f"{'chat (open prompts)':<28} {key:<10} {o[key]['mean']:>9.4f} {_ci(o[key]['ci95']):>13} "
+                         f"{b['mean']:>9.4f} {_ci(b['ci95']):>13}  {o['n']}")
+    for task, m in chat.get("later_turn_tasks", {}).items():
+        key = MAIN_METRIC[task]
+        lines.append(f"{task + ' (later turn)':<28} {key:<10} {m[key]:>9.4f} {_ci(m['ci95']):>13} {'-':>9} {'':>13}"
+                     f"  {m['n']}")
     if "val" in result:
         v = result["val"]
         lines.append(f"{'held-out text':<28} {'loss':<10} {v['loss']:>9.4f}  {v['tokens']} tokens")
@@ -316,6 +371,7 @@ def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tas
              limit: int | None = None, val: str | Path | None = None, ceval: Sequence[str | Path] = (),
              prompt_format: str = "chat", batch_size: int = 32, device: str = "cpu", dtype: str | None = None,
              val_max_tokens: int | None = None, report: BadRecordReport | None = None,
+             chat_file: str | Path | None = None, chat_limit: int | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Everything `matelike eval` computes, as the JSON-ready dict (also used by `matelike run`)."""
     import torch
@@ -337,6 +393,10 @@ def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tas
             result["tasks"], result["predictions"] = evaluate_tasks(
                 model, tokenizer, items, prompt_format=prompt_format, batch_size=batch_size, progress=progress)
             result["baselines"] = trivial_baselines(items)
+        if chat_file is not None:
+            result["chat"], chat_predictions = evaluate_chat(model, tokenizer, chat_file, report, limit=chat_limit,
+                                                             batch_size=batch_size)
+            result.setdefault("predictions", []).extend(chat_predictions)
         if val is not None:
             result["val"] = heldout_loss(model, tokenizer, val, report, max_tokens=val_max_tokens)
         if ceval:
@@ -366,11 +426,14 @@ def _positive(text: str) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     tasks_file = args.tasks_file
     val = args.val
+    chat_file = args.chat_file
     if args.data is not None:
         data = Path(args.data)
         tasks_file = tasks_file or data / "tasks_test.jsonl"
         val = val or data / "pretrain_val.jsonl"
-    if tasks_file is None and val is None and not args.ceval:
+        if chat_file is None and (data / "chat_test.jsonl").is_file():
+            chat_file = data / "chat_test.jsonl"
+    if tasks_file is None and val is None and chat_file is None and not args.ceval:
         print("error: nothing to evaluate: give --data DIR, --tasks-file, --val or --ceval", file=sys.stderr)
         return 2
     from matelike.model.io import ModelDirError
@@ -380,6 +443,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = run_eval(args.model, tasks_file=tasks_file, tasks=args.tasks, limit=args.limit, val=val,
                           ceval=args.ceval or (), prompt_format=args.prompt_format, batch_size=args.batch_size,
                           device=args.device, dtype=args.dtype, val_max_tokens=args.val_max_tokens, report=report,
+                          chat_file=chat_file, chat_limit=args.chat_limit,
                           progress=not args.quiet and sys.stderr.isatty())
     except (EvalError, DataFileError, ModelDirError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -412,6 +476,9 @@ def add_cli(table: "CommandTable") -> None:
                    help=f"comma-separated tasks to score (default: {','.join(TASKS)})")
     p.add_argument("--limit", type=_positive, help="score only the first N items of each task / C-Eval file")
     p.add_argument("--val", help="pretraining validation jsonl for held-out loss and bits per byte")
+    p.add_argument("--chat-file", help="held-out conversations (chat_test.jsonl layout): leak rate, identity, "
+                                       "reply overlap, tasks asked in a later turn")
+    p.add_argument("--chat-limit", type=_positive, help="score only the first N open prompts and N later-turn tasks")
     p.add_argument("--val-max-tokens", type=_positive, help="read whole documents up to about this many tokens")
     p.add_argument("--ceval", nargs="+", help="C-Eval layout CSV files (question, A, B, C, D, answer)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",

@@ -43,6 +43,8 @@ PHRASINGS: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "这条商品评论表达的态度是正面还是负面？只回答“正面”或“负面”。\n评论：{text}",
         "{text}\n上面这段评论的情感倾向是什么？（正面/负面）",
         "请给这条评论做情感分类，答案为正面或负面：{text}",
+        "帮我看看这条评论是好评还是差评，回答正面或负面：{text}",
+        "“{text}”这个买家是满意还是不满意？回答正面或负面。",
     ),
     "segmentation": (
         "对句子分词，词语之间用空格分隔：{text}",
@@ -50,6 +52,8 @@ PHRASINGS: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "中文分词：{text}",
         "{text}\n把上面这句话分词，词与词之间加一个空格。",
         "给这句话分词（词语之间用空格分隔）：{text}",
+        "能帮我把这句话分一下词吗？用空格隔开：{text}",
+        "这句话里有哪些词？按顺序用空格分开写出来：{text}",
     ),
     "entities": (
         "找出句子中的人名、地名、机构名：{text}",
@@ -57,6 +61,8 @@ PHRASINGS: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "命名实体识别（人名/地名/机构名）：{text}",
         "{text}\n上面这句话提到了哪些人名、地名、机构名？",
         "从这句话中抽取人名、地名、机构名：{text}",
+        "帮我找找这句话里提到的人、地方和单位（人名、地名、机构名）：{text}",
+        "这句新闻里有谁、在哪儿、什么机构？列出人名、地名、机构名：{text}",
     ),
     "continuation": (
         "续写新闻段落：{text}",
@@ -64,6 +70,8 @@ PHRASINGS: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "{text}\n续写上面的新闻段落。",
         "把这段新闻补充完整：{text}",
         "下面是一段新闻的开头，请续写：{text}",
+        "帮我把这段新闻写下去：{text}",
+        "这段新闻后面会怎么写？请接着写：{text}",
     ),
 })
 

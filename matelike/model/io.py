@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,61 +108,139 @@ def hf_config(config: ModelConfig, dtype: torch.dtype, tokenizer: Tokenizer | No
     return out
 
 
+_MISSING: Any = object()
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a value from a file, cut short: a hostile file must not turn into a megabyte error message."""
+    try:
+        text = repr(value)
+    except RecursionError:  # nested just under json's limit, repr's frames can still run out
+        text = f"<deeply nested {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_int(value: Any, key: str, path: Path, minimum: int = 1) -> int:
+    """A size from the config: a JSON integer (not a bool, not 32.0, not "32") of at least `minimum`."""
+    if type(value) is not int or value < minimum:
+        raise ModelDirError(f"{path}: {key} must be an integer >= {minimum}, not {_short(value)}")
+    return value
+
+
+def _int(cfg: dict[str, Any], key: str, path: Path, default: Any = _MISSING) -> int:
+    """Required size cfg[key], or `default` when the field is absent or null (transformers writes nulls)."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise ModelDirError(f"{path}: missing field {key!r}")
+        return default
+    return _check_int(value, key, path)
+
+
+def _float(value: Any, key: str, path: Path, positive: bool = False) -> float:
+    """A finite non-negative (or positive) number from the config: NaN or inf would give a NaN model."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        number = float(value) if ok else math.nan
+    except OverflowError:  # an integer too big for a float (1e400 written out)
+        number = math.inf
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        need = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ModelDirError(f"{path}: {key} must be {need}, not {_short(value)}")
+    return number
+
+
 def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
-    """Our ModelConfig from a config.json dict (ours or one transformers wrote); refuses what we cannot run."""
+    """Our ModelConfig from a config.json dict (ours or one transformers wrote); refuses what we cannot run.
+
+    Every field is checked for type and range here, so whatever the file says, the result is a ModelDirError
+    naming `path` or a config that can be built (whether the weights match it is load_model's business).
+    """
     model_type = cfg.get("model_type")
     if model_type not in ("llama", "mixtral", "qwen2_moe"):
-        raise ModelDirError(f"{path}: model_type {model_type!r} is not supported (llama, mixtral, qwen2_moe)")
+        raise ModelDirError(f"{path}: model_type {_short(model_type)} is not supported (llama, mixtral, qwen2_moe)")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ModelDirError(f"{path}: hidden_act {cfg.get('hidden_act')!r} is not supported (silu)")
+        raise ModelDirError(f"{path}: hidden_act {_short(cfg.get('hidden_act'))} is not supported (silu)")
     if cfg.get("attention_bias") or cfg.get("mlp_bias") or (model_type == "qwen2_moe" and cfg.get("qkv_bias", True)):
         raise ModelDirError(f"{path}: biases in attention or MLP are not supported")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ModelDirError(f"{path}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    if not isinstance(rope, dict):
+        raise ModelDirError(f"{path}: rope_parameters must be an object, not {_short(rope)}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ModelDirError(f"{path}: rope type {_short(rope_type)} is not supported")
     theta = rope.get("rope_theta", cfg.get("rope_theta", 1e6 if model_type == "mixtral" else 10000.0))
-    dim = cfg["hidden_size"]
-    n_heads = cfg["num_attention_heads"]
+    dim = _int(cfg, "hidden_size", path)
+    n_heads = _int(cfg, "num_attention_heads", path)
+    head_dim = _int(cfg, "head_dim", path, None)
     common: dict[str, Any] = dict(
-        vocab_size=cfg["vocab_size"],
+        vocab_size=_int(cfg, "vocab_size", path),
         dim=dim,
-        n_layers=cfg["num_hidden_layers"],
+        n_layers=_int(cfg, "num_hidden_layers", path),
         n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=cfg.get("head_dim") if cfg.get("head_dim") not in (None, dim // n_heads) else None,
-        max_seq_len=cfg.get("max_position_embeddings", 2048),
-        rope_theta=float(theta),
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        n_kv_heads=_int(cfg, "num_key_value_heads", path, n_heads),
+        head_dim=head_dim if head_dim not in (None, dim // n_heads) else None,
+        max_seq_len=_int(cfg, "max_position_embeddings", path, 2048),
+        rope_theta=_float(theta, "rope_theta", path, positive=True),
+        norm_eps=_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", path),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        init_std=cfg.get("initializer_range", 0.02),
+        init_std=_float(cfg.get("initializer_range", 0.02), "initializer_range", path),
     )
-    if model_type == "llama":
-        return ModelConfig(hidden_dim=cfg["intermediate_size"], **common)
-    if model_type == "mixtral":
-        return ModelConfig(
-            hidden_dim=cfg["intermediate_size"],
-            n_experts=cfg["num_local_experts"],
-            n_experts_per_tok=cfg["num_experts_per_tok"],
-            aux_loss_coef=cfg.get("router_aux_loss_coef", 0.01),
+    aux = _float(cfg.get("router_aux_loss_coef", 0.01), "router_aux_loss_coef", path) if model_type != "llama" else 0.01
+    try:  # ModelConfig refuses heads that do not divide the width, top-k outside 1..n_experts
+        if model_type == "llama":
+            return ModelConfig(hidden_dim=_int(cfg, "intermediate_size", path), **common)
+        if model_type == "mixtral":
+            return ModelConfig(
+                hidden_dim=_int(cfg, "intermediate_size", path),
+                n_experts=_int(cfg, "num_local_experts", path),
+                n_experts_per_tok=_int(cfg, "num_experts_per_tok", path),
+                aux_loss_coef=aux,
+                **common,
+            )
+        if not cfg.get("norm_topk_prob", False):
+            raise ModelDirError(f"{path}: qwen2_moe with norm_topk_prob false is not supported (we renormalise top-k)")
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            raise ModelDirError(
+                f"{path}: qwen2_moe with dense layers (mlp_only_layers/decoder_sparse_step) unsupported")
+        expert = _int(cfg, "moe_intermediate_size", path)
+        hidden = _int(cfg, "intermediate_size", path, expert)
+        shared = _int(cfg, "shared_expert_intermediate_size", path)
+        return ModelConfig(  # sizes equal to their defaults stay None so a round trip gives an equal config
+            hidden_dim=hidden,
+            moe_hidden_dim=None if expert == hidden else expert,
+            n_experts=_int(cfg, "num_experts", path),
+            n_experts_per_tok=_int(cfg, "num_experts_per_tok", path),
+            shared_expert=True,
+            shared_hidden_dim=None if shared == expert else shared,
+            aux_loss_coef=aux,
             **common,
         )
-    if not cfg.get("norm_topk_prob", False):
-        raise ModelDirError(f"{path}: qwen2_moe with norm_topk_prob false is not supported (we renormalise top-k)")
-    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
-        raise ModelDirError(f"{path}: qwen2_moe with dense layers (mlp_only_layers/decoder_sparse_step) unsupported")
-    hidden = cfg.get("intermediate_size", cfg["moe_intermediate_size"])
-    expert = cfg["moe_intermediate_size"]
-    shared = cfg["shared_expert_intermediate_size"]
-    return ModelConfig(  # sizes equal to their defaults stay None so a round trip gives an equal config
-        hidden_dim=hidden,
-        moe_hidden_dim=None if expert == hidden else expert,
-        n_experts=cfg["num_experts"],
-        n_experts_per_tok=cfg["num_experts_per_tok"],
-        shared_expert=True,
-        shared_hidden_dim=None if shared == expert else shared,
-        aux_loss_coef=cfg.get("router_aux_loss_coef", 0.01),
-        **common,
-    )
+    except ModelDirError:
+        raise
+    except ValueError as e:
+        raise ModelDirError(f"{path}: {e}") from e
+
+
+def _param_count(c: ModelConfig) -> int:
+    """Parameters the config implies, counted as the files store them (a tied lm_head once): pure arithmetic,
+    so a config of 10^6 layers or a 10^9 vocabulary is priced before anything is built."""
+    d, hd = c.dim, c.head_size
+    attn = d * hd * (2 * c.n_heads + 2 * c.n_kv_heads)  # q, k, v, o
+    if c.is_moe:
+        mlp = c.n_experts * (d + 3 * d * c.expert_hidden)  # router row + gate, up, down per expert
+        if c.shared_expert:
+            mlp += 3 * d * c.shared_hidden + d
+    else:
+        mlp = 3 * d * c.hidden_dim
+    embeddings = c.vocab_size * d * (1 if c.tie_embeddings else 2)
+    return embeddings + c.n_layers * (attn + mlp + 2 * d) + d
+
+
+def _tensor_count(c: ModelConfig) -> int:
+    """Tensors the config implies, as hf_views names them."""
+    mlp = 1 + 3 * c.n_experts + (4 if c.shared_expert else 0) if c.is_moe else 3
+    return 1 + c.n_layers * (6 + mlp) + 1 + (0 if c.tie_embeddings else 1)
 
 
 def hf_views(model: Transformer) -> dict[str, torch.Tensor]:
@@ -258,6 +337,10 @@ def save_model(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | P
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# safetensors' own limit: a bigger header is damage or an attack, and reading it would take that much memory.
+MAX_HEADER_BYTES = 100_000_000
+# Real config.json and index files are kilobytes to a few megabytes; a bigger one is not worth parsing.
+MAX_JSON_BYTES = 64 << 20
 
 
 @dataclass
@@ -268,47 +351,101 @@ class _Entry:
     start: int  # absolute byte offsets in the file
     end: int
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _read_json(file: Path, missing: str = "not found") -> Any:
+    """The parsed JSON of `file`; every way it can fail (missing, a folder, unreadable, huge, not UTF-8, not
+    JSON, nested past Python's recursion limit) is a ModelDirError naming it."""
+    try:
+        st = file.stat()
+        if not stat.S_ISREG(st.st_mode):  # a folder, or a FIFO or /dev/zero that would block or never end
+            raise ModelDirError(f"{file}: not a regular file")
+        if st.st_size > MAX_JSON_BYTES:
+            raise ModelDirError(f"{file}: {st.st_size:,} bytes, too large for a model directory's JSON file")
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ModelDirError(f"{file}: {missing}") from e
+    except OSError as e:
+        raise ModelDirError(f"{file}: cannot read ({e.strerror or e})") from e
+    except RecursionError as e:  # json's C parser recurses once per nesting level
+        raise ModelDirError(f"{file}: invalid JSON (nested too deeply)") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelDirError(f"{file}: invalid JSON ({e})") from e
+
 
 def _weight_files(path: Path) -> list[Path]:
     if (path / WEIGHTS_NAME).is_file():
         return [path / WEIGHTS_NAME]
-    if (path / INDEX_NAME).is_file():
-        try:
-            index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
-            return [path / f for f in sorted(set(index["weight_map"].values()))]
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelDirError(f"{path / INDEX_NAME}: not a safetensors index ({e})") from e
+    index_file = path / INDEX_NAME
+    if index_file.is_file():
+        index = _read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelDirError(f"{index_file}: not a safetensors index (no weight_map object)")
+        for name in weight_map.values():
+            # Shards sit next to the index: a path could make us read any file on the machine.
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                raise ModelDirError(f"{index_file}: shard {_short(name)} is not a file name in {path}")
+        return [path / f for f in sorted(set(weight_map.values()))]
     pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
     hint = f" (found {', '.join(pickles)}: pickle weights are refused; convert them to safetensors)" if pickles else ""
     raise ModelDirError(f"{path}: no {WEIGHTS_NAME}{hint}")
 
 
+def _entry(file: Path, name: str, info: Any, base: int, size: int) -> _Entry:
+    """One header row, checked: a float dtype we read, non-negative integer dims, offsets inside the file that
+    span exactly the bytes the shape needs."""
+    row = info if isinstance(info, dict) else {}
+    dtype, shape, offsets = row.get("dtype"), row.get("shape"), row.get("data_offsets")
+    # At most 8 dims (ours are 1-D and 2-D): the product of thousands of huge dims alone would take seconds.
+    if not (isinstance(dtype, str) and dtype in _ST_DTYPES and isinstance(shape, list) and len(shape) <= 8
+            and isinstance(offsets, list) and len(offsets) == 2
+            and all(type(v) is int and v >= 0 for v in [*shape, *offsets]) and offsets[0] <= offsets[1]):
+        raise ModelDirError(f"{file}: tensor {_short(name)}: unsupported or invalid entry {_short(info)}")
+    entry = _Entry(file, _ST_DTYPES[dtype], tuple(shape), base + offsets[0], base + offsets[1])
+    if entry.end > size:
+        raise ModelDirError(f"{file}: tensor {_short(name)}: data outside the file (truncated?)")
+    need, span = entry.numel * entry.dtype.itemsize, entry.end - entry.start
+    if span != need:
+        raise ModelDirError(f"{file}: tensor {_short(name)}: shape {_short(shape)} {dtype} needs {need:,} bytes, "
+                            f"its offsets span {span:,}")
+    return entry
+
+
 def _read_header(file: Path) -> dict[str, _Entry]:
     """The tensor table of a safetensors file (8-byte little-endian header size, JSON header, raw data)."""
     try:
-        size = file.stat().st_size
+        st = file.stat()
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO would block; a device could be read forever
+            raise ModelDirError(f"{file}: not a regular file")
+        size = st.st_size
         with open(file, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
+            if size >= 8 and n > MAX_HEADER_BYTES:
+                raise ModelDirError(f"{file}: header of {n:,} bytes is too large (safetensors allows "
+                                    f"{MAX_HEADER_BYTES:,}): not a safetensors file, or damaged")
             if size < 8 or n <= 0 or 8 + n > size:
                 raise ModelDirError(f"{file}: not a safetensors file (truncated header)")
-            header = json.loads(f.read(n))
+            raw = f.read(n)
+        header = json.loads(raw)
     except OSError as e:
-        raise ModelDirError(f"{file}: cannot read ({e})") from e
-    except ValueError as e:
+        raise ModelDirError(f"{file}: cannot read ({e.strerror or e})") from e
+    except RecursionError as e:  # json's C parser recurses once per nesting level
+        raise ModelDirError(f"{file}: not a safetensors file (header nested too deeply)") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers past Python's digit limit
         raise ModelDirError(f"{file}: not a safetensors file ({e})") from e
-    entries: dict[str, _Entry] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            start, end = (8 + n + int(o) for o in info["data_offsets"])
-            shape = tuple(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelDirError(f"{file}: tensor {name}: unsupported or invalid entry {info!r}") from e
-        if end > size or end - start != math.prod(shape) * dtype.itemsize:
-            raise ModelDirError(f"{file}: tensor {name}: data outside the file (truncated?)")
-        entries[name] = _Entry(file, dtype, shape, start, end)
+    if not isinstance(header, dict):
+        raise ModelDirError(f"{file}: not a safetensors file (header is not a JSON object)")
+    entries = {name: _entry(file, name, info, 8 + n, size) for name, info in header.items() if name != "__metadata__"}
+    # Overlapping tensors would let a small file describe any number of parameters, so the byte count that the
+    # config is checked against below would mean nothing; safetensors itself refuses them too.
+    spans = sorted((e.start, e.end, name) for name, e in entries.items() if e.end > e.start)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ModelDirError(f"{file}: tensors {_short(a)} and {_short(b)} overlap (damaged header)")
     return entries
 
 
@@ -318,10 +455,13 @@ def _fill(dest: torch.Tensor, entry: _Entry, name: str) -> None:
         raise ModelDirError(f"{entry.file}: tensor {name} has shape {list(entry.shape)}, expected {list(dest.shape)}")
     target = dest if entry.dtype == dest.dtype else torch.empty(entry.shape, dtype=entry.dtype)
     buf = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-    with open(entry.file, "rb") as f:
-        f.seek(entry.start)
-        if f.readinto(buf) != entry.end - entry.start:
-            raise ModelDirError(f"{entry.file}: tensor {name}: file ends early")
+    try:
+        with open(entry.file, "rb") as f:
+            f.seek(entry.start)
+            if f.readinto(buf) != entry.end - entry.start:
+                raise ModelDirError(f"{entry.file}: tensor {name}: file ends early")
+    except OSError as e:
+        raise ModelDirError(f"{entry.file}: cannot read ({e.strerror or e})") from e
     if target is not dest:
         dest.copy_(target)
 
@@ -339,6 +479,58 @@ def _materialize(model: Transformer) -> Transformer:
     return model
 
 
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:,.1f} MB"
+
+
+def _ignored(name: str, config: ModelConfig) -> bool:
+    """Tensors some writers add that we drop: RoPE tables (recomputed) and a second copy of a tied lm_head."""
+    return name.endswith("rotary_emb.inv_freq") or (config.tie_embeddings and name == "lm_head.weight")
+
+
+def _first_mismatch(views: dict[str, torch.Tensor], entries: dict[str, _Entry], path: Path,
+                    config: ModelConfig) -> str | None:
+    """What first differs between the tensors the config implies (`views`) and the files' headers, or None."""
+    for name, dest in views.items():
+        entry = entries.get(name)
+        if entry is None:
+            return f"{path}: missing tensor {name}"
+        if tuple(dest.shape) != entry.shape:
+            return f"{entry.file}: tensor {name} has shape {list(entry.shape)}, expected {list(dest.shape)}"
+    unexpected = [_short(k) for k in entries if k not in views and not _ignored(k, config)]
+    return f"{path}: unexpected tensors {unexpected[:5]}" if unexpected else None
+
+
+def _build_checked(config: ModelConfig, cfg_path: Path, weights: str, entries: dict[str, _Entry],
+                   dtype: torch.dtype) -> Transformer:
+    """The model on the meta device, once the files are known to hold exactly what the config describes.
+
+    The memory the config implies (its parameter count) is compared with the parameters in the weight files
+    before anything is built: a config of 10^7 wide, 10^6 layers or a 10^9 vocabulary next to a small file
+    is refused here, instead of failing (or swapping) in a giant allocation. Within that bound the meta model
+    names each missing or misshapen tensor, before any memory is allocated for it.
+    """
+    stored = {k: e for k, e in entries.items() if not _ignored(k, config)}
+    want, have = _param_count(config), sum(e.numel for e in stored.values())
+    have_bytes = sum(e.end - e.start for e in stored.values())
+    size_error = (f"{cfg_path}: describes {want:,} parameters ({_mb(want * dtype.itemsize)} as "
+                  f"{_dtype_name(dtype)}) but {weights} holds {have:,} ({_mb(have_bytes)})")
+    # Building the meta model costs time per module and a real RoPE table of head_size/2: only within the bound.
+    if _tensor_count(config) > 2 * len(stored) + 16 or config.head_size > max(have, 1):
+        raise ModelDirError(size_error)
+    try:
+        model = Transformer(config, device="meta", dtype=dtype)
+    except (RuntimeError, ValueError) as e:  # validated configs should not get here; still name the file
+        raise ModelDirError(f"{cfg_path}: cannot build the model ({e})") from e
+    model.tie_weights()
+    mismatch = _first_mismatch(hf_views(model), entries, cfg_path.parent, config)
+    if want != have:
+        raise ModelDirError(size_error + (f"; {mismatch}" if mismatch else ""))
+    if mismatch:
+        raise ModelDirError(mismatch)
+    return model
+
+
 def load_model(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
@@ -348,51 +540,50 @@ def load_model(
     (auto|fp32|bf16|fp16, resolved by matelike.device.weights_dtype), or None to keep the stored dtype. The tokenizer is None when the directory has no tokenizer.json.
     The model is returned in eval mode. Tensor bytes are read straight into the preallocated parameters
     (no memory map, no intermediate copies), so peak memory is about the size of the weights.
+
+    Whatever the directory holds, a problem with it is a ModelDirError whose message names the file: configs
+    are checked field by field, headers entry by entry, and the weights against the config before allocating.
     """
     path = Path(model_dir)
     if isinstance(device, str):
         device = resolve_device(device)
     cfg_path = path / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ModelDirError(f"{cfg_path}: not found (is {path} a model directory?)") from e
-    except ValueError as e:
-        raise ModelDirError(f"{cfg_path}: invalid JSON ({e})") from e
+    raw = _read_json(cfg_path, missing=f"not found (is {path} a model directory?)")
     if not isinstance(raw, dict):
         raise ModelDirError(f"{cfg_path}: expected a JSON object")
-    try:
-        config = config_from_hf(raw, cfg_path)
-    except (KeyError, TypeError) as e:
-        raise ModelDirError(f"{cfg_path}: missing or invalid field {e}") from e
+    config = config_from_hf(raw, cfg_path)
+    files = _weight_files(path)
     entries: dict[str, _Entry] = {}
-    for file in _weight_files(path):
-        entries.update(_read_header(file))
+    for file in files:
+        header = _read_header(file)
+        twice = next((k for k in header if k in entries), None)
+        if twice is not None:
+            raise ModelDirError(f"{file}: tensor {_short(twice)} is also in {entries[twice].file.name}")
+        entries.update(header)
     embed = entries.get("model.embed_tokens.weight")
     if embed is None:
         raise ModelDirError(f"{path}: missing tensor model.embed_tokens.weight")
-    # Built on the meta device in the final dtype, then allocated once without initialising (every parameter is
-    # overwritten below).
     if isinstance(dtype, str):
         dtype = weights_dtype(dtype, device)
-    model = _materialize(Transformer(config, device="meta", dtype=dtype or embed.dtype))
+    weights = str(files[0]) if len(files) == 1 else f"{path / INDEX_NAME} ({len(files)} files)"
+    # Built on the meta device in the final dtype, then allocated once without initialising (every parameter is
+    # overwritten below).
+    model = _materialize(_build_checked(config, cfg_path, weights, entries, dtype or embed.dtype))
     model.tie_weights()
-    views = hf_views(model)
     with torch.no_grad():
-        for name, dest in views.items():
-            if name not in entries:
-                raise ModelDirError(f"{path}: missing tensor {name}")
-            _fill(dest, entries.pop(name), name)
-    if config.tie_embeddings:
-        entries.pop("lm_head.weight", None)  # some writers store the tied matrix twice
-    unexpected = [k for k in entries if not k.endswith("rotary_emb.inv_freq")]
-    if unexpected:
-        raise ModelDirError(f"{path}: unexpected tensors {unexpected[:5]}")
+        for name, dest in hf_views(model).items():
+            _fill(dest, entries[name], name)
     model.reset_rope()
     model = model.to(device).eval()
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         from matelike.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(path)
+        try:
+            tokenizer = Tokenizer.load(path)
+        except (OSError, ValueError) as e:  # Tokenizer.load names the file
+            raise ModelDirError(str(e)) from e
+        if tokenizer.vocab_size > config.vocab_size:  # its ids past the embedding would fail mid-generation
+            raise ModelDirError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the "
+                                f"vocab_size {config.vocab_size} of {cfg_path}")
     return model, tokenizer

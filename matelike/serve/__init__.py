@@ -20,11 +20,14 @@ if TYPE_CHECKING:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from matelike.serve.app import create_app, load_served_model
+    from matelike.serve.app import allowed_hosts_for, create_app, is_loopback, load_served_model
     from matelike.serve.worker import GenerationWorker
 
     if args.max_active < 1:
         print("matelike serve: --max-active must be at least 1", file=sys.stderr)
+        return 2
+    if args.max_body_bytes < 1:
+        print("matelike serve: --max-body-bytes must be at least 1", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
@@ -37,8 +40,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"matelike serve: {exc}", file=sys.stderr)
         return 2
     worker = GenerationWorker(served.source, max_active=args.max_active)
-    app = create_app(served, worker, api_key=args.api_key)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    hosts = allowed_hosts_for(args.host, args.allowed_hosts.split(",") if args.allowed_hosts else ())
+    app = create_app(served, worker, api_key=args.api_key, allowed_hosts=hosts, max_body_bytes=args.max_body_bytes)
+    if not is_loopback(args.host) and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the "
               "model", file=sys.stderr)
     print(f"serving {served.name} (context {served.context_len}) on http://{args.host}:{args.port}", flush=True)
@@ -55,7 +59,15 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: directory name)")
+    p.add_argument("--model-name", default=None,
+                   help="model id reported by /v1/models and required in requests that name a model "
+                        "(default: directory name)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host names to answer besides localhost, 127.0.0.1 and [::1] ('*': any). "
+                        "Default: only those when --host is a loopback address (a web page cannot reach the API "
+                        "by DNS rebinding), any name otherwise")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted (default 1048576 = 1 MiB); larger ones get 413")
     add_device_args(p)
     p.add_argument("--max-active", type=int, default=8,
                    help="requests generated at once (round-robin, one token each); more wait in a queue")

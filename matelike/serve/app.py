@@ -3,12 +3,19 @@
 Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream` as server-sent events ending in
 `data: [DONE]`), GET /v1/models, GET /health, GET / (the chat page, shipped in matelike/static). Generation
 runs on one worker thread (see worker.py); the HTTP side only validates, queues and relays.
+
+Before any route runs, `RequestGuard` answers with an OpenAI-shaped error: a Host header the server was not
+started for (403: a web page using DNS rebinding to reach the local API), a POST to /v1 that is not
+application/json (415: a cross-site form or text/plain "simple" request, which browsers send without asking),
+and a body over the size cap (413, from Content-Length or while the body arrives).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import html
+import ipaddress
 import json
 import logging
 import socket
@@ -18,13 +25,15 @@ import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from matelike.serve.schema import (
     APIError,
@@ -42,6 +51,10 @@ log = logging.getLogger(__name__)
 
 # How often a waiting request checks whether its client went away (seconds).
 DISCONNECT_POLL_S = 0.25
+# The largest request body read by default: even a 32k-token conversation is a few hundred KB of JSON.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+# The Host names a server bound to a loopback address answers by default (any port).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
@@ -110,6 +123,102 @@ def load_served_model(model_dir: str | Path, name: str | None = None, device: st
     )
 
 
+# --- the request guard ----------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` serves this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts_for(bind_host: str, extra: Sequence[str] = ()) -> tuple[str, ...] | None:
+    """The Host names to accept (None: any) for a server bound to `bind_host`, given --allowed-hosts `extra`.
+
+    Loopback binding: the loopback names plus `extra`. Another address: any Host unless `extra` is given (the
+    names clients use for a public address cannot be guessed; --api-key protects that case). '*' accepts any.
+    """
+    names = tuple(_host_name(h) for h in extra if h.strip())  # 'name:port' and '[::1]' mean the name
+    if "*" in names or (not names and not is_loopback(bind_host)):
+        return None
+    return LOOPBACK_HOSTS + names
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    name, sep, port = header.rpartition(":")
+    return name if sep and ":" not in name and port.isdigit() else header
+
+
+class RequestGuard:
+    """ASGI middleware: Host allow-list, JSON-only API POSTs and a body-size cap, checked before the app runs.
+
+    A pure ASGI wrapper rather than a BaseHTTPMiddleware: it never reads the body itself, so it neither
+    buffers nor blocks; the cap is enforced as the endpoint reads, and an oversized body stops right there.
+    """
+
+    def __init__(self, app: ASGIApp, *, allowed_hosts: Sequence[str] | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.allowed_hosts = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
+        self.max_body_bytes = max_body_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"Request body is larger than this server's limit of {self.max_body_bytes} bytes "
+                             "(see --max-body-bytes).", code="request_too_large")
+
+    def _check(self, scope: Scope) -> APIError | None:
+        headers = Headers(scope=scope)
+        if self.allowed_hosts is not None:
+            host = headers.get("host", "")
+            if _host_name(host) not in self.allowed_hosts:
+                shown = host[:100] if host else "(none)"
+                return APIError(403, f"Host {shown!r} is not allowed: this server answers requests addressed to "
+                                     f"{', '.join(sorted(self.allowed_hosts))} (see --allowed-hosts).",
+                                code="host_not_allowed")
+        if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+            media = headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != "application/json":
+                return APIError(415, f"Content-Type must be application/json, got {media or 'none'!r}.",
+                                code="unsupported_media_type")
+        length = headers.get("content-length")
+        if length is not None:
+            if not (length.isascii() and length.strip().isdigit()):
+                return APIError(400, "Content-Length is not a byte count.")
+            if int(length) > self.max_body_bytes:  # answered before a byte of the body is read
+                return self._too_large()
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        err = self._check(scope)
+        if err is not None:
+            await _error_response(err)(scope, receive, send)
+            return
+        received = 0
+
+        async def capped_receive() -> Message:
+            # A chunked body has no Content-Length: count it as the endpoint reads it. The APIError raised
+            # here surfaces from `await request.body()` and becomes the 413 through the app's handler.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
 # --- responses ----------------------------------------------------------------------------------------------
 
 
@@ -153,11 +262,23 @@ class _Relay:
                     raise ConnectionAbortedError("client disconnected") from None
 
 
-def create_app(served: ServedModel, worker: GenerationWorker, api_key: str | None = None) -> FastAPI:
-    """The FastAPI application serving `served` through `worker`."""
+def create_app(served: ServedModel, worker: GenerationWorker, api_key: str | None = None, *,
+               allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI application serving `served` through `worker`.
+
+    `allowed_hosts`: the Host names answered (None: any; see `allowed_hosts_for`); `max_body_bytes`: the
+    request body cap. Both are enforced by `RequestGuard` before any route runs.
+    """
 
     app = FastAPI(title="Matelike", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
     static_dir = Path(str(resources.files("matelike.serve") / "static"))
+    # The page names the model in every request; filling the name in here means it is right from the first
+    # message, also before the page's /v1/models call answers (or while it waits for an API key).
+    page = (static_dir / "index.html").read_text(encoding="utf-8").replace(
+        '<span id="model-name" class="muted"></span>',
+        f'<span id="model-name" class="muted">{html.escape(served.name)}</span>')
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -206,7 +327,7 @@ def create_app(served: ServedModel, worker: GenerationWorker, api_key: str | Non
 
     @app.get("/")
     async def index():
-        return FileResponse(static_dir / "index.html", media_type="text/html")
+        return HTMLResponse(page)
 
     app.mount("/static", StaticFiles(directory=static_dir), name="static")
 
@@ -310,7 +431,7 @@ def create_app(served: ServedModel, worker: GenerationWorker, api_key: str | Non
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_key(request)
-        req = parse_chat_request(parse_json_body(await request.body()), served.context_len)
+        req = parse_chat_request(parse_json_body(await request.body()), served.context_len, served.name)
         if req.messages[-1]["role"] == "assistant":
             raise APIError(400, "The last message must not be from the assistant: there is nothing to answer.",
                            param="messages")
@@ -320,7 +441,7 @@ def create_app(served: ServedModel, worker: GenerationWorker, api_key: str | Non
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request)
-        req = parse_completion_request(parse_json_body(await request.body()), served.context_len)
+        req = parse_completion_request(parse_json_body(await request.body()), served.context_len, served.name)
         prompt_ids = served.tokenizer.encode(req.prompt)
         if not prompt_ids:
             raise APIError(400, "'prompt' must not be empty.", param="prompt")

@@ -31,6 +31,9 @@ class APIError(Exception):
         code: str | None = None,
         type: str = "invalid_request_error",
     ) -> None:
+        # Messages quote the client's values, and JSON can carry lone surrogates ("\ud800") that UTF-8 cannot
+        # encode: escaped here, or sending the error itself would fail with a 500.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message
@@ -77,6 +80,12 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise APIError(400, f"Request body is not valid UTF-8: {exc}") from None
     except json.JSONDecodeError as exc:
         raise APIError(400, f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.") from None
+    except RecursionError:
+        # The C decoder recurses once per nesting level; no OpenAI request is nested anywhere near this deep.
+        raise APIError(400, "Request body is nested too deeply.") from None
+    except ValueError as exc:
+        # Python refuses to convert integers of more than 4300 digits (a guard against quadratic parsing).
+        raise APIError(400, f"Request body is not acceptable JSON: {str(exc).split(';')[0]}.") from None
     if not isinstance(obj, dict):
         raise APIError(400, f"Request body must be a JSON object, got {json_type(obj)}.")
     return obj
@@ -86,19 +95,29 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
     value = body.get(name)
     if value is None:
         return default
-    # bool is an int subclass in Python, but `true` is not a temperature.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # bool is an int subclass in Python, but `true` is not a temperature. Python's json reads NaN and
+    # Infinity; integers are compared as they are (math.isfinite would overflow on a 400-digit one).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
         raise APIError(400, f"'{name}' must be a number, got {json_type(value)}.", param=name, code="invalid_type")
     if not lo <= value <= hi:
-        raise APIError(400, f"'{name}' must be between {lo:g} and {hi:g}, got {value}.", param=name,
+        raise APIError(400, f"'{name}' must be between {lo:g} and {hi:g}, got {_shown(value)}.", param=name,
                        code="invalid_value")
     return float(value)
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """A client's value for an error message, cut short: a 4000-digit number need not come back whole."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _integer(body: dict[str, Any], name: str) -> int | None:
+    """An integer field; any size passes here (JSON has no limit), so each caller checks its own range."""
     value = body.get(name)
     if value is None:
         return None
+    # 1e30 is a float and "5" a string: neither is an integer, however integral it looks.
     if isinstance(value, bool) or not isinstance(value, int):
         raise APIError(400, f"'{name}' must be an integer, got {json_type(value)}.", param=name, code="invalid_type")
     return value
@@ -123,7 +142,7 @@ def _params(body: dict[str, Any], context_len: int) -> RequestParams:
     max_tokens = max_tokens if max_tokens is not None else newer
     if max_tokens is not None and not 1 <= max_tokens <= context_len:
         raise APIError(400, f"'max_tokens' must be between 1 and the model's context length {context_len}, "
-                            f"got {max_tokens}.", param="max_tokens", code="invalid_value")
+                            f"got {_shown(max_tokens)}.", param="max_tokens", code="invalid_value")
 
     stop_value = body.get("stop")
     if stop_value is None:
@@ -142,7 +161,7 @@ def _params(body: dict[str, Any], context_len: int) -> RequestParams:
 
     n = _integer(body, "n")
     if n is not None and n != 1:
-        raise APIError(400, f"Only n=1 is supported, got n={n}.", param="n", code="unsupported_value")
+        raise APIError(400, f"Only n=1 is supported, got n={_shown(n)}.", param="n", code="unsupported_value")
     if body.get("logprobs") not in (None, False, 0):
         raise APIError(400, "'logprobs' is not supported by this server.", param="logprobs",
                        code="unsupported_value")
@@ -156,8 +175,10 @@ def _params(body: dict[str, Any], context_len: int) -> RequestParams:
         # The nucleus shrinks to the single most likely token as top_p -> 0: that is greedy decoding.
         temperature, top_p = 0.0, 1.0
     seed = _integer(body, "seed")
+    # torch.Generator.manual_seed takes a signed 64-bit value: a larger seed would overflow in the worker.
     if seed is not None and not 0 <= seed < 2**63:
-        raise APIError(400, f"'seed' must be between 0 and 2^63 - 1, got {seed}.", param="seed", code="invalid_value")
+        raise APIError(400, f"'seed' must be between 0 and 2^63 - 1, got {_shown(seed)}.", param="seed",
+                       code="invalid_value")
     sampling = SamplingParams(temperature=temperature, top_p=top_p if top_p < 1.0 else None, seed=seed)
     return RequestParams(sampling=sampling, max_tokens=max_tokens, stop=stop)
 
@@ -174,10 +195,17 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _model_field(body: dict[str, Any]) -> None:
+def _model_field(body: dict[str, Any], served: str | None) -> None:
+    """`model` may be left out; when given it must be the served model's id (`served`; None accepts any)."""
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
+    if model is None:
+        return
+    if not isinstance(model, str):
         raise APIError(400, f"'model' must be a string, got {json_type(model)}.", param="model", code="invalid_type")
+    if served is not None and model != served:
+        # What OpenAI answers: a client that names a model it does not get should learn it, not be served another.
+        raise APIError(404, f"The model '{_shown(model)}' does not exist; this server serves '{served}'.",
+                       param="model", code="model_not_found")
 
 
 def _valid_text(text: str, param: str) -> str:
@@ -206,9 +234,10 @@ def _content_text(content: Any, where: str) -> str:
                    param=f"{where}.content", code="invalid_type")
 
 
-def parse_chat_request(body: dict[str, Any], context_len: int) -> ChatRequest:
-    """Check a /v1/chat/completions body; raises APIError(400) naming the first bad field."""
-    _model_field(body)
+def parse_chat_request(body: dict[str, Any], context_len: int, model: str | None = None) -> ChatRequest:
+    """Check a /v1/chat/completions body; raises APIError (400, or 404 for a `model` other than `model`)
+    naming the first bad field."""
+    _model_field(body, model)
     if "messages" not in body:
         raise APIError(400, "Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter")
     raw = body["messages"]
@@ -239,9 +268,10 @@ def parse_chat_request(body: dict[str, Any], context_len: int) -> ChatRequest:
     return ChatRequest(messages=messages, params=params, stream=stream, include_usage=include_usage)
 
 
-def parse_completion_request(body: dict[str, Any], context_len: int) -> CompletionRequest:
-    """Check a /v1/completions body; the prompt is one string (or an array holding one string)."""
-    _model_field(body)
+def parse_completion_request(body: dict[str, Any], context_len: int, model: str | None = None) -> CompletionRequest:
+    """Check a /v1/completions body; the prompt is one string (or an array holding one string). Errors as
+    in `parse_chat_request`."""
+    _model_field(body, model)
     if "prompt" not in body:
         raise APIError(400, "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
     prompt = body["prompt"]

@@ -12,10 +12,12 @@ A Task is any object with these members (see `Task` below for the typing):
 ``batches(rank, world_size, cursor) -> Iterator[tuple[batch, next_cursor]]``
     Yields this rank's micro-batches, each with the cursor to pass back in order to continue right *after* it.
     ``cursor`` is None for a fresh run, else a value this iterator yielded before (restored from a
-    checkpoint). Cursors must be plain picklable Python values (ints, tuples, dicts). Every rank gets the same
-    cursor, so a cursor should describe the *global* position (for example "micro-batches consumed"), and each
-    rank takes its own share of each global batch: a run on N processes with batch B then sees the same data
-    as one process with batch N*B. Iterate forever (over epochs) or stop: a finished iterator ends the run.
+    checkpoint). Cursors must be plain values: ints, floats, str, bool, None and tuples/lists/dicts of them,
+    which is all a checkpoint loads back (it never unpickles anything else; a cursor holding, say, a numpy
+    integer fails loudly at the first save). Every rank gets the same cursor, so a cursor should describe the
+    *global* position (for example "micro-batches consumed"), and each rank takes its own share of each global
+    batch: a run on N processes with batch B then sees the same data as one process with batch N*B. Iterate
+    forever (over epochs) or stop: a finished iterator ends the run.
     ``batch`` is a tensor or a dict/list/tuple of CPU tensors; the engine moves tensors to the device.
 
 ``loss(model, batch) -> tuple[loss, metrics, n_tokens]``
@@ -444,9 +446,10 @@ class Trainer:
                     self.progress.update(1, loss if finite else float("nan"), tps, mfu)
                 if do_log:
                     last = {"step": step, "tokens": tokens, "loss": loss, "lr": self._lr_used(step),
-                            "tokens_per_s": round(tps, 2), "grad_norm": grad_norm, **metrics}
+                            "tokens_per_s": round(tps, 2), "grad_norm": grad_norm, "dtype": self.precision.name,
+                            **metrics}
                     if mfu is not None:
-                        last["mfu"] = round(mfu, 4)
+                        last["mfu"] = float(f"{mfu:.3g}")  # significant figures: a toy model's MFU is tiny
                     if not finite:
                         last["skipped"] = True
                     if do_eval:

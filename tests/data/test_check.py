@@ -124,3 +124,28 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+# Lines that once ended `data check` in a traceback (an integer too long for int()) or passed it as clean
+# (a lone surrogate, written with ensure_ascii's escapes), then stopped `data pack`.
+BIG_INT_LINE = b'{"text": "ok", "n": ' + b"1" * 5000 + b"}\n"
+SURROGATE_LINE = json.dumps({"text": "\ud800x"}).encode() + b"\n"
+
+
+def test_big_integer_and_lone_surrogate_are_bad_records(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "a"}\n' + BIG_INT_LINE + SURROGATE_LINE + b'{"text": "b"}\n')
+    rc, out, _ = _run([str(p)], capsys)
+    assert rc == 1
+    assert f"{p}:2: invalid JSON: integer too long" in out
+    assert f"{p}:3: invalid Unicode: lone surrogate U+D800 in field 'text'" in out
+    assert "4 records, 2 good, 2 bad" in out
+
+
+def test_max_record_bytes_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "short"}\n{"text": "' + b"x" * 100 + b'"}\n')
+    assert _run([str(p)], capsys)[0] == 0
+    rc, out, _ = _run([str(p), "--max-record-bytes", "50"], capsys)
+    assert rc == 1 and f"{p}:2: record too large: 112 bytes, more than the limit of 50" in out
+    assert _run([str(p), "--max-record-bytes", "0"], capsys)[0] == 2

@@ -97,7 +97,7 @@ def test_empty_and_duplicate_lines_are_dropped_and_counted() -> None:
 
 def test_demo_files_have_the_documented_layouts(demo_dir: Path) -> None:
     for name in ("pretrain.jsonl", "pretrain_val.jsonl", "sft.jsonl", "tasks_train.jsonl", "tasks_test.jsonl",
-                 "README.md"):
+                 "chat_test.jsonl", "README.md"):
         assert (demo_dir / name).stat().st_size > 0, name
     pre = _jsonl(demo_dir / "pretrain.jsonl")
     val = _jsonl(demo_dir / "pretrain_val.jsonl")
@@ -108,11 +108,18 @@ def test_demo_files_have_the_documented_layouts(demo_dir: Path) -> None:
     # no `word/tag  word/tag` left (one English review says "his/her head", hence two in a row)
     assert not any(re.search(r"/[A-Za-z]{1,3}\s+\S+/[A-Za-z]{1,3}(\s|$)", t) for t in texts)
     sft = _jsonl(demo_dir / "sft.jsonl")
-    assert len(sft) == 5 * SMALL.sft_per_task  # segmentation has twice the share of the other three tasks
-    assert [SMALL.sft_count(t) for t in TASKS] == [60, 120, 60, 60]
-    for rec in sft:
-        msgs = to_messages(rec)
-        assert [m["role"] for m in msgs] == ["user", "assistant"]
+    assert [SMALL.sft_count(t) for t in TASKS] == [60, 120, 60, 60]  # segmentation has twice the share
+    single = [r for r in sft if "conversations" in r]  # one task request, one answer
+    later = round(60 * SMALL.multiturn_fraction) * 3 + round(120 * SMALL.multiturn_fraction)
+    assert len(single) == 5 * SMALL.sft_per_task - later
+    for rec in single:
+        assert [m["role"] for m in to_messages(rec)] == ["user", "assistant"]
+    dialogue = [to_messages(r) for r in sft if "messages" in r]
+    assert len(dialogue) > len(single) // 3  # conversation is a real share of the mix
+    for msgs in dialogue:
+        roles = [m["role"] for m in msgs if m["role"] != "system"]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
+    assert sum(len(m) >= 4 for m in dialogue) >= later  # tasks asked in a later turn
     test = _jsonl(demo_dir / "tasks_test.jsonl")
     train = _jsonl(demo_dir / "tasks_train.jsonl")
     for rows, n in ((test, SMALL.test_per_task), (train, SMALL.train_per_task)):
@@ -144,7 +151,7 @@ def test_gold_answers_are_consistent_with_inputs(demo_dir: Path) -> None:
 def test_test_sources_never_appear_in_training_files(demo_dir: Path) -> None:
     test = _jsonl(demo_dir / "tasks_test.jsonl")
     pretrain = "\n".join(r["text"] for r in _jsonl(demo_dir / "pretrain.jsonl"))
-    sft = "\n".join(m["content"] for r in _jsonl(demo_dir / "sft.jsonl") for m in r["conversations"])
+    sft = "\n".join(m["content"] for r in _jsonl(demo_dir / "sft.jsonl") for m in r.get("conversations") or r["messages"])
     train = "\n".join(r["prompt"] + "\n" + r["answer"] for r in _jsonl(demo_dir / "tasks_train.jsonl"))
     for r in test:
         source = r["input"] + r["answer"] if r["task"] == "continuation" else r["input"]

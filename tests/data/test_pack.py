@@ -201,3 +201,35 @@ def test_reading_runs_at_most_two_chunks_per_worker_ahead(tokenizer: Tokenizer, 
     assert first_chunk[1] == ["文档0"] and arr.tolist() == tokenizer.encode("文档0") + [tokenizer.eos_id]
     assert len(consumed) <= 2 * workers  # memory is bounded by the chunks in flight, not the input size
     assert len(list(it)) == 19
+
+
+def test_big_integer_surrogate_and_oversized_records_skipped(tokenizer: Tokenizer, tokenizer_dir: Path,
+                                                             tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each used to stop the whole run (a traceback-free ValueError, `surrogates not allowed`) writing nothing."""
+    extra = (b'{"text": "ok", "n": ' + b"1" * 5000 + b"}\n" + json.dumps({"text": "\ud800x"}).encode() + b"\n"
+             + b'{"text": "' + b"y" * 6001 + b'"}\n' + b'{"text": "end"}\n')
+    src = _jsonl(tmp_path / "a.jsonl", DOCS[:3], extra=extra)
+    rc = main(["data", "pack", "--tokenizer", str(tokenizer_dir), "--input", str(src), "--out",
+               str(tmp_path / "o.bin"), "--quiet", "--max-record-bytes", "6000"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert f"{src}:4: invalid JSON: integer too long" in err
+    assert f"{src}:5: invalid Unicode: lone surrogate" in err
+    assert f"{src}:6: record too large" in err
+    tf = TokenFile(tmp_path / "o.bin")
+    assert tf.meta["documents"] == 4 and tf.meta["bad_records"] == 3
+    assert tf.tokens.tolist() == [t for d in DOCS[:3] + ["end"] for t in tokenizer.encode(d) + [tokenizer.eos_id]]
+
+
+def test_no_usable_record_exits_1_and_writes_nothing(tokenizer_dir: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(json.dumps({"text": "\ud800"}).encode() + b'\n{"text": 3}\n')
+    rc = main(["data", "pack", "--tokenizer", str(tokenizer_dir), "--input", str(src), "--out",
+               str(tmp_path / "o.bin"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"no documents packed: no usable record in {src} (2 records read, 2 bad records" in err
+    assert not list(tmp_path.glob("o.bin*"))
+    with pytest.raises(ValueError, match="no usable record"):
+        pack(tokenizer_dir, [src], tmp_path / "o.bin", progress=False, report=BadRecordReport(max_shown=0))

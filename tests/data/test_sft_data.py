@@ -301,3 +301,43 @@ def test_packed_row_logits_equal_each_sample_alone(tokenizer, tmp_path):
             at += n
         n2 = len(samples.sample(2)[0]) - 1
         torch.testing.assert_close(packed[1, :n2], packed[0, at - n2 : at], atol=1e-5, rtol=1e-4)
+
+
+def test_big_integer_surrogate_and_oversized_records_are_bad_records(tokenizer, tmp_path, capsys):
+    """An over-long integer and a lone surrogate in a messages layout used to end in a traceback (json.loads,
+    then encode_chat); a huge line cost gigabytes. Each is now one bad record, the others kept."""
+    good = {"messages": SINGLE}
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join([
+        json.dumps(good).encode(),
+        b'{"prompt": "a", "response": "b", "n": ' + b"9" * 5000 + b"}",
+        json.dumps({"messages": [SINGLE[0], {"role": "assistant", "content": "\ud800 answer"}]}).encode(),
+        json.dumps({"prompt": "长" * 3000, "response": "b"}, ensure_ascii=False).encode(),
+        json.dumps(good, ensure_ascii=False).encode(),
+    ]))
+    report = BadRecordReport()
+    samples, stats = load_sft_samples([path], tokenizer, seq_len=256, report=report, max_record_bytes=6000)
+    assert (stats.records, stats.bad, stats.samples) == (5, 3, 2) and len(samples) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: invalid JSON: integer too long" in err
+    assert f"{path}:3: invalid Unicode: lone surrogate U+D800 in field 'messages[1].content'" in err
+    assert f"{path}:4: record too large: 9031 bytes, more than the limit of 6000" in err
+
+
+def test_preference_reader_skips_bad_records(tokenizer, tmp_path, capsys):
+    from matelike.data.preference import load_preference_pairs
+
+    pair = {"prompt": "你好", "chosen": "你好！", "rejected": "走开"}
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\n".join([
+        json.dumps(pair, ensure_ascii=False).encode(),
+        json.dumps({**pair, "rejected": "x\udfff"}).encode(),
+        b'{"prompt": "a", "chosen": "b", "rejected": "c", "n": ' + b"1" * 5000 + b"}",
+        json.dumps({**pair, "chosen": "长" * 2000}, ensure_ascii=False).encode(),
+        json.dumps(pair).encode(),
+    ]))
+    pairs, stats = load_preference_pairs([path], tokenizer, seq_len=128, max_record_bytes=5100)
+    assert (stats.records, stats.bad, stats.pairs) == (5, 3, 2) and len(pairs) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: invalid Unicode" in err and f"{path}:3: invalid JSON" in err
+    assert f"{path}:4: record too large" in err

@@ -214,3 +214,49 @@ def test_alpaca_records_give_prompt_and_gold() -> None:
     assert item.messages[-1] == {"role": "user", "content": "把句子翻译成英文\n你好"}
     with pytest.raises(RecordError, match="output"):
         prompt_item(8, {"instruction": "只有指令"})
+
+
+def test_messages_layout_sft_file_gives_prompts(tmp_path: Path, tokenizer) -> None:
+    """The demo's own sft.jsonl layout: the last assistant turn is the gold answer, the turns before it the prompt.
+    Every record used to be rejected ("expected 'answer', 'chosen' or 'response'") with 0 pairs and exit 0."""
+    from matelike.data.preference import load_preference_pairs
+    from matelike.dpo.make_pairs import read_prompt_items
+
+    conv = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "判断评论情感：很好"},
+            {"role": "assistant", "content": "正面"}]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"messages": conv, "task": "sentiment"},
+        {"conversations": [{"from": "human", "value": "问题"}, {"from": "gpt", "value": "回答"}]},
+        {"messages": conv[:2]},  # no answer to learn from: bad
+    ]) + "\n", encoding="utf-8")
+    stream = io.StringIO()
+    items, records = read_prompt_items(data, BadRecordReport(stream=stream))
+    assert records == 3 and len(items) == 2
+    assert items[0].prompt == items[0].messages == conv[:-1] and items[0].gold == "正面"
+    assert items[0].task == "sentiment" and items[0].line == 1
+    assert items[1].messages == [{"role": "user", "content": "问题"}] and items[1].gold == "回答"
+    assert items[1].task is None and items[1].line == 2
+    assert f"{data}:3: bad turn order" in stream.getvalue()
+    out = tmp_path / "pairs.jsonl"
+    counts = make_pairs(None, tokenizer, data, out, samples=2, generate_fn=_fake_generate(tokenizer),
+                        report=BadRecordReport(stream=io.StringIO()))
+    assert counts.prompts == 2 and counts.bad == 1 and counts.pairs >= 1
+    pairs, stats = load_preference_pairs([out], tokenizer, seq_len=256)
+    assert stats.pairs == counts.pairs and stats.bad == 0
+
+
+def test_nothing_usable_is_an_error(tmp_path: Path, tokenizer, make_chat_model, capsys) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "pretraining text, no prompt"}\n{"prompt": "no answer"}\n', encoding="utf-8")
+    with pytest.raises(PairsError, match=r"no usable prompt with a gold answer in 2 records \(2 bad records"):
+        make_pairs(None, tokenizer, data, tmp_path / "p.jsonl", generate_fn=_fake_generate(tokenizer),
+                   report=BadRecordReport(stream=io.StringIO()))
+    assert not (tmp_path / "p.jsonl").exists()
+    from matelike.cli import main
+
+    args = ["dpo", "make-pairs", "--model", str(make_chat_model()), "--data", str(data),
+            "--out", str(tmp_path / "p.jsonl"), "--device", "cpu", "--no-progress"]
+    assert main(args) == 2
+    assert "no usable prompt" in capsys.readouterr().err

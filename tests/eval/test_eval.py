@@ -89,7 +89,9 @@ def test_eval_writes_one_entry_per_task_with_metrics_in_range(model_dir: Path, d
     for task, m in result["tasks"].items():
         assert m["n"] == 2  # --limit
         assert main_metric[task] in m
-        assert all(0.0 <= v <= 1.0 for k, v in m.items() if k != "n")
+        assert all(0.0 <= v <= 1.0 for k, v in m.items() if k not in ("n", "ci95"))
+        lo, hi = m["ci95"]  # the interval of the main metric holds it
+        assert 0.0 <= lo <= m[main_metric[task]] <= hi <= 1.0
     val = result["val"]
     assert val["docs"] == 3 and val["bytes"] == sum(len(t.encode()) for t in VAL_DOCS)
     assert val["loss"] > 0 and val["bpb"] > 0

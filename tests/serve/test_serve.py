@@ -171,7 +171,7 @@ BAD_BODIES = (
     (b"{not json", 400, None),
     (b"", 400, None),
     (b"[1, 2]", 400, None),
-    (json.dumps({"model": "m"}).encode(), 400, "messages"),
+    (json.dumps({"model": "tiny-test"}).encode(), 400, "messages"),
     (json.dumps({"messages": "hi"}).encode(), 400, "messages"),
     (json.dumps({"messages": []}).encode(), 400, "messages"),
     (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, "messages[0].role"),
@@ -210,12 +210,13 @@ def test_prompt_longer_than_the_context_is_a_clear_400(server: BackgroundServer)
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded"
     assert "context is 128 tokens" in err["message"]
-    r = httpx.post(server.url + "/v1/completions", json={"model": "m", "prompt": "今天天气很好。" * 100})
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny-test", "prompt": "今天天气很好。" * 100})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_bad_completion_requests(server: BackgroundServer) -> None:
-    for body, param in [({"model": "m"}, "prompt"), ({"prompt": 3}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
+    for body, param in [({"model": "tiny-test"}, "prompt"), ({"prompt": 3}, "prompt"),
+                        ({"prompt": ["a", "b"]}, "prompt"),
                         ({"prompt": ""}, "prompt"), ({"prompt": "hi", "max_tokens": -1}, "max_tokens")]:
         r = httpx.post(server.url + "/v1/completions", json=body)
         assert r.status_code == 400, body
@@ -374,7 +375,7 @@ def test_disconnect_mid_stream_stops_generation(served: ServedModel) -> None:
     worker = GenerationWorker(slow_source)
     try:
         with BackgroundServer(create_app(dataclasses.replace(served, source=slow_source), worker)) as srv:
-            body = {"model": "m", "messages": prompt, "max_tokens": 100, "temperature": 0, "stream": True}
+            body = {"model": served.name, "messages": prompt, "max_tokens": 100, "temperature": 0, "stream": True}
             with httpx.Client(timeout=30) as http:
                 with http.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
                     pieces = 0
@@ -416,7 +417,8 @@ def test_api_key_required(served: ServedModel) -> None:
             with pytest.raises(openai.AuthenticationError):
                 openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
             good = openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0)
-            resp = good.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            resp = good.chat.completions.create(model=served.name, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=2)
             assert resp.usage.completion_tokens <= 2
             assert httpx.get(srv.url + "/health").status_code == 200  # health stays open for probes
     finally:

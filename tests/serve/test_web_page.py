@@ -76,8 +76,7 @@ def page_server(model_dir: Path) -> Iterator[tuple[BackgroundServer, list[str], 
     worker.close()
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory):
+def _start_browser(tmp_path_factory: pytest.TempPathFactory, language: str | None = None):
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         message = f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)"
         if os.environ.get("CI", "").lower() == "true":
@@ -92,12 +91,40 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(flag)
+    if language:
+        options.add_argument(f"--lang={language}")
+        options.add_experimental_option("prefs", {"intl.accept_languages": language})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    driver = _start_browser(tmp_path_factory, "en-US")
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_page_speaks_chinese_to_a_browser_that_prefers_it(tmp_path_factory, browser, page_server) -> None:
+    from selenium.webdriver.common.by import By
+
+    server = page_server[0]
+    browser.get(server.url + "/")
+    assert browser.find_element(By.ID, "send").text == "Send"  # English otherwise
+    chinese = _start_browser(tmp_path_factory, "zh-CN")
+    try:
+        chinese.get(server.url + "/")
+        _wait(lambda: chinese.find_element(By.ID, "send").text == "发送", what="Chinese labels")
+        assert chinese.find_element(By.ID, "new-chat").text == "新对话"
+        assert "回车发送" in chinese.find_element(By.ID, "input").get_attribute("placeholder")
+        assert chinese.execute_script("return document.documentElement.lang") == "zh-CN"
+    finally:
+        chinese.quit()
 
 
 def _wait(predicate, timeout: float = 30.0, what: str = "condition"):

@@ -4,6 +4,25 @@
 
 (function () {
   const $ = (id) => document.getElementById(id);
+
+  // The page's words in Chinese when the browser prefers Chinese (the model speaks Chinese), else English as
+  // written in index.html.
+  const ZH = {
+    newChat: "新对话", newChatTitle: "忘掉这段对话", settings: "设置", system: "系统提示",
+    systemPlaceholder: "你是一个乐于助人的助手。（可不填）", temperature: "温度", maxTokens: "最多生成词元",
+    apiKey: "API 密钥", apiKeyPlaceholder: "服务器需要时才填", inputPlaceholder: "输入消息；回车发送，Shift+回车换行",
+    send: "发送", stop: "停止",
+  };
+  const prefersChinese = (navigator.languages && navigator.languages.length ? navigator.languages
+                          : [navigator.language || ""])[0].toLowerCase().startsWith("zh");
+  document.documentElement.lang = prefersChinese ? "zh-CN" : "en";
+  if (prefersChinese) {
+    document.querySelectorAll("[data-i18n]").forEach((el) => { el.textContent = ZH[el.dataset.i18n]; });
+    document.querySelectorAll("[data-i18n-placeholder]").forEach((el) => {
+      el.placeholder = ZH[el.dataset.i18nPlaceholder];
+    });
+    document.querySelectorAll("[data-i18n-title]").forEach((el) => { el.title = ZH[el.dataset.i18nTitle]; });
+  }
   const messagesEl = $("messages"), inputEl = $("input"), sendBtn = $("send"), stopBtn = $("stop");
   const errorEl = $("error"), apiKeyEl = $("api-key");
 
@@ -60,7 +79,9 @@
     bubble.dataset.chunks = "0";
     const system = $("system").value.trim();
     const messages = (system ? [{ role: "system", content: system }] : []).concat(history, [userMsg]);
-    const body = { model: $("model-name").textContent || "matelike", messages: messages, stream: true };
+    // No model name until the server has told it: leaving it out means "the served model".
+    const body = { messages: messages, stream: true };
+    if ($("model-name").textContent) body.model = $("model-name").textContent;
     // Empty fields mean "server default"; anything else goes as typed and the server says if it is out of range.
     if ($("temperature").value !== "") body.temperature = Number($("temperature").value);
     if ($("max-tokens").value !== "") body.max_tokens = Math.floor(Number($("max-tokens").value));
