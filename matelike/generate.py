@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from matelike.device import add_device_args
 from matelike.sampling import CHAT, add_sampling_args, sampling_from_args
@@ -34,7 +33,6 @@ def encode_prompt(model_dir: Path, text: str) -> list[int]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
     from matelike.model.generation import default_stop_ids, stream_generate
     from matelike.model.io import ModelDirError, load_model

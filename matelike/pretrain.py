@@ -144,8 +144,8 @@ def _check_tokens(path: Path, tf: Any, vocab_size: int, tokenizer_sha: str | Non
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from matelike.model.transformer import Transformer, get_preset
     from matelike.data.pack import TokenFile
+    from matelike.model.transformer import Transformer, get_preset
     from matelike.tokenizer import Tokenizer
     from matelike.train import Trainer, seed_everything
 

@@ -5,8 +5,9 @@ history-side truncation, packing with segment ids) and computes the masked cross
 accumulation, clipping, schedule, checkpoints, resume, DDP and metrics.jsonl are the engine's.
 
 Which weights train:
-- `--freeze embeddings` (default, as in the original Matelike project's configuration): the token embedding is frozen. With tied embeddings (every
-  preset) that is also the output head, so the model keeps the token geometry pretraining learnt.
+- `--freeze embeddings` (default, as in the original Matelike project's configuration): the token embedding
+  is frozen. With tied embeddings (every preset) that is also the output head, so the model keeps the token
+  geometry pretraining learnt.
 - `--freeze all-but-layers`: only the transformer blocks train (embedding, final norm and head frozen).
 - `--freeze none`: everything trains.
 - `--lora-rank R`: LoRA adapters (peft) on every linear map of the blocks; the base weights are frozen.
@@ -42,7 +43,8 @@ FREEZE_MODES = ("none", "embeddings", "all-but-layers")
 # Linear maps of our blocks that get LoRA adapters: attention (fused qkv, output) and the MLP. The MoE router
 # and the shared-expert gate stay as they are (tiny, and routing is what pretraining learnt).
 LORA_TARGETS = ("wqkv", "wo", "w_gate_up", "w_down")
-# SFT defaults that differ from the engine's (the original project's configuration: 1e-4 warming up from 0, cosine down to 1e-5).
+# SFT defaults that differ from the engine's (the original project's configuration: 1e-4 warming up from 0,
+# cosine down to 1e-5).
 SFT_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 50, "seq_len": None}
 
 
@@ -171,10 +173,10 @@ def _rank() -> int:
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    from matelike.model.io import load_model
     from matelike.data.records import BadRecordReport, DataFileError
     from matelike.data.sft import load_sft_samples
-    from matelike.train import Trainer, TrainConfig, seed_everything
+    from matelike.model.io import load_model
+    from matelike.train import TrainConfig, Trainer, seed_everything
     from matelike.train.config import stage_seq_len
 
     main_rank = _rank() == 0

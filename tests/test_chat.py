@@ -15,9 +15,6 @@ import pytest
 
 from matelike.chat import ChatSession, Conversation, MessageTooLong
 
-
-
-
 # One OpenMP thread for tiny models (see conftest.one_torch_thread).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

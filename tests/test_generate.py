@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from matelike.cli import main
-from matelike.model.generation import default_stop_ids, generate, stream_text
-from matelike.model.transformer import ModelConfig, Transformer
 from matelike.generate import encode_prompt
+from matelike.model.generation import default_stop_ids, generate, stream_text
 from matelike.model.io import save_model
+from matelike.model.transformer import ModelConfig, Transformer
 from matelike.sampling import GREEDY
 
 
@@ -138,5 +138,6 @@ def test_bench_decode_speed_too_short_to_time_is_none_not_absurd() -> None:
     # A decode that "takes" less than its prefill (timing noise) must not become a speed of 1e10 tokens/s.
     res = _speeds(lambda b, n: time.sleep(0.01 if n == 1 else 0.0), [1], prompt_len=8, new=4, repeats=3)
     assert res["decode_tok_s_b1"] is None and res["prefill_tok_s_b1"] > 0
-    res = _speeds(lambda b, n: time.sleep(0.001 * n), [1], prompt_len=8, new=4, repeats=3)
-    assert 200 < res["decode_tok_s_b1"] < 1100  # 4 tokens in about 4 ms
+    res = _speeds(lambda b, n: time.sleep(0.002 * n), [1], prompt_len=8, new=4, repeats=3)
+    # 4 tokens take at least 8 ms of sleep: never faster than 500 tokens/s, however busy the machine.
+    assert res["decode_tok_s_b1"] is None or 0 < res["decode_tok_s_b1"] <= 500

@@ -57,7 +57,8 @@ def test_report_has_stages_curves_eval_table_samples_and_commands(tmp_path: Path
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({png.name})" in text
     assert "| metric | pretrain | sft | dpo | rule baseline |" in text
-    assert "| sentiment accuracy (n=10) | 0.50 [0.30, 0.60] | 0.85 [0.65, 0.95] | 0.90 [0.70, 1.00] | 0.50 [0.24, 0.76] |" in text
+    assert ("| sentiment accuracy (n=10) | 0.50 [0.30, 0.60] | 0.85 [0.65, 0.95] | 0.90 [0.70, 1.00] "
+            "| 0.50 [0.24, 0.76] |") in text
     assert "| chat: task-format leak on open prompts (n=40, lower is better) | 0.50 [0.00, 0.30] |" in text
     assert "| held-out bpb | 1.5000 | 1.5000 | 1.5000 | – |" in text
     assert "判断评论情感：很好" in text and "model: 正面" in text

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from matelike.cli import MODULES, CommandTable
-from matelike.model.transformer import Transformer, get_preset
 from matelike.model.io import load_model, save_model
+from matelike.model.transformer import Transformer, get_preset
 from matelike.sft import FREEZE_MODES, add_lora, apply_freeze, merge_lora
 
 CONV = [
@@ -195,8 +195,8 @@ def test_trl_sft_trainer_runs_a_step_on_the_saved_directory(init_dir, tokenizer,
     assert result.global_step == 1
 
     # Our masked loss on the same conversation, from the same directory.
-    from matelike.sft import SFTTask
     from matelike.data.sft import PackedSFTData, SFTSamples, fit_messages
+    from matelike.sft import SFTTask
 
     model, tok = load_model(init_dir)
     fit = fit_messages(tok, CONV, 256)

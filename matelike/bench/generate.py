@@ -123,8 +123,8 @@ def peak_load_memory(model_dir: str, dtype_name: str) -> dict[str, float]:
 def _memory(preset: str, tmp: Path) -> dict[str, Any]:
     import torch
 
-    from matelike.model.transformer import Transformer, get_preset
     from matelike.model.io import save_model
+    from matelike.model.transformer import Transformer, get_preset
 
     # Built straight in fp16: no 0.8 GB fp32 copy of the 0.2b model.
     model = Transformer(get_preset(preset), device="meta", dtype=torch.float16).to_empty(device="cpu")
@@ -147,8 +147,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from matelike.model.generation import generate
-    from matelike.model.transformer import Transformer, get_preset
     from matelike.model.io import load_model, save_model
+    from matelike.model.transformer import Transformer, get_preset
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,7 +201,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 k: round(result["ours"][k] / result["transformers"][k], 2) for k in result["ours"]
                 if result["ours"][k] and result["transformers"].get(k)
             }
-            if "matmul_floor_tok_s_b1" in result and result["transformers"].get("decode_tok_s_b1"):  # the highest decode ratio any implementation could print
+            # The highest decode ratio any implementation could print.
+            if "matmul_floor_tok_s_b1" in result and result["transformers"].get("decode_tok_s_b1"):
                 result["ratio"]["matmul_floor_b1"] = round(
                     result["matmul_floor_tok_s_b1"] / result["transformers"]["decode_tok_s_b1"], 2)
         if args.memory_preset:

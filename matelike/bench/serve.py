@@ -35,8 +35,8 @@ def save_random_model(tokenizer: "Tokenizer", out_dir: Path, preset: str = "26m"
     """Save a randomly initialised `preset` model (vocabulary sized to `tokenizer`) with it into out_dir."""
     import torch
 
-    from matelike.model.transformer import Transformer, get_preset
     from matelike.model.io import save_model
+    from matelike.model.transformer import Transformer, get_preset
 
     torch.manual_seed(seed)
     overrides.setdefault("vocab_size", tokenizer.vocab_size)

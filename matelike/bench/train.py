@@ -91,10 +91,10 @@ def memory_probe(preset: str, batch_size: int, seq_len: int, device: str) -> dic
 
     import torch
 
+    from matelike.device import resolve_device
     from matelike.model.transformer import Transformer, get_preset
     from matelike.train import TrainConfig
     from matelike.train.optim import build_optimizer
-    from matelike.device import resolve_device
     from matelike.train.precision import Precision
 
     dev = resolve_device(device)

@@ -32,10 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Sequence
 
-from matelike.data.dialogue import (ModelFacts, chat_records, chat_test_records, load_chatterbot,
-                                    split_exchanges)
-from matelike.eval.scoring import (ENTITY_TYPES, NEGATIVE, POSITIVE, TASKS, format_entities, format_segmentation,
-                            make_prompt)
+from matelike.data.dialogue import ModelFacts, chat_records, chat_test_records, load_chatterbot, split_exchanges
+from matelike.eval.scoring import (
+    ENTITY_TYPES,
+    NEGATIVE,
+    POSITIVE,
+    TASKS,
+    format_entities,
+    format_segmentation,
+    make_prompt,
+)
 
 if TYPE_CHECKING:
     from matelike.cli import CommandTable

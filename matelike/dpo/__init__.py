@@ -319,11 +319,11 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
     import torch
 
     from matelike.data.preference import PreferenceBatches, load_preference_pairs, print_stats
-    from matelike.model.io import load_model
     from matelike.data.records import BadRecordReport, DataFileError
+    from matelike.model.io import load_model
     from matelike.train import TrainConfig, Trainer, seed_everything
-    from matelike.train.config import stage_seq_len
     from matelike.train import distributed as D
+    from matelike.train.config import stage_seq_len
     from matelike.train.precision import Precision
 
     beta = DEFAULT_BETA[args.loss] if args.beta is None else args.beta

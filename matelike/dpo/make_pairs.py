@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from matelike.hashing import sha256_file
-
 from matelike.device import add_device_args
+from matelike.hashing import sha256_file
 from matelike.sampling import GREEDY, SamplingParams, add_sampling_args, sampling_from_args
 
 if TYPE_CHECKING:
@@ -212,8 +211,9 @@ def make_pairs(
 
     `batch_size` is prompts per generation call (each sampled `samples` times, so batch_size * samples
     sequences), and with `greedy` each prompt's greedy answer joins the candidates. `sampling.seed` (0 when
-    None) seeds the whole run: each batch draws with a seed derived from it and the batch's first prompt. `generate_fn` defaults to
-    `matelike.model.generation.generate` (tests pass their own). `model_id` identifies the weights (the CLI passes the weight file's sha256) so a resume with another model is refused.
+    None) seeds the whole run: each batch draws with a seed derived from it and the batch's first prompt.
+    `generate_fn` defaults to `matelike.model.generation.generate` (tests pass their own). `model_id`
+    identifies the weights (the CLI passes the weight file's sha256) so a resume with another model is refused.
     """
     from matelike.data.records import BadRecordReport
 
@@ -313,10 +313,9 @@ def _weights_sha256(model_dir: Path) -> str:
 
 
 def _cmd_make_pairs(args: argparse.Namespace) -> int:
-    import torch
 
-    from matelike.model.io import load_model
     from matelike.data.records import BadRecordReport, DataFileError
+    from matelike.model.io import load_model
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     if tokenizer is None:

@@ -32,10 +32,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from matelike.data.records import BadRecord, BadRecordReport, DataFileError, iter_records
 from matelike.data.sft import IGNORE_INDEX
+from matelike.device import add_device_args
 from matelike.eval.intervals import task_interval
 from matelike.eval.scoring import MAIN_METRIC, TASKS, score_task, trivial_answers
-
-from matelike.device import add_device_args
 from matelike.sampling import GREEDY
 
 if TYPE_CHECKING:

@@ -17,8 +17,7 @@ from typing import Any, Sequence
 
 from matelike.data.records import BadRecord, BadRecordReport, iter_records
 from matelike.eval.intervals import bootstrap, wilson
-from matelike.eval.scoring import (ENTITY_TYPES, NEGATIVE, NO_ENTITY, POSITIVE, TASKS, char_f1, lcs_length,
-                                   rouge_l_f1)
+from matelike.eval.scoring import ENTITY_TYPES, NEGATIVE, NO_ENTITY, POSITIVE, TASKS, char_f1, lcs_length, rouge_l_f1
 
 MODEL_NAME = "Matelike"
 _CJK = r"[\u3400-\u9fff]"

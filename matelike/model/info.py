@@ -14,7 +14,6 @@ if TYPE_CHECKING:
 
 def model_info(config: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
     """Parameters (total, active), training FLOPs per token and weight memory per dtype for `config`."""
-    import torch
 
     from matelike.model.transformer import Transformer
 

@@ -537,7 +537,8 @@ def load_model(
     """Read a model directory written by save_model or by transformers (Llama, Mixtral, Qwen2-MoE).
 
     device: a torch device or a `--device` name (auto, cpu, cuda...). dtype: a torch dtype, a `--dtype` name
-    (auto|fp32|bf16|fp16, resolved by matelike.device.weights_dtype), or None to keep the stored dtype. The tokenizer is None when the directory has no tokenizer.json.
+    (auto|fp32|bf16|fp16, resolved by matelike.device.weights_dtype), or None to keep the stored dtype. The
+    tokenizer is None when the directory has no tokenizer.json.
     The model is returned in eval mode. Tensor bytes are read straight into the preallocated parameters
     (no memory map, no intermediate copies), so peak memory is about the size of the weights.
 

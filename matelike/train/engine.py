@@ -213,8 +213,11 @@ class Trainer:
     def _state(self, step: int, tokens: int, cursor: Any, total: int) -> dict[str, Any] | None:
         """Rank 0's full training state (collective under FSDP: every rank must call it)."""
         if self.config.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_sd = get_model_state_dict(self.raw, options=opts)
@@ -237,8 +240,11 @@ class Trainer:
             raise RuntimeError(f"{path} was saved {'with' if state.get('fsdp') else 'without'} --fsdp; "
                                f"resume it the same way")
         if self.config.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.raw, state["model"], options=opts)

@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 
 from matelike.cli import main
-from matelike.data.demo import (DemoConfig, SourceCounts, TaggedFormatError, _merge_person_run, build_demo,
-                                extract_entities, load_documents, parse_tagged_line, split_sentences,
-                                tagged_to_text)
+from matelike.data.demo import (
+    DemoConfig,
+    SourceCounts,
+    TaggedFormatError,
+    _merge_person_run,
+    build_demo,
+    extract_entities,
+    load_documents,
+    parse_tagged_line,
+    split_sentences,
+    tagged_to_text,
+)
 from matelike.data.formats import to_messages
 from matelike.eval.scoring import TASKS, parse_entities, segmentation_spans
 

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 
 from matelike.data.demo import DemoConfig, build_demo
-from matelike.data.dialogue import (PERSONA_TOPICS, Exchange, ModelFacts, identity_items, load_chatterbot, normalize,
-                                    split_exchanges)
+from matelike.data.dialogue import (
+    PERSONA_TOPICS,
+    Exchange,
+    ModelFacts,
+    identity_items,
+    load_chatterbot,
+    normalize,
+    split_exchanges,
+)
 
 SMALL = DemoConfig(test_per_task=20, sft_per_task=40, train_per_task=10, model_size="约160万")
 

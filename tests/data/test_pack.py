@@ -161,7 +161,7 @@ def test_report_object_collects(tokenizer_dir: Path, tmp_path: Path) -> None:
 
 
 def test_synthetic_bench_corpus_is_deterministic(tmp_path: Path) -> None:
-    from matelike.bench.data import write_corpus
+    from matelike.bench.corpus import write_corpus
 
     n = write_corpus(tmp_path / "a.jsonl", 50_000, seed=1)
     write_corpus(tmp_path / "b.jsonl", 50_000, seed=1)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from matelike.data.preference import PreferenceBatches, collate_pairs, load_preference_pairs
-from matelike.train.losses import needs_reference, preference_loss, sequence_logps
 from matelike.data.records import BadRecordReport
 from matelike.data.sft import IGNORE_INDEX
+from matelike.train.losses import needs_reference, preference_loss, sequence_logps
 
 
 def _t(*xs: float) -> torch.Tensor:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from matelike.dpo.make_pairs import SAMPLING, PairsError, PromptItem, make_pairs, pick_rejected
 from matelike.data.records import BadRecordReport
-
+from matelike.dpo.make_pairs import SAMPLING, PairsError, PromptItem, make_pairs, pick_rejected
 
 
 def _item(gold: str, task: str | None) -> PromptItem:
@@ -117,7 +116,8 @@ def test_limit_takes_the_first_prompts(tmp_path: Path, tokenizer) -> None:
 def test_resume_after_interruption_writes_what_one_run_writes(tmp_path: Path, tokenizer) -> None:
     data = _tasks_file(tmp_path, n=11)
     whole = tmp_path / "whole.jsonl"
-    make_pairs(None, tokenizer, data, whole, samples=3, batch_size=3, sampling=SAMPLING.with_seed(7), generate_fn=_fake_generate(tokenizer))
+    make_pairs(None, tokenizer, data, whole, samples=3, batch_size=3, sampling=SAMPLING.with_seed(7),
+               generate_fn=_fake_generate(tokenizer))
 
     out = tmp_path / "resumed.jsonl"
     calls: list = []
@@ -176,8 +176,8 @@ def test_command_with_a_real_model(tmp_path: Path, tokenizer, capsys) -> None:
     import torch
 
     from matelike.cli import main
-    from matelike.model.transformer import Transformer, get_preset
     from matelike.model.io import save_model
+    from matelike.model.transformer import Transformer, get_preset
 
     torch.manual_seed(0)
     cfg = get_preset("tiny", vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -14,9 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from matelike.cli import main
-from matelike.eval import (answer_budget, choice_logprobs, encode_prompt, evaluate_mc, heldout_loss,
-                               load_mc_rows, load_task_items, mc_prompt)
 from matelike.data.records import BadRecordReport, DataFileError
+from matelike.eval import (
+    answer_budget,
+    choice_logprobs,
+    encode_prompt,
+    evaluate_mc,
+    heldout_loss,
+    load_mc_rows,
+    load_task_items,
+    mc_prompt,
+)
 from matelike.eval.scoring import TASKS
 
 TEST_ITEMS = [
@@ -278,8 +286,8 @@ def test_bad_csv_rows_are_reported_with_file_and_line(tmp_path: Path) -> None:
 
 def test_eval_accepts_a_bf16_mixture_of_experts_model(tokenizer, data_dir: Path, tmp_path: Path) -> None:
     from matelike.eval import run_eval
-    from matelike.model.transformer import ModelConfig, Transformer
     from matelike.model.io import save_model
+    from matelike.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(1)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32,

@@ -6,9 +6,22 @@ import random
 
 import pytest
 
-from matelike.eval.scoring import (PHRASINGS, TASKS, char_f1, format_entities, format_segmentation, lcs_length,
-                            make_prompt, parse_entities, rouge_l_f1, score_item, score_task, segmentation_spans,
-                            sentiment_label, trivial_answers)
+from matelike.eval.scoring import (
+    PHRASINGS,
+    TASKS,
+    char_f1,
+    format_entities,
+    format_segmentation,
+    lcs_length,
+    make_prompt,
+    parse_entities,
+    rouge_l_f1,
+    score_item,
+    score_task,
+    segmentation_spans,
+    sentiment_label,
+    trivial_answers,
+)
 
 
 def test_every_task_has_several_phrasings_that_show_the_text() -> None:

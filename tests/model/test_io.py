@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from matelike.model.generation import generate
-from matelike.model.transformer import ModelConfig, Transformer
 from matelike.model.io import ModelDirError, load_model, save_model
+from matelike.model.transformer import ModelConfig, Transformer
 from matelike.sampling import GREEDY
 
 VOCAB = 101

@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-from matelike.serve.app import BackgroundServer, ServedModel, create_app, free_port, load_served_model
 from matelike.sampling import GREEDY
+from matelike.serve.app import BackgroundServer, ServedModel, create_app, free_port, load_served_model
 from matelike.serve.schema import RequestParams
 from matelike.serve.worker import GenerationWorker, Job, StopMatcher
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from toy import ToyConfig, ToyModel, ToyTask, export_toy
 
 from matelike.hashing import sha256_file
 from matelike.train import TrainConfig, Trainer, seed_everything
 from matelike.train import checkpoint as ckpt
-from toy import ToyConfig, ToyModel, ToyTask, export_toy
 
 
 def fit(out: Path, task_cls: type = ToyTask, **kw: Any):

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from toy import ToyConfig, ToyModel, ToyTask, export_toy
 
 from matelike.train import TrainConfig, Trainer, seed_everything
-from toy import ToyConfig, ToyModel, ToyTask, export_toy
 
 pytestmark = pytest.mark.slow
 

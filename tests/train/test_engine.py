@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy import ToyConfig, ToyModel, ToyTask, export_toy
 
 from matelike.train import TrainConfig, Trainer, TrainingDiverged, add_engine_args, seed_everything
 from matelike.train import checkpoint as ckpt
@@ -16,7 +17,6 @@ from matelike.train.metrics import REQUIRED_KEYS
 from matelike.train.optim import Muon, build_optimizer, newton_schulz
 from matelike.train.precision import Precision
 from matelike.train.schedule import WarmupCosine, lr_at
-from toy import ToyConfig, ToyModel, ToyTask, export_toy
 
 
 def make(out: Path, **kw) -> tuple[TrainConfig, ToyModel, ToyTask]:

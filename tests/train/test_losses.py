@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matelike.train.losses import chunk_rows, linear_cross_entropy
 from matelike.model.transformer import ModelConfig, Transformer
+from matelike.train.losses import chunk_rows, linear_cross_entropy
 
 VOCAB = 101
 

@@ -1,4 +1,4 @@
-"""`matelike bench tokenize` and `matelike bench pack`: data-stage throughput and peak memory, one JSON line each.
+"""The data benchmarks' corpus and measuring harness (`matelike bench tokenize` and `bench pack` use them).
 
 The benchmark corpus is generated here, no download: Chinese-like documents of words drawn from a Zipf
 distribution over a synthetic lexicon built from common characters, with clause punctuation, some English
@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
-
-if TYPE_CHECKING:
-    from matelike.cli import CommandTable
+from typing import Iterator
 
 # About 500 frequent Chinese characters; the lexicon draws from them with a Zipf skew, plus rare CJK.
 COMMON_CHARS = (
@@ -167,7 +163,7 @@ def _child(job: str, kwargs: dict) -> dict:
 
 def _measure(job: str, **kwargs: object) -> dict:
     """Run `_child(job, kwargs)` in a fresh Python (so the peak RSS is the job's alone, not ours or the CLI's)."""
-    code = ("import json, sys; from matelike.bench.data import _child; "
+    code = ("import json, sys; from matelike.bench.corpus import _child; "
             "print(json.dumps(_child(sys.argv[1], json.loads(sys.argv[2]))))")
     r = subprocess.run([sys.executable, "-c", code, job, json.dumps(kwargs, default=str)], capture_output=True,
                        text=True)
@@ -178,101 +174,3 @@ def _measure(job: str, **kwargs: object) -> dict:
 
 def _workdir(args: argparse.Namespace):
     return tempfile.TemporaryDirectory(prefix="matelike-bench-", dir=args.tmp_dir)
-
-
-def _cmd_tokenize(args: argparse.Namespace) -> int:
-    with _workdir(args) as tmp:
-        corpus = Path(tmp) / "corpus.jsonl"
-        t0 = time.perf_counter()
-        docs = write_corpus(corpus, int(args.mb * 1e6), seed=args.seed)
-        gen_s = time.perf_counter() - t0
-        n_bytes = corpus.stat().st_size
-        kwargs: dict = {"inputs": [str(corpus)], "out_dir": str(Path(tmp) / "tok"), "vocab_size": args.vocab_size}
-        if args.max_chars:
-            kwargs["max_chars"] = args.max_chars
-        m = _measure("tokenize", **kwargs)
-        info = json.loads((Path(tmp) / "tok" / "tokenizer_train.json").read_text(encoding="utf-8"))
-    print(json.dumps({
-        "bench": "tokenize",
-        "input_mb": round(n_bytes / 1e6, 1),
-        "documents": docs,
-        "vocab_size": args.vocab_size,
-        "train_chars": info["train_chars"],
-        "seconds": round(m["seconds"], 2),
-        "cpu_seconds": round(m["cpu_seconds"], 2),
-        "mb_per_s": round(n_bytes / 1e6 / m["seconds"], 2),
-        "peak_rss_mb": m["peak_rss_mb"],
-        "chars_per_token": info.get("chars_per_token"),
-        "bytes_per_token": info.get("bytes_per_token"),
-        "corpus_gen_s": round(gen_s, 1),
-        "cpus": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 1),
-    }))
-    return 0
-
-
-def _cmd_pack(args: argparse.Namespace) -> int:
-    with _workdir(args) as tmp:
-        corpus = Path(tmp) / "corpus.jsonl"
-        docs = write_corpus(corpus, int(args.mb * 1e6), seed=args.seed)
-        tok_dir = Path(tmp) / "tok"
-        if args.tokenizer:
-            tok_dir = Path(args.tokenizer)
-        else:
-            from matelike.tokenizer import train_tokenizer
-
-            train_tokenizer([corpus], tok_dir, vocab_size=args.vocab_size, max_chars=2_000_000, progress=False)
-        n_bytes = corpus.stat().st_size
-        results = {}
-        for workers in args.workers:
-            out = Path(tmp) / f"w{workers}.bin"
-            m = _measure("pack", tokenizer_dir=str(tok_dir), inputs=[str(corpus)], out=str(out), workers=workers)
-            meta = json.loads(Path(str(out) + ".json").read_text(encoding="utf-8"))
-            results[workers] = {
-                "seconds": round(m["seconds"], 2),
-                "mb_per_s": round(n_bytes / 1e6 / m["seconds"], 2),
-                # Throughput per CPU-second: what one idle core would do; less sensitive to a busy machine.
-                "mb_per_cpu_s": round(n_bytes / 1e6 / m["cpu_seconds"], 2),
-                "peak_rss_mb": m["peak_rss_mb"],  # main process + workers together
-                "tokens": meta["tokens"],
-            }
-            out.unlink()
-        best = max(results, key=lambda w: results[w]["mb_per_s"])
-        enc = _measure("encode", tokenizer_dir=str(tok_dir), corpus=str(corpus))
-    print(json.dumps({
-        "bench": "pack",
-        "input_mb": round(n_bytes / 1e6, 1),
-        "documents": docs,
-        "tokens": results[best]["tokens"],
-        "bytes_per_token": round(n_bytes / results[best]["tokens"], 3),
-        "mb_per_s": results[best]["mb_per_s"],
-        "best_workers": best,
-        "peak_rss_mb": results[best]["peak_rss_mb"],
-        "by_workers": {str(w): r for w, r in results.items()},
-        # encode_batch alone on the same documents held in memory (no reading, parsing or writing), in MB of
-        # the jsonl file per second: packing can approach this figure, not pass it.
-        "encode_only_mb_per_s": round(n_bytes / 1e6 / enc["seconds"], 2),
-        "encode_only_mb_per_cpu_s": round(n_bytes / 1e6 / enc["cpu_seconds"], 2),
-        "cpus": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 1),
-    }))
-    return 0
-
-
-def add_cli(table: "CommandTable") -> None:
-    p = table.group_command("bench", "tokenize", "tokenizer training speed and peak memory (one JSON line)",
-                            _cmd_tokenize, group_help="throughput benchmarks, one JSON line each")
-    p.add_argument("--mb", type=float, default=200.0, help="size of the generated jsonl corpus")
-    p.add_argument("--vocab-size", type=int, default=6400)
-    p.add_argument("--max-chars", type=int, default=0, help="passed to tokenizer train (0: its default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tmp-dir", help="where to write the temporary corpus (default: system temp)")
-
-    p = table.group_command("bench", "pack", "packing speed (MB/s of jsonl) and peak memory (one JSON line)",
-                            _cmd_pack, group_help="throughput benchmarks, one JSON line each")
-    p.add_argument("--mb", type=float, default=100.0, help="size of the generated jsonl corpus")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: train a 6400 vocab on the corpus)")
-    p.add_argument("--vocab-size", type=int, default=6400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tmp-dir", help="where to write the temporary corpus (default: system temp)")
