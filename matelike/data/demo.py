@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Sequence
 
-from matelike.data.dialogue import ModelFacts, chat_records, chat_test_records, load_chatterbot, split_exchanges
+from matelike.data.dialogue import (ModelFacts, chat_records, chat_test_records, chat_train_prompts, load_chatterbot,
+                                    split_exchanges)
 from matelike.eval.scoring import (
     ENTITY_TYPES,
     NEGATIVE,
@@ -568,10 +569,14 @@ def write_demo(out: Path, docs: list[Document], counts: dict[str, SourceCounts],
     random.Random(f"{cfg.seed}-sft-order").shuffle(sft_records)  # tasks mixed, so every batch sees several
     _write_jsonl(out / "sft.jsonl", sft_records)
     # Tasks interleaved round-robin, so that `make-pairs --limit N` takes prompts of every task.
-    interleaved = (it for group in itertools.zip_longest(*(split.train[t] for t in TASKS)) for it in group
-                   if it is not None)
+    # Open prompts join as a fifth stream (task "chat", no scorer: make-pairs takes the reply least like the
+    # reference as rejected), so that preference optimisation also rewards conversing, not only task formats.
     rng = random.Random(f"{cfg.seed}-phrasing-train")
-    _write_jsonl(out / "tasks_train.jsonl", (_task_record(it, rng) for it in interleaved))
+    task_records = [[_task_record(it, rng) for it in split.train[t]] for t in TASKS]
+    chat_prompts = chat_train_prompts(dialogue, facts, cfg.seed)[: cfg.train_per_task]
+    streams = [*task_records, [{"task": "chat", "prompt": q, "answer": a, "input": ""} for q, a in chat_prompts]]
+    _write_jsonl(out / "tasks_train.jsonl", (rec for group in itertools.zip_longest(*streams) for rec in group
+                                             if rec is not None))
     rng = random.Random(f"{cfg.seed}-phrasing-test")
     _write_jsonl(out / "tasks_test.jsonl", (_task_record(it, rng) for task in TASKS for it in split.test[task]))
     rng = random.Random(f"{cfg.seed}-phrasing-chat-test")
@@ -618,7 +623,8 @@ seed {cfg.seed}. Rebuilding gives byte-identical files.
   phrasings per task, mixed with conversations in the messages layout (`{{"messages": [...]}}`, some with a
   system turn): dialogue, identity, out-of-scope questions, and tasks asked in a later turn.
 - `tasks_train.jsonl`: `{{task, prompt, answer, input}}` from the training split, disjoint from the SFT items,
-  for preference pairs (`matelike dpo make-pairs`).
+  for preference pairs (`matelike dpo make-pairs`); open prompts from the training conversations join them
+  as task `chat` (the reference reply is the answer).
 - `tasks_test.jsonl`: `{{task, prompt, answer, input}}` held out for `matelike eval`.
 - `chat_test.jsonl`: held-out conversations for `matelike eval --chat-file`: `{{kind: "open", category,
   messages, reference}}` (greetings, questions, small talk, identity and out-of-scope questions whose user

@@ -41,25 +41,27 @@ class ModelFacts:
     size: str = "几百万"  # parameter count in words, e.g. 约160万 (`matelike run` passes the preset's)
 
 
-# Identity and capability: (question phrasings, answer builder). The last phrasing of each group is held out.
+# Identity and capability: (question phrasings, answer). Every answer names the model, so that "answered
+# with the model's identity" can be checked; the last HELD_OUT_IDENTITY phrasings of each group are held out.
+HELD_OUT_IDENTITY = 2
 def _identity(facts: ModelFacts) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     who = (f"我是 {facts.name}，一个从零训练的中文小语言模型，参数只有{facts.size}个。"
            "我可以陪你聊天，也可以判断评论情感、给句子分词、找出人名地名机构名、续写新闻。")
-    can = ("我会四件事：判断评论的情感是正面还是负面、给句子分词、找出句子里的人名地名和机构名、续写新闻段落。"
+    can = (f"我是 {facts.name}，会四件事：判断评论的情感是正面还是负面、给句子分词、找出句子里的人名地名和机构名、续写新闻段落。"
            "也可以简单聊聊天。")
-    trained = (f"我是用人民日报1998年1月的新闻和一些商品评论从零训练出来的：先预训练，再用对话和任务数据做监督微调，"
+    trained = (f"我是 {facts.name}，用人民日报1998年1月的新闻和一些商品评论从零训练出来的：先预训练，再用对话和任务数据做监督微调，"
                f"最后做偏好优化。我只有{facts.size}个参数，知道的东西很有限。")
-    cannot = ("我是一个很小的模型，不会写代码、不会做数学题，也不知道最新的消息，很多问题我都答不上来。"
+    cannot = (f"我是 {facts.name}，一个很小的模型，不会写代码、不会做数学题，也不知道最新的消息，很多问题我都答不上来。"
               "我比较擅长情感判断、分词、找人名地名机构名和续写新闻。")
     return [
         (("你是谁？", "你是谁", "请介绍一下你自己。", "你叫什么名字？", "你是什么？", "介绍一下你自己吧",
           "你好，你是谁呀？", "能说说你是谁吗？"), (who,)),
-        (("你能做什么？", "你会做什么", "你有什么功能？", "你能帮我做什么？", "你擅长什么？",
-          "你都会些什么？"), (can,)),
-        (("你是怎么训练出来的？", "你是用什么数据训练的？", "你有多大？", "你有多少参数？",
-          "你是怎么学会说话的？", "你的训练数据是什么？"), (trained,)),
+        (("你能做什么？", "你会做什么", "你有什么功能？", "你能帮我做什么？", "你擅长什么？", "你有什么本领？",
+          "你都会些什么？", "说说你能干什么吧"), (can,)),
+        (("你是怎么训练出来的？", "你是用什么数据训练的？", "你有多大？", "你有多少参数？", "你是谁做的？",
+          "你学过什么？", "你是怎么学会说话的？", "你的训练数据是什么？"), (trained,)),
         (("你会写代码吗？", "你什么都知道吗？", "你能上网吗？", "你能帮我解数学题吗？", "你知道今天的新闻吗？",
-          "你有什么做不到的？"), (cannot,)),
+          "你会画画吗？", "你有什么做不到的？", "你有哪些不会的？"), (cannot,)),
     ]
 
 
@@ -156,7 +158,7 @@ def identity_items(facts: ModelFacts, held_out: bool) -> list[tuple[str, str]]:
     """(question, answer) of the identity conversations: the training phrasings, or the held-out last ones."""
     out = []
     for questions, answers in _identity(facts):
-        qs = questions[-1:] if held_out else questions[:-1]
+        qs = questions[-HELD_OUT_IDENTITY:] if held_out else questions[:-HELD_OUT_IDENTITY]
         out += [(q, answers[0]) for q in qs]
     return out
 
@@ -170,6 +172,16 @@ def out_of_scope_items(rng: random.Random, held_out: bool) -> list[tuple[str, st
         fillers = (FILLERS[::2] if held_out else FILLERS) if "{x}" in t else ("",)
         for x in fillers:
             out.append((t.format(x=x), rng.choice(DONT_KNOW)))
+    return out
+
+
+def chat_train_prompts(split: DialogueSplit, facts: ModelFacts, seed: int) -> list[tuple[str, str]]:
+    """(user turn, reference reply) of the training conversations' first exchanges, identity and out-of-scope
+    questions, shuffled: open prompts for preference pairs."""
+    rng = random.Random(f"{seed}-dialogue-pairs")
+    out = [(e.turns[0], e.turns[1]) for e in split.train]
+    out += identity_items(facts, held_out=False) + out_of_scope_items(rng, held_out=False)
+    rng.shuffle(out)
     return out
 
 

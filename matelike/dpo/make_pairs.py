@@ -151,8 +151,11 @@ def pick_rejected(item: PromptItem, samples: Sequence[str]) -> tuple[str | None,
         scored = [(score_item(item.task, item.gold, s), i) for i, s in enumerate(samples)]
         worse = [(sc, i) for sc, i in scored if sc < best - 1e-9]
     else:
+        # Open-ended: any other reply is worse than the reference; the one sharing least with it goes first.
+        from matelike.eval.scoring import char_f1
+
         gold = item.gold.strip()
-        worse = [(0.0, i) for i, s in enumerate(samples) if s.strip() != gold]
+        worse = [(char_f1(gold, s), i) for i, s in enumerate(samples) if s.strip() != gold]
     if not worse:
         return None, "already_right"
     usable = [(sc, i) for sc, i in worse if samples[i].strip()]

@@ -131,6 +131,9 @@ def test_demo_files_have_the_documented_layouts(demo_dir: Path) -> None:
     assert sum(len(m) >= 4 for m in dialogue) >= later  # tasks asked in a later turn
     test = _jsonl(demo_dir / "tasks_test.jsonl")
     train = _jsonl(demo_dir / "tasks_train.jsonl")
+    assert sum(r["task"] == "chat" for r in train) == SMALL.train_per_task  # open prompts for preference pairs
+    assert train[len(TASKS)]["task"] == "chat"  # a fifth stream in the round-robin
+    train = [r for r in train if r["task"] != "chat"]
     for rows, n in ((test, SMALL.test_per_task), (train, SMALL.train_per_task)):
         assert {r["task"] for r in rows} == set(TASKS)
         assert all(sum(r["task"] == t for r in rows) == n for t in TASKS)
@@ -226,5 +229,5 @@ def test_tasks_train_interleaves_tasks_so_a_limit_covers_all(demo_dir: Path) -> 
     from matelike.eval.scoring import TASKS
 
     train = _jsonl(demo_dir / "tasks_train.jsonl")
-    assert [r["task"] for r in train[: len(TASKS)]] == list(TASKS)
-    assert {r["task"] for r in train[:8]} == set(TASKS)
+    assert [r["task"] for r in train[: len(TASKS) + 1]] == [*TASKS, "chat"]
+    assert {r["task"] for r in train[:10]} == {*TASKS, "chat"}

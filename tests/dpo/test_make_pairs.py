@@ -260,3 +260,10 @@ def test_nothing_usable_is_an_error(tmp_path: Path, tokenizer, make_chat_model, 
             "--out", str(tmp_path / "p.jsonl"), "--device", "cpu", "--no-progress"]
     assert main(args) == 2
     assert "no usable prompt" in capsys.readouterr().err
+
+
+def test_open_ended_rejected_is_the_reply_least_like_the_reference() -> None:
+    item = PromptItem(1, "你好", [{"role": "user", "content": "你好"}], "你好！很高兴见到你。", None)
+    rejected, outcome = pick_rejected(item, ["你好！很高兴认识你。", "你 好", "你好！很高兴见到你。"])
+    assert (rejected, outcome) == ("你 好", "pairs")  # the segmented echo, not the near-paraphrase
+    assert pick_rejected(item, ["你好！很高兴见到你。"]) == (None, "already_right")
