@@ -67,7 +67,6 @@ def iter_generate(
     Stops early when every row has stopped. Closing the iterator drops the cache.
     """
     check_max_new_tokens(max_new_tokens)
-    sampling.check()
     repetition_penalty, seed = sampling.repetition_penalty, sampling.seed
     if not prompts:
         return
