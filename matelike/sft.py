@@ -173,8 +173,9 @@ def _rank() -> int:
 
 
 def run_sft(args: argparse.Namespace) -> int:
+    from matelike.data.packed import PackMismatchError, open_sft, packed_kind
     from matelike.data.records import BadRecordReport, DataFileError
-    from matelike.data.sft import load_sft_samples
+    from matelike.data.sft import SFTStats, load_sft_samples
     from matelike.model.io import load_model
     from matelike.train import TrainConfig, Trainer, seed_everything
     from matelike.train.config import stage_seq_len
@@ -194,11 +195,26 @@ def run_sft(args: argparse.Namespace) -> int:
 
     quiet = None if main_rank else open(os.devnull, "w")
     report = BadRecordReport(stream=quiet)
+
+    def load(paths: list[Path]) -> tuple[SFTSamples, SFTStats]:
+        if not any(packed_kind(p) for p in paths):
+            return load_sft_samples(paths, tokenizer, args.seq_len, args.format, report)
+        if len(paths) != 1:
+            raise PackMismatchError("a packed file must be the only file of --data / --val")
+        samples, f = open_sft(paths[0], tokenizer, args.seq_len)
+        if args.format != "auto" and f.meta["layout"] != args.format:
+            raise PackMismatchError(f"{paths[0]}: packed with --layout {f.meta['layout']}, not --format {args.format}")
+        for reason, n in f.meta["bad_records"]["by_reason"].items():  # reported when packed: counted, not reprinted
+            report.by_reason[reason] += n
+        for name, n in f.meta["bad_records"]["by_file"].items():
+            report.by_file[name] += n
+        known = {k: v for k, v in f.meta["stats"].items() if k in SFTStats.__dataclass_fields__}
+        return samples, SFTStats(**known)
+
     try:
-        samples, stats = load_sft_samples(args.data, tokenizer, args.seq_len, args.format, report)
-        val, val_stats = (load_sft_samples(args.val, tokenizer, args.seq_len, args.format, report)
-                          if args.val else (None, None))
-    except DataFileError as e:
+        samples, stats = load(args.data)
+        val, val_stats = load(args.val) if args.val else (None, None)
+    except (DataFileError, PackMismatchError) as e:
         print(f"matelike sft: {e}", file=sys.stderr)
         return 2
     if main_rank:
@@ -258,7 +274,8 @@ def add_cli(table: "CommandTable") -> None:
     p = table.command("sft", "supervised fine-tuning on instruction data (assistant-only loss)", run_sft)
     p.add_argument("--init", type=Path, required=True, help="model directory to start from (pretrained)")
     p.add_argument("--data", type=Path, nargs="+", required=True,
-                   help="SFT files or directories (jsonl / parquet / csv)")
+                   help="SFT files or directories (jsonl / parquet / csv), or one file packed by "
+                        "`matelike data pack --format sft` (memory-mapped, nothing tokenized at start)")
     p.add_argument("--val", type=Path, nargs="+", default=None, help="held-out SFT files: val_loss on eval")
     p.add_argument("--format", choices=tuple(FORMAT_CHOICES), default="auto",
                    help="record layout; auto detects prompt/response, alpaca or conversations per record")

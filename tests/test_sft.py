@@ -236,3 +236,36 @@ def test_seq_len_longer_than_the_model_context_is_refused(init_dir, sft_file, tm
     assert _sft(init_dir, sft_file, tmp_path / "out", "--seq-len", "129") == 2
     assert "--seq-len 129 exceeds the context" in capsys.readouterr().err
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+
+
+def test_packed_data_trains_as_raw_resumes_exactly_and_is_refused_when_cut_longer(
+        init_dir, sft_file, tokenizer_dir, tmp_path, capsys):
+    from matelike.data.packed import pack_chat
+
+    packed = tmp_path / "sft.bin"
+    pack_chat(tokenizer_dir, [sft_file], packed, "sft", seq_len=96, progress=False)
+    raw_out, packed_out = tmp_path / "raw", tmp_path / "packed"
+    assert _sft(init_dir, sft_file, raw_out, "--max-steps", "4") == 0
+    assert _sft(init_dir, packed, packed_out, "--max-steps", "4", "--save-every", "2") == 0
+    assert _losses(packed_out) == _losses(raw_out)  # the same batches, so the same losses
+    assert json.loads((packed_out / "sft_data.json").read_text())["train"]["samples"] == 48
+    # Interrupted after 2 steps and resumed: the same losses as the run never interrupted.
+    part = tmp_path / "part"
+    assert _sft(init_dir, packed, part, "--max-steps", "4", "--save-every", "2") == 0
+    import shutil
+
+    shutil.rmtree(part / "checkpoints" / "step-4")
+    (part / "metrics.jsonl").write_text("".join(x + "\n" for x in (part / "metrics.jsonl").read_text().splitlines()
+                                                if json.loads(x).get("step", 0) <= 2))
+    assert _sft(init_dir, packed, part, "--max-steps", "4", "--save-every", "2", "--resume") == 0
+    assert _losses(part)[-2:] == _losses(packed_out)[-2:]
+    capsys.readouterr()
+    assert _sft(init_dir, packed, tmp_path / "short", "--seq-len", "64") == 2
+    assert "packed for --seq-len 96, more than this run's 64" in capsys.readouterr().err
+    assert _main(["sft", "--init", str(init_dir), "--data", str(packed), str(sft_file), "--out",
+                  str(tmp_path / "two"), "--seq-len", "96"]) == 2
+    assert "a packed file must be the only file of --data" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 
 from matelike.data.records import MAX_RECORD_BYTES, BadRecordReport, DataFileError, expand_inputs
+from matelike.data.sft import FORMAT_CHOICES
 
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
@@ -335,6 +336,11 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.format != "text":
+        return _cmd_pack_chat(args)
+    if args.seq_len is not None or args.layout != "auto":
+        print("error: --seq-len and --layout apply to --format sft|dpo|prompts", file=sys.stderr)
+        return 2
     report = BadRecordReport()
     try:
         meta = pack(args.tokenizer, args.input, args.out, val_out=args.val_out, val_inputs=args.val_input or (),
@@ -357,6 +363,33 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pack_chat(args: argparse.Namespace) -> int:
+    """`--format sft|dpo|prompts`: instruction data rendered, masked and fitted once (matelike/data/packed.py)."""
+    from matelike.data.packed import pack_chat
+
+    if args.val_out or args.val_input:
+        print("error: --val-out/--val-input are for --format text; pack held-out instruction data as a file of "
+              "its own", file=sys.stderr)
+        return 2
+    report = BadRecordReport()
+    try:
+        meta = pack_chat(args.tokenizer, args.input, args.out, args.format, seq_len=args.seq_len, layout=args.layout,
+                         workers=args.workers, report=report, max_record_bytes=args.max_record_bytes,
+                         progress=not args.quiet)
+    except NoDocumentsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (DataFileError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mb = meta["input_bytes"] / 1e6
+    print(f"{args.out}: {meta['count']} {args.format} {'pairs' if args.format == 'dpo' else 'samples'} of "
+          f"{meta['stats']['records']} records; {json.dumps(meta['stats'], ensure_ascii=False)}; {mb:.1f} MB in "
+          f"{meta['seconds']} s ({meta['stats']['records'] / max(meta['seconds'], 1e-9):.0f} records/s)")
+    print(report.summary() + (" (skipped)" if report.total else ""))
+    return 0
+
+
 def add_cli(table: "CommandTable") -> None:
     p = table.group_command("data", "pack", "tokenize text into a uint16/uint32 memmap + FILE.bin.json", _cmd_pack,
                             group_help="data commands: demo corpus, check, pack")
@@ -373,4 +406,12 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
                    help="a record (line, row) larger than this is reported bad and skipped unparsed (bounds memory)")
+    p.add_argument("--format", choices=("text", "sft", "dpo", "prompts"), default="text",
+                   help="text: pretraining documents; sft / dpo / prompts: instruction data rendered with the chat "
+                        "template, masked and fitted to --seq-len once, for `matelike sft/dpo --data FILE.bin`")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sft/dpo (required): the run's sequence length, which decides truncation; prompts: drop "
+                        "longer prompts")
+    p.add_argument("--layout", choices=tuple(FORMAT_CHOICES), default="auto",
+                   help="sft record layout (`matelike sft --format`); auto detects it per record")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -55,6 +55,7 @@ class PreferencePairs:
 
     chosen: SFTSamples
     rejected: SFTSamples
+    fingerprint: str | None = None  # content hash known in advance (a packed file's sha256), else computed
 
     def __len__(self) -> int:
         return len(self.chosen)

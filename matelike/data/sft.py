@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -82,7 +82,8 @@ class SFTSamples:
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.ids[a:b], self.mask[a:b]
+        # int64: a packed file stores uint16 ids, in which np.where(mask, ids, IGNORE_INDEX) would wrap -100.
+        return np.asarray(self.ids[a:b], dtype=np.int64), self.mask[a:b]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -173,6 +174,22 @@ def fit_messages(tokenizer: "Tokenizer", messages: list[dict[str, str]], seq_len
     return FitResult(ids, mask, dropped(start))
 
 
+def sft_converter(fmt: str = "auto") -> Callable[[dict], tuple[str, list[dict[str, str]]]]:
+    """Record -> (layout, chat messages) for `--format fmt`: what `load_sft_samples` and the packer read."""
+    from matelike.data.formats import detect_sft_format, to_messages
+
+    if fmt not in FORMAT_CHOICES:
+        raise ValueError(f"unknown SFT format {fmt!r}; choose one of {', '.join(FORMAT_CHOICES)}")
+    layout_arg = FORMAT_CHOICES[fmt]
+
+    def convert(rec: dict) -> tuple[str, list[dict[str, str]]]:
+        # A forced --format on a record of another layout is a RecordError ("missing field") from to_messages.
+        layout = layout_arg or detect_sft_format(rec)
+        return layout, to_messages(rec, layout)
+
+    return convert
+
+
 def load_sft_samples(
     paths: Iterable[str | Path],
     tokenizer: "Tokenizer",
@@ -187,12 +204,8 @@ def load_sft_samples(
     Bad records (unreadable, over `max_record_bytes`, wrong layout, missing or empty fields) go to `report`
     with FILE:LINE and are counted; every good record is rendered and fitted with `fit_messages`.
     """
-    from matelike.data.formats import detect_sft_format, to_messages
     from matelike.data.records import MAX_RECORD_BYTES, BadRecordReport, ReadCounts, read_converted
 
-    if fmt not in FORMAT_CHOICES:
-        raise ValueError(f"unknown SFT format {fmt!r}; choose one of {', '.join(FORMAT_CHOICES)}")
-    layout_arg = FORMAT_CHOICES[fmt]
     report = report if report is not None else BadRecordReport()
     stats = SFTStats()
     counts = ReadCounts()
@@ -200,12 +213,7 @@ def load_sft_samples(
     all_ids: list[np.ndarray] = []
     all_masks: list[np.ndarray] = []
 
-    def convert(rec: dict) -> tuple[str, list[dict[str, str]]]:
-        # A forced --format on a record of another layout is a RecordError ("missing field") from to_messages.
-        layout = layout_arg or detect_sft_format(rec)
-        return layout, to_messages(rec, layout)
-
-    for _, _, (layout, messages) in read_converted(paths, convert, report, counts=counts,
+    for _, _, (layout, messages) in read_converted(paths, sft_converter(fmt), report, counts=counts,
                                                    max_record_bytes=max_record_bytes or MAX_RECORD_BYTES):
         stats.formats[layout] = stats.formats.get(layout, 0) + 1
         fit = fit_messages(tokenizer, messages, seq_len)
@@ -264,8 +272,9 @@ def collate(samples: SFTSamples, rows: Sequence[Sequence[int]], pad_id: int, wid
     """
     import torch
 
-    lens = samples.lengths
-    row_len = [int(sum(lens[i] for i in row)) for row in rows]
+    # Lengths of these rows' samples only: a full `samples.lengths` per batch would cost O(data) every step.
+    off = samples.offsets
+    row_len = [sum(int(off[i + 1]) - int(off[i]) - 1 for i in row) for row in rows]
     width = width or max(row_len)
     B = len(rows)
     input_ids = np.full((B, width), pad_id, dtype=np.int64)

@@ -97,7 +97,12 @@ def compute_reference_logps(
 
 
 def pairs_fingerprint(pairs: "PreferencePairs") -> str:
-    """sha256 of the rendered token ids and masks: the cached reference matches only the same data."""
+    """sha256 of the rendered token ids and masks: the cached reference matches only the same data.
+
+    A packed file's pairs carry the file's sha256 instead, so a start does not read the whole file to hash it.
+    """
+    if pairs.fingerprint is not None:
+        return pairs.fingerprint
     h = hashlib.sha256()
     for side in (pairs.chosen, pairs.rejected):
         for arr in (side.ids, side.mask, side.offsets):
@@ -318,7 +323,8 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from matelike.data.preference import PreferenceBatches, load_preference_pairs, print_stats
+    from matelike.data.packed import PackMismatchError, open_pairs, packed_kind
+    from matelike.data.preference import PreferenceBatches, PreferenceStats, load_preference_pairs, print_stats
     from matelike.data.records import BadRecordReport, DataFileError
     from matelike.model.io import load_model
     from matelike.train import TrainConfig, Trainer, seed_everything
@@ -346,10 +352,23 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
                                    simpo_gamma=args.simpo_gamma, ref_in_memory=args.ref_in_memory,
                                    rpo_alpha=args.rpo_alpha)
     report = BadRecordReport() if info.is_main else BadRecordReport(stream=_Null())
+    def load(paths: list[str]) -> tuple[PreferencePairs, PreferenceStats]:
+        if not any(packed_kind(p) for p in paths):
+            return load_preference_pairs(paths, tokenizer, seq_len, report)
+        if len(paths) != 1:
+            raise PackMismatchError("a packed file must be the only file of --data / --val")
+        pairs, f = open_pairs(paths[0], tokenizer, seq_len)
+        for reason, n in f.meta["bad_records"]["by_reason"].items():  # reported when packed: counted, not reprinted
+            report.by_reason[reason] += n
+        for name, n in f.meta["bad_records"]["by_file"].items():
+            report.by_file[name] += n
+        known = {k: v for k, v in f.meta["stats"].items() if k in PreferenceStats.__dataclass_fields__}
+        return pairs, PreferenceStats(**known)
+
     try:
-        pairs, stats = load_preference_pairs(args.data, tokenizer, seq_len, report)
-        val, val_stats = (load_preference_pairs(args.val, tokenizer, seq_len, report) if args.val else (None, None))
-    except DataFileError as e:
+        pairs, stats = load(args.data)
+        val, val_stats = load(args.val) if args.val else (None, None)
+    except (DataFileError, PackMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if info.is_main:
@@ -405,7 +424,8 @@ def add_cli(table: "CommandTable") -> None:
     p = table.command("dpo", "preference optimisation: DPO / IPO / SimPO / ORPO (also `matelike dpo make-pairs`)",
                       _cmd_dpo)
     p.add_argument("--init", required=True, type=Path, help="model directory to start from (the SFT model)")
-    p.add_argument("--data", required=True, nargs="+", help="{prompt, chosen, rejected} jsonl/parquet files or dirs")
+    p.add_argument("--data", required=True, nargs="+", help="{prompt, chosen, rejected} jsonl/parquet files or dirs, or one file packed by "
+                        "`matelike data pack --format dpo`")
     p.add_argument("--val", nargs="+", default=None, help="held-out pairs: reward accuracy at each evaluation")
     p.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid",
                    help="sigmoid (DPO), ipo; simpo and orpo are reference-free")

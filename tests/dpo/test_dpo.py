@@ -452,3 +452,23 @@ def test_seq_len_defaults_to_the_model_context_and_longer_is_refused(tmp_path: P
     assert code == 2 and f"--seq-len {context + 1} exceeds the context" in capsys.readouterr().err
     assert not (tmp_path / "long" / "model.safetensors").exists()
     assert main(["dpo", *_run_args(init_dir, data, tmp_path / "ok", "--max-steps", "1")]) == 0
+
+
+def test_packed_pairs_train_as_raw_and_resume_exactly(tmp_path: Path, init_dir: Path, tokenizer_dir: Path,
+                                                       capsys) -> None:
+    from matelike.cli import main
+    from matelike.data.packed import pack_chat
+
+    data = _write_jsonl(tmp_path / "p.jsonl", [STRING_PAIR, MESSAGE_PAIR, dict(STRING_PAIR, chosen="好评")] * 2)
+    packed = tmp_path / "p.bin"
+    pack_chat(tokenizer_dir, [data], packed, "dpo", seq_len=64, progress=False)
+    raw, whole, split = tmp_path / "raw", tmp_path / "whole", tmp_path / "split"
+    assert main(["dpo", *_run_args(init_dir, data, raw, "--max-steps", "4", "--seq-len", "64")]) == 0
+    assert main(["dpo", *_run_args(init_dir, packed, whole, "--max-steps", "4", "--seq-len", "64")]) == 0
+    assert [m["loss"] for m in _metrics(raw)] == [m["loss"] for m in _metrics(whole)]
+    assert main(["dpo", *_run_args(init_dir, packed, split, "--max-steps", "2", "--seq-len", "64")]) == 0
+    assert main(["dpo", *_run_args(init_dir, packed, split, "--max-steps", "4", "--seq-len", "64", "--resume")]) == 0
+    assert [m["loss"] for m in _metrics(split)] == [m["loss"] for m in _metrics(whole)]
+    capsys.readouterr()
+    assert main(["dpo", *_run_args(init_dir, packed, tmp_path / "short", "--seq-len", "32")]) == 2
+    assert "packed for --seq-len 64, more than this run's 32" in capsys.readouterr().err
