@@ -139,6 +139,53 @@ class KVCache:
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row `src`'s first `length` positions (every layer) into row `dst`."""
+        if src != dst and length:
+            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class CacheRows:
+    """Rows [first, first + B) of a KVCache, each written at its own position: continuous batching.
+
+    The batched generation engine keeps one request per cache row; rows hold prompts of different lengths, so
+    every row has its own next position (`starts`), its rotary positions count its real tokens only, and it
+    attends to its own written positions only (a row's stale positions past its length are masked out).
+    Supports B rows of one new token each (a decode step) or one row of T tokens (a prefill chunk).
+    """
+
+    def __init__(self, cache: KVCache, first: int, starts: list[int], q_len: int, device: torch.device) -> None:
+        if len(starts) > 1 and q_len > 1:
+            raise ValueError("CacheRows takes several rows of one token, or one row of several tokens")
+        self.cache, self.first, self.q_len = cache, first, q_len
+        self.pos = max(starts)  # what Attention's causal check reads: the most positions any row already has
+        self.total = self.pos + q_len
+        if self.total > cache.max_len:
+            raise ValueError(f"KV cache of {cache.max_len} positions is full (needs {self.total})")
+        self.same = min(starts) == self.pos  # every row at the same position: slice writes, and no mask needed
+        start = torch.tensor(starts, device=device)
+        self.positions = start[:, None] + torch.arange(q_len, device=device)  # (B, T)
+        self._index = None if self.same else (torch.arange(len(starts), device=device), start)
+        if self.same:
+            # One row (or rows in step): plain causal attention, offset by the row's past when it has one.
+            self.mask = _offset_causal(q_len, self.pos, device) if self.pos and q_len > 1 else None
+        else:
+            self.mask = (torch.arange(self.total, device=device)[None, :] <= start[:, None])[:, None, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, D) at each row's position; return each row's keys/values so far (views)."""
+        rows = slice(self.first, self.first + k.shape[0])
+        ck, cv = self.cache.k[layer, rows], self.cache.v[layer, rows]
+        if self._index is None:
+            ck[:, :, self.pos : self.total] = k
+            cv[:, :, self.pos : self.total] = v
+        else:  # one token per row, each at its own position: one indexed write per tensor, no copies
+            row, pos = self._index
+            ck[row, :, pos] = k[:, :, 0]
+            cv[row, :, pos] = v[:, :, 0]
+        return ck[:, :, : self.total], cv[:, :, : self.total]
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32 (bf16 squares lose too much), cast back before the weight."""
@@ -196,7 +243,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | CacheRows | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
@@ -316,7 +363,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | CacheRows | None,
         token_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
@@ -455,7 +502,7 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | CacheRows | None = None,
         last_only: bool = False,
         target_logits_only: bool = False,
         return_logits: bool = True,
@@ -474,11 +521,15 @@ class Transformer(nn.Module):
         should follow input_ids[:, t]); -100 is ignored. attention_mask: (B, past+T), 1 = real token
         (left padding for generation). segment_ids: (B, T) packed-row segments; tokens attend only within
         their segment and positions restart per segment unless position_ids are given. cache: a KVCache
-        to read and extend (its .pos advances by T).
+        to read and extend (its .pos advances by T), or CacheRows: rows of one, each at its own position (the
+        batched generation engine; positions and mask come from it).
         """
         B, T = input_ids.shape
+        rows = cache if isinstance(cache, CacheRows) else None
         past = cache.pos if cache is not None else 0
-        if position_ids is None:
+        if rows is not None:
+            position_ids = rows.positions
+        elif position_ids is None:
             if segment_ids is not None:
                 position_ids = segment_positions(segment_ids)
             elif attention_mask is not None:
@@ -487,8 +538,11 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
-        mask = build_mask(T, past, attention_mask, segment_ids, input_ids.device)
-        if mask is None and cache is not None and past > 0 and T > 1:
+        if rows is not None:
+            mask = rows.mask
+        else:
+            mask = build_mask(T, past, attention_mask, segment_ids, input_ids.device)
+        if mask is None and rows is None and cache is not None and past > 0 and T > 1:
             # Several new tokens after a prefix: causal with an offset, which is_causal cannot express.
             mask = _offset_causal(T, past, x.device)
         token_mask = attention_mask[:, past : past + T] if attention_mask is not None else None
@@ -498,7 +552,7 @@ class Transformer(nn.Module):
             if aux is not None:
                 aux_losses.append(aux)
                 loads.append(load)
-        if cache is not None:
+        if cache is not None and rows is None:
             cache.pos += T
         x = self.norm(x)
         if last_only:

@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from matelike.model.generation import (
+    BatchEngine,
+    BatchStreams,
+    GenerationRequest,
     apply_repetition_penalty,
     generate,
+    generate_requests,
     iter_generate,
     sample_next,
     stream_generate,
@@ -175,3 +179,108 @@ def test_stream_generate_matches_generate_and_can_be_closed(tokenizer) -> None:
     stream.close()  # stops generation; nothing left running
     with pytest.raises(StopIteration):
         next(stream)
+
+
+# --- the batched engine -----------------------------------------------------------------------------------------
+
+MIXED = [[5, 17, 33, 2, 8, 61, 40, 12, 9, 3, 70], [8, 9], [79, 32, 38, 46], [1], [44, 45, 46, 47, 48, 49, 50],
+         [3, 14, 15, 92, 65, 35], [20, 21, 22]]
+
+
+def test_engine_greedy_equals_each_prompt_alone_with_mixed_lengths_and_more_prompts_than_slots() -> None:
+    model = make()
+    alone = [greedy_without_cache(model, p, 9) for p in MIXED]
+    stop = alone[1][2]  # some rows stop early and free their slot for a waiting prompt
+    expected = [a[: a.index(stop)] if stop in a else a for a in alone]
+    assert any(len(e) < 9 for e in expected) and any(len(e) == 9 for e in expected)
+    for max_batch in (1, 2, 3, len(MIXED)):
+        got = generate(model, MIXED, max_new_tokens=9, sampling=GREEDY, stop_ids=[stop], max_batch=max_batch)
+        assert got == expected, max_batch
+
+
+def test_engine_requests_keep_their_own_budget_and_chunked_prefill_changes_nothing() -> None:
+    model = make()
+    reqs = [GenerationRequest(p, n, GREEDY) for p, n in zip(MIXED, (3, 12, 1, 7, 5, 10, 2))]
+    alone = [greedy_without_cache(model, r.prompt, r.max_new_tokens) for r in reqs]
+    assert generate_requests(model, reqs, max_batch=3) == alone
+    assert generate_requests(model, reqs, max_batch=2, prefill_chunk=4) == alone  # 11-token prompt: 3 chunks
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_engine_seeded_sampling_draws_the_same_text_alone_and_batched(penalty: float) -> None:
+    model = make()
+    reqs = [GenerationRequest(p, 10, SamplingParams(temperature=1.2, top_p=0.95, repetition_penalty=penalty,
+                                                    seed=100 + i))
+            for i, p in enumerate(MIXED)]
+    alone = [generate_requests(model, [r])[0] for r in reqs]
+    assert len({tuple(a) for a in alone}) > 1
+    assert generate_requests(model, reqs, max_batch=3) == alone
+    # generate's rows: row 0 draws with the call's seed, as the same prompt does alone
+    rows = generate(model, MIXED, max_new_tokens=10, sampling=reqs[0].sampling)
+    assert rows[0] == alone[0]
+
+
+def test_requests_with_the_same_prompt_share_one_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make()
+    prompt = [3, 14, 15, 92, 65, 35]
+    reqs = [GenerationRequest(prompt, 8, SamplingParams(temperature=1.0, seed=s)) for s in range(4)]
+    reqs.append(GenerationRequest(prompt, 8, GREEDY))
+    alone = [generate_requests(model, [r])[0] for r in reqs]
+    prefills: list[int] = []
+    forward = model.forward
+
+    def counting(input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 1:
+            prefills.append(input_ids.shape[1])
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    assert generate_requests(model, reqs, max_batch=8) == alone
+    assert prefills == [len(prompt)]  # one prefill, copied into the other four slots
+    assert alone[-1] == greedy_without_cache(model, prompt, 8)
+
+
+def test_engine_cancel_frees_the_slot_for_a_waiting_request() -> None:
+    model = make()
+    engine = BatchEngine(model, max_batch=2, max_len=64)
+    a, b, c = (engine.add(GenerationRequest(p, 20, GREEDY)) for p in MIXED[:3])
+    first = engine.step()
+    assert {o.rid for o in first} == {a, b} and engine.free_slots == 0 and engine.waiting == 1
+    engine.cancel(a)
+    assert engine.free_slots == 1
+    second = engine.step()
+    assert {o.rid for o in second} == {b, c}  # c took a's slot
+    engine.cancel(c)
+    engine.cancel(b)
+    assert engine.free_slots == 2 and not engine.has_work()
+
+
+def test_engine_refuses_what_does_not_fit() -> None:
+    engine = BatchEngine(make(), max_batch=1, max_len=8)
+    with pytest.raises(ValueError, match="exceed"):
+        engine.add(GenerationRequest([1, 2, 3], 6))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add(GenerationRequest([], 2))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add(GenerationRequest([VOCAB], 2))
+
+
+def test_batch_streams_interleave_requests_and_closing_one_frees_its_slot() -> None:
+    model = make()
+    streams = BatchStreams(BatchEngine(model, max_batch=2, max_len=64, prefill_per_step=4, prefill_chunk=4))
+    its = [streams.stream(GenerationRequest(p, 6, GREEDY)) for p in MIXED[:2]]
+    got: list[list[int]] = [[], []]
+    while any(len(g) < 6 for g in got):  # round-robin, as the server's worker advances them
+        for g, it in zip(got, its):
+            if len(g) < 6:
+                t = next(it)
+                if t is not None:
+                    g.append(t)
+    assert got == [greedy_without_cache(model, p, 6) for p in MIXED[:2]]
+    for it in its:
+        assert list(it) == []  # finished
+    third = streams.stream(GenerationRequest(MIXED[2], 50, GREEDY))
+    next(third)
+    assert streams.engine.free_slots == 1
+    third.close()
+    assert streams.engine.free_slots == 2
