@@ -27,6 +27,7 @@ MODULES: tuple[str, ...] = (
     "matelike.serve",
     "matelike.bench.tokenize",
     "matelike.bench.pack",
+    "matelike.bench.sft_data",
     "matelike.bench.serve",
     "matelike.bench.train",
     "matelike.generate",

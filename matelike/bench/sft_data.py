@@ -1,0 +1,182 @@
+"""`matelike bench sft-data`: instruction data packed once against tokenized at every start; one JSON line.
+
+On a generated SFT file (multi-turn conversations of the data benchmarks' synthetic Chinese text):
+1. `data pack --format sft` throughput (samples/s, MB/s of jsonl) per worker count, next to the tokenizer's
+   own `encode_batch` on the same conversations rendered with the chat template and held in memory, with as
+   many Rust threads as workers (RAYON_RS_NUM_CPUS): packing can approach that figure, not pass it.
+2. `matelike sft` on a tiny random model, raw records against the packed file: seconds from the process start
+   to its first optimiser step (the first line of metrics.jsonl) and the peak resident memory until then.
+Each job runs in a fresh interpreter, so each figure is that job's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from matelike.bench.corpus import _workdir, synthetic_documents
+
+if TYPE_CHECKING:
+    from matelike.cli import CommandTable
+
+
+def write_conversations(path: Path, n: int, seed: int = 0) -> int:
+    """`n` conversations of 1 to 3 exchanges (some with a system turn) as `{messages}` jsonl; returns bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    docs = synthetic_documents(seed)
+    turns = rng.integers(1, 4, size=n).tolist()
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            msgs = [{"role": "system", "content": "你是一个有帮助的助手。"}] if i % 5 == 0 else []
+            for _ in range(turns[i]):
+                msgs += [{"role": "user", "content": next(docs)[:60]}, {"role": "assistant", "content": next(docs)[:200]}]
+            f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    return path.stat().st_size
+
+
+def _child(job: str, kwargs: dict) -> dict:
+    """Runs in a fresh interpreter: the job, its wall and CPU seconds and peak RSS (with its workers)."""
+    import resource
+    import threading
+
+    import psutil
+
+    stop, peak = threading.Event(), [0]
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], me.memory_info().rss + sum(c.memory_info().rss
+                                                                  for c in me.children(recursive=True)))
+            except psutil.Error:
+                pass
+            stop.wait(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    result: dict = {}
+    if job == "encode":
+        from matelike.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(kwargs["tokenizer_dir"])
+        with open(kwargs["data"], encoding="utf-8") as f:
+            texts = [tok.apply_chat_template(json.loads(line)["messages"]) for line in f]
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for i in range(0, len(texts), 1000):
+            tok.encode_batch(texts[i:i + 1000])
+        wall = time.perf_counter() - t0
+    else:
+        from matelike.data.packed import pack_chat
+
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        meta = pack_chat(**kwargs, progress=False)
+        wall = time.perf_counter() - t0
+        result["samples"] = meta["count"]
+    stop.set()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result.update(seconds=wall, cpu_seconds=time.process_time() - cpu0 + kids.ru_utime + kids.ru_stime,
+                  peak_rss_mb=peak[0] // (1 << 20))
+    return result
+
+
+def _measure(job: str, env: dict | None = None, **kwargs: object) -> dict:
+    code = ("import json, sys; from matelike.bench.sft_data import _child; "
+            "print(json.dumps(_child(sys.argv[1], json.loads(sys.argv[2]))))")
+    r = subprocess.run([sys.executable, "-c", code, job, json.dumps(kwargs, default=str)], capture_output=True,
+                       text=True, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise RuntimeError(f"bench sft-data {job} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def time_to_first_step(model_dir: Path, data: Path, out: Path, seq_len: int) -> dict:
+    """Start `matelike sft`; seconds until metrics.jsonl has its first line, and the peak RSS until then."""
+    import psutil
+
+    argv = [sys.executable, "-m", "matelike", "sft", "--init", str(model_dir), "--data", str(data), "--out", str(out),
+            "--max-steps", "2", "--batch-size", "8", "--seq-len", str(seq_len), "--log-every", "1",
+            "--save-every", "1000000", "--dtype", "fp32", "--no-progress"]
+    metrics = out / "metrics.jsonl"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ps, peak, first = psutil.Process(proc.pid), 0, None
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.Error:
+            pass
+        if first is None and metrics.is_file() and metrics.stat().st_size:
+            first = time.perf_counter() - t0
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate()
+    if proc.returncode != 0 or first is None:
+        raise RuntimeError(f"bench sft-data: sft failed ({proc.returncode}):\n{err[-2000:]}")
+    return {"seconds_to_first_step": round(first, 2), "peak_rss_mb": peak // (1 << 20)}
+
+
+def _cmd_sft_data(args: argparse.Namespace) -> int:
+    import torch
+
+    from matelike.model.io import save_model
+    from matelike.model.transformer import Transformer, get_preset
+    from matelike.tokenizer import Tokenizer, train_tokenizer
+
+    with _workdir(args) as tmp:
+        tmp = Path(tmp)
+        data = tmp / "sft.jsonl"
+        n_bytes = write_conversations(data, args.conversations, args.seed)
+        tok_dir = Path(args.tokenizer) if args.tokenizer else tmp / "tok"
+        if not args.tokenizer:
+            corpus = tmp / "corpus.jsonl"
+            with open(corpus, "w", encoding="utf-8") as f:
+                for _, doc in zip(range(20_000), synthetic_documents(args.seed + 1)):
+                    f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+            train_tokenizer([corpus], tok_dir, vocab_size=args.vocab_size, max_chars=2_000_000, progress=False)
+        by_workers = {}
+        packed = tmp / "sft.bin"
+        for w in args.workers:
+            m = _measure("pack", tokenizer_dir=str(tok_dir), inputs=[str(data)], out=str(packed), kind="sft",
+                         seq_len=args.seq_len, workers=w)
+            enc = _measure("encode", env={"RAYON_RS_NUM_CPUS": str(w)}, tokenizer_dir=str(tok_dir), data=str(data))
+            by_workers[str(w)] = {
+                "seconds": round(m["seconds"], 2), "samples_per_s": round(m["samples"] / m["seconds"]),
+                "mb_per_s": round(n_bytes / 1e6 / m["seconds"], 2), "peak_rss_mb": m["peak_rss_mb"],
+                "encode_only_mb_per_s": round(n_bytes / 1e6 / enc["seconds"], 2),
+                "pack_over_encode": round(enc["seconds"] / m["seconds"], 3),
+            }
+        samples = m["samples"]
+        tokenizer = Tokenizer.load(tok_dir)
+        torch.manual_seed(0)
+        model_dir = tmp / "model"
+        save_model(Transformer(get_preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=args.seq_len)),
+                   tokenizer, model_dir)
+        start = {"raw": time_to_first_step(model_dir, data, tmp / "sft-raw", args.seq_len),
+                 "packed": time_to_first_step(model_dir, packed, tmp / "sft-packed", args.seq_len)}
+    print(json.dumps({
+        "bench": "sft-data", "conversations": args.conversations, "samples": samples,
+        "input_mb": round(n_bytes / 1e6, 1), "seq_len": args.seq_len, "pack_by_workers": by_workers,
+        "sft_start": start, "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1),
+    }))
+    return 0
+
+
+def add_cli(table: "CommandTable") -> None:
+    p = table.group_command("bench", "sft-data", "SFT data packed once vs tokenized at start (one JSON line)",
+                            _cmd_sft_data, group_help="throughput benchmarks, one JSON line each")
+    p.add_argument("--conversations", type=int, default=10_000,
+                   help="size of the generated SFT file (the issue's scale: 1000000)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pack worker counts to time")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--tokenizer", help="tokenizer directory (default: train a vocabulary on generated text)")
+    p.add_argument("--vocab-size", type=int, default=6400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tmp-dir", help="where to write the temporary files (default: system temp)")
