@@ -107,25 +107,20 @@ def generate_answers(model: Any, tokenizer: "Tokenizer", prompts: Sequence[list[
                      *, batch_size: int = 32, progress: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers (decoded text, special tokens dropped, stripped) for token-id prompts.
 
-    Prompts are batched by length to keep padding small. Each row is cut to its own budget afterwards, and a
-    prompt longer than the context minus its budget keeps its end (where the question and answer header are).
+    One batched engine (matelike.model.generation) decodes `batch_size` prompts at a time, each to its own budget;
+    an answer that ends frees its slot for the next prompt. A prompt longer than the context minus its budget
+    keeps its end (where the question and answer header are).
     """
-    from matelike.model.generation import default_stop_ids, generate
+    from matelike.model.generation import GenerationRequest, default_stop_ids, generate_requests
 
     ctx = _context_len(model)
     stop = default_stop_ids(tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        budget = min(max(budgets[i] for i in rows), ctx - 1)
-        batch = [list(prompts[i])[-(ctx - budget):] for i in rows]
-        new = generate(model, batch, max_new_tokens=budget, sampling=GREEDY, stop_ids=stop)
-        for i, ids in zip(rows, new):
-            out[i] = tokenizer.decode(ids[:budgets[i]], skip_special_tokens=True).strip()
-        if progress is not None:
-            progress(len(rows))
-    return out
+    requests = []
+    for ids, budget in zip(prompts, budgets):
+        budget = min(budget, ctx - 1)
+        requests.append(GenerationRequest(list(ids)[-(ctx - budget):], budget, GREEDY, stop))
+    new = generate_requests(model, requests, max_batch=batch_size, progress=progress)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
 def evaluate_tasks(model: Any, tokenizer: "Tokenizer", items: dict[str, list[dict[str, str]]], *,

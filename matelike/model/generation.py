@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -348,9 +348,10 @@ def generate(
 
 
 def generate_requests(model: Transformer, requests: Sequence[GenerationRequest], *, max_batch: int = 32,
-                      prefill_chunk: int = 256) -> list[list[int]]:
+                      prefill_chunk: int = 256, progress: Callable[[int], None] | None = None) -> list[list[int]]:
     """New tokens for each request (stop id excluded), each with its own budget, sampling and seed, through one
-    engine of `max_batch` slots: a request that ends frees its slot for the next waiting one."""
+    engine of `max_batch` slots: a request that ends frees its slot for the next waiting one. `progress(1)` is
+    called as each request finishes."""
     if not requests:
         return []
     engine = BatchEngine(model, max_batch=max_batch, prefill_chunk=prefill_chunk,
@@ -361,6 +362,8 @@ def generate_requests(model: Transformer, requests: Sequence[GenerationRequest],
         for o in engine.step():
             if o.token is not None:
                 outs[row_of[o.rid]].append(o.token)
+            if o.finished and progress is not None:
+                progress(1)
     return outs
 
 

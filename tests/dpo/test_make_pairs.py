@@ -267,3 +267,39 @@ def test_open_ended_rejected_is_the_reply_least_like_the_reference() -> None:
     rejected, outcome = pick_rejected(item, ["你好！很高兴认识你。", "你 好", "你好！很高兴见到你。"])
     assert (rejected, outcome) == ("你 好", "pairs")  # the segmented echo, not the near-paraphrase
     assert pick_rejected(item, ["你好！很高兴见到你。"]) == (None, "already_right")
+
+
+def test_greedy_candidates_are_each_prompts_own_greedy_answer(tmp_path: Path, tokenizer) -> None:
+    """make-pairs generates through the batched engine; its greedy candidates are what each prompt gives alone."""
+    import torch
+
+    from matelike.model.generation import generate
+    from matelike.model.transformer import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                    hidden_dim=64, max_seq_len=128, init_std=0.3)).eval()
+    calls: list[tuple[list[list[int]], list[list[int]]]] = []
+
+    def recording(model, prompts, *, max_new_tokens, sampling, stop_ids):
+        out = generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids)
+        if sampling.greedy:
+            calls.append((prompts, out))
+        return out
+
+    make_pairs(model, tokenizer, _tasks_file(tmp_path, 6), tmp_path / "p.jsonl", samples=2, batch_size=4,
+               max_new_tokens=8, generate_fn=recording)
+    assert [len(p) for p, _ in calls] == [4, 2]  # one greedy call per batch, one row per prompt
+    stops = set(tokenizer.stop_ids)
+    for prompts, outs in calls:
+        assert len({len(p) for p in prompts}) > 1  # mixed prompt lengths in one batch
+        for p, out in zip(prompts, outs):
+            x, alone = torch.tensor([p]), []
+            with torch.no_grad():
+                for _ in range(8):
+                    t = int(model(x).logits[0, -1].argmax())
+                    if t in stops:
+                        break
+                    alone.append(t)
+                    x = torch.cat([x, torch.tensor([[t]])], dim=1)
+            assert out == alone

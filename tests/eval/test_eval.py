@@ -297,3 +297,34 @@ def test_eval_accepts_a_bf16_mixture_of_experts_model(tokenizer, data_dir: Path,
                       val=data_dir / "pretrain_val.jsonl")
     assert result["tasks"]["sentiment"]["n"] == 1
     assert math.isfinite(result["val"]["loss"]) and result["val"]["bpb"] > 0
+
+
+def test_batched_answers_equal_each_prompt_decoded_alone(tokenizer) -> None:
+    """The engine decodes 3 prompts at a time, each to its own budget; every answer is the one greedy decoding
+    of that prompt alone gives (recomputed here without any cache), cut at its budget and at a stop id."""
+    from matelike.eval import generate_answers
+    from matelike.model.generation import default_stop_ids
+    from matelike.model.transformer import ModelConfig, Transformer
+
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                    hidden_dim=64, max_seq_len=64, init_std=0.3)).eval()
+    prompts = [encode_prompt(tokenizer, it["prompt"], fmt) for it in TEST_ITEMS for fmt in ("chat", "plain")]
+    budgets = [answer_budget(tokenizer, it["answer"]) for it in TEST_ITEMS for _ in range(2)]
+    assert len({len(p) for p in prompts}) > 3 and any(len(p) + b > 64 for p, b in zip(prompts, budgets))
+    stops = set(default_stop_ids(tokenizer))
+    expected = []
+    for ids, budget in zip(prompts, budgets):
+        x = torch.tensor([ids[-(64 - budget):]])
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(budget):
+                t = int(model(x).logits[0, -1].argmax())
+                if t in stops:
+                    break
+                new.append(t)
+                x = torch.cat([x, torch.tensor([[t]])], dim=1)
+        expected.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    done: list[int] = []
+    assert generate_answers(model, tokenizer, prompts, budgets, batch_size=3, progress=done.append) == expected
+    assert sum(done) == len(prompts)
