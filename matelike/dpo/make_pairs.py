@@ -4,8 +4,8 @@ For every prompt that has a gold answer (the demo tasks' `{prompt, answer, task}
 `{prompt, chosen}` / `{prompt, response}` / alpaca file, or an SFT file of `{messages}` / `{conversations}` whose
 last assistant turn is the gold answer) the model samples K answers in batches through the batched engine
 (`matelike.model.generation`: a prompt's K samples share one prefill, an answer that stops frees its slot), plus
-(by default) its greedy answer: the one chat and eval give at temperature 0, loops and all, so DPO pushes down the very answers
-users see. The gold answer is `chosen`; `rejected` is the candidate that the task's scorer (`tasks.score_item`)
+(by default) its greedy answer: the one chat and eval give at temperature 0, loops and all, so DPO pushes down
+the very answers users see. The gold answer is `chosen`; `rejected` is the candidate that the task's scorer (`tasks.score_item`)
 rates lowest, provided it rates below the gold answer itself. Prompts with no scorer (open-ended) take the first
 candidate that differs from the gold text. Prompts where no candidate is worse (the model is already right) are
 counted and skipped.
