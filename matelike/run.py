@@ -104,7 +104,10 @@ def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
                       "--warmup-steps", str(max(1, b.pretrain_steps // 20)), "--lr", "2e-3", "--min-lr", "2e-4",
                       "--optimizer", b.optimizer,
                       "--eval-every", str(max(1, b.pretrain_steps // 5)), "--eval-tokens", str(b.eval_tokens), *common]],
-        "sft": [["sft", "--init", str(out / "pretrain"), "--data", str(data / "sft.jsonl"), "--out", str(out / "sft"),
+        # SFT reads its data packed once (`data pack --format sft`), so the demo exercises the path large sets take.
+        "sft": [["data", "pack", "--format", "sft", "--tokenizer", str(out / "pretrain"), "--input",
+                 str(data / "sft.jsonl"), "--out", str(pack / "sft.bin"), "--seq-len", str(b.seq_len), "--quiet"],
+                ["sft", "--init", str(out / "pretrain"), "--data", str(pack / "sft.bin"), "--out", str(out / "sft"),
                  "--max-steps", str(b.sft_steps), "--batch-size", str(b.sft_batch), "--freeze", "none",
                  "--warmup-steps", str(max(1, b.sft_steps // 20)), "--lr", "1e-3", "--min-lr", "1e-4",
                  "--optimizer", b.optimizer, *common]],

@@ -33,9 +33,10 @@ def test_runs_every_stage_in_order_then_skips_completed(tmp_path: Path) -> None:
     runner = FakeRunner(tmp_path)
     assert Pipeline(tmp_path, "micro", list(STAGES), force=False, runner=runner).run() == 0
     firsts = [c[0] if c[0] not in ("data", "tokenizer", "dpo") else " ".join(c[:2]) for c in runner.calls]
-    assert firsts[:5] == ["data demo", "tokenizer train", "data pack", "pretrain", "sft"]
-    assert firsts[5] == "dpo make-pairs" and firsts[6].startswith("dpo")
-    assert [c[0] for c in runner.calls[7:10]] == ["eval"] * 3 and runner.calls[-1][0] == "report"
+    assert firsts[:6] == ["data demo", "tokenizer train", "data pack", "pretrain", "data pack", "sft"]
+    assert "--format" in runner.calls[4] and runner.calls[5][runner.calls[5].index("--data") + 1].endswith("sft.bin")
+    assert firsts[6] == "dpo make-pairs" and firsts[7].startswith("dpo")
+    assert [c[0] for c in runner.calls[8:11]] == ["eval"] * 3 and runner.calls[-1][0] == "report"
     for stage in STAGES:
         marker = json.loads((tmp_path / ".stages" / f"{stage}.json").read_text())
         assert marker["stage"] == stage and marker["commands"][0][0] == "matelike"
@@ -58,18 +59,18 @@ def test_failure_stops_and_rerun_continues_from_the_failed_stage(tmp_path: Path)
 
     resumed = FakeRunner(tmp_path)
     assert Pipeline(tmp_path, "micro", list(STAGES), force=False, runner=resumed).run() == 0
-    assert resumed.calls[0][0] == "sft"
+    assert resumed.calls[1][0] == "sft"  # after packing its data again
     # training stages resume from their newest checkpoint rather than starting over
-    assert "--resume" in resumed.calls[0]
+    assert "--resume" in resumed.calls[1]
 
 
 def test_training_commands_resume_and_chain_models(tmp_path: Path) -> None:
     cmds = stage_commands(tmp_path, "tiny")
-    sft = cmds["sft"][0]
+    sft = cmds["sft"][-1]
     assert sft[sft.index("--init") + 1] == str(tmp_path / "pretrain")
     dpo = cmds["dpo"][0]
     assert dpo[dpo.index("--init") + 1] == str(tmp_path / "sft")
-    assert all("--resume" in cmds[s][0] for s in ("pretrain", "sft", "dpo"))
+    assert all("--resume" in cmds[s][-1] for s in ("pretrain", "sft", "dpo"))
     assert [c[c.index("--model") + 1] for c in cmds["eval"]] == [str(tmp_path / n) for n in ("pretrain", "sft", "dpo")]
 
 
