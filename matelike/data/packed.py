@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from matelike.data.records import MAX_RECORD_BYTES, BadRecordReport, ReadCounts, expand_inputs, read_converted
+from matelike.data.records import (
+    MAX_RECORD_BYTES,
+    BadRecordReport,
+    ReadCounts,
+    expand_inputs,
+    read_converted,
+)
 
 if TYPE_CHECKING:
     from matelike.data.preference import PreferencePairs
@@ -56,7 +62,13 @@ def prompt_record(rec: dict) -> tuple[list[dict[str, str]], str]:
 
     The prompt is a string (a user turn, after an optional `system`) or a message list ending in a user turn.
     """
-    from matelike.data.formats import RecordError, _message_list, _string, _system, check_conversation
+    from matelike.data.formats import (
+        RecordError,
+        _message_list,
+        _string,
+        _system,
+        check_conversation,
+    )
 
     if "prompt" in rec:
         key = "prompt"

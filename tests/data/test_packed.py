@@ -12,7 +12,14 @@ import pytest
 
 from matelike.data.check import check_paths
 from matelike.data.pack import _cmd_pack, add_cli
-from matelike.data.packed import PackedFile, PackedPrompts, PackMismatchError, open_pairs, open_sft, pack_chat
+from matelike.data.packed import (
+    PackedFile,
+    PackedPrompts,
+    PackMismatchError,
+    open_pairs,
+    open_sft,
+    pack_chat,
+)
 from matelike.data.preference import PreferenceBatches, load_preference_pairs
 from matelike.data.records import BadRecordReport
 from matelike.data.sft import PackedSFTData, load_sft_samples
