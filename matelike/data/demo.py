@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Sequence
 
-from matelike.data.dialogue import (ModelFacts, chat_records, chat_test_records, chat_train_prompts, load_chatterbot,
-                                    split_exchanges)
+from matelike.data.dialogue import (ModelFacts, chat_records, chat_test_records, chat_train_prompts, identity_items,
+                                    load_chatterbot, normalize, out_of_scope_items, split_exchanges)
 from matelike.eval.scoring import (
     ENTITY_TYPES,
     NEGATIVE,
@@ -321,6 +321,9 @@ class DemoConfig:
     seed: int = 1234
     val_fraction: float = 0.01
     test_per_task: int = 300
+    # Development items, held out like the test items: what stage settings are tuned on, so that the test
+    # figures reported stay untouched by tuning.
+    dev_per_task: int = 200
     sft_per_task: int = 2000
     # Tasks given a multiple of sft_per_task: segmentation, which needs the model to learn to copy the sentence
     # back, was below its every-character baseline with an equal share and above it with twice the items.
@@ -330,6 +333,7 @@ class DemoConfig:
     # multi-turn conversations ask a task after small talk (taken from each task's SFT share).
     chat_repeats: int = 3
     dialogue_test_fraction: float = 0.2
+    dialogue_dev_fraction: float = 0.15
     multiturn_fraction: float = 0.125  # of each task's SFT items, asked after small talk instead of alone
     multiturn_test_per_task: int = 50
     model_size: str = "几百万"  # parameters, in the identity answers (`matelike run` gives the preset's)
@@ -397,8 +401,9 @@ class Split:
     test: dict[str, list[TaskItem]]
     sft: dict[str, list[TaskItem]]
     train: dict[str, list[TaskItem]]
-    heldout_docs: set[int]  # indices of documents that hold a test source
+    heldout_docs: set[int]  # indices of documents that hold a test or development source
     val_docs: set[int]
+    dev: dict[str, list[TaskItem]] = field(default_factory=dict)
 
 
 def _balanced_reviews(pool: list[tuple[int, TaskItem]], n: int) -> list[tuple[int, TaskItem]]:
@@ -409,34 +414,48 @@ def _balanced_reviews(pool: list[tuple[int, TaskItem]], n: int) -> list[tuple[in
     return out + pos[len(neg):] + neg[len(pos):]
 
 
+def _pick_heldout(task: str, docs: list[Document], corpus: str, n: int, rng: random.Random,
+                  exclude: set[int], cfg: DemoConfig) -> list[tuple[int, TaskItem]]:
+    """Up to n items of `task` whose source occurs once in the corpus, one per document, none from `exclude`."""
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    # Per-answer quotas: sentiment is balanced, the other tasks take what comes.
+    quota = {POSITIVE: (n + 1) // 2, NEGATIVE: n // 2} if task == "sentiment" else {None: n}
+    picked: list[tuple[int, TaskItem]] = []
+    for i in order:
+        if not any(quota.values()):
+            break
+        if i in exclude:
+            continue
+        cands = candidate_items(task, docs[i], cfg)
+        if not cands:
+            continue
+        item = cands[rng.randrange(len(cands))]
+        key = item.answer if task == "sentiment" else None
+        if quota.get(key, 0) > 0 and corpus.count(item.source) == 1:
+            quota[key] -= 1
+            picked.append((i, item))
+    return _balanced_reviews(picked, n) if task == "sentiment" else picked
+
+
 def split_items(docs: list[Document], cfg: DemoConfig) -> Split:
-    """Choose test items (unique sources), validation documents, then SFT and preference-pair items."""
+    """Choose test items (unique sources), development items (the same way, from other documents), validation
+    documents, then SFT and preference-pair items."""
     # One string holding every document, to count occurrences of a candidate source in the whole corpus.
     corpus = "\n".join(d.text for d in docs)
     test: dict[str, list[TaskItem]] = {}
     heldout: set[int] = set()
     for task in TASKS:
-        rng = random.Random(f"{cfg.seed}-test-{task}")
-        order = list(range(len(docs)))
-        rng.shuffle(order)
-        # Per-answer quotas: sentiment is balanced, the other tasks take what comes.
-        quota = ({POSITIVE: (cfg.test_per_task + 1) // 2, NEGATIVE: cfg.test_per_task // 2}
-                 if task == "sentiment" else {None: cfg.test_per_task})
-        picked: list[tuple[int, TaskItem]] = []
-        for i in order:
-            if not any(quota.values()):
-                break
-            cands = candidate_items(task, docs[i], cfg)
-            if not cands:
-                continue
-            item = cands[rng.randrange(len(cands))]
-            key = item.answer if task == "sentiment" else None
-            if quota.get(key, 0) > 0 and corpus.count(item.source) == 1:
-                quota[key] -= 1
-                picked.append((i, item))
-        if task == "sentiment":
-            picked = _balanced_reviews(picked, cfg.test_per_task)
+        picked = _pick_heldout(task, docs, corpus, cfg.test_per_task, random.Random(f"{cfg.seed}-test-{task}"),
+                               set(), cfg)
         test[task] = [it for _, it in picked]
+        heldout.update(i for i, _ in picked)
+    dev: dict[str, list[TaskItem]] = {}
+    test_docs = set(heldout)
+    for task in TASKS:
+        picked = _pick_heldout(task, docs, corpus, cfg.dev_per_task, random.Random(f"{cfg.seed}-dev-{task}"),
+                               test_docs, cfg)
+        dev[task] = [it for _, it in picked]
         heldout.update(i for i, _ in picked)
 
     rest = [i for i in range(len(docs)) if i not in heldout]
@@ -470,7 +489,7 @@ def split_items(docs: list[Document], cfg: DemoConfig) -> Split:
             sft_pairs, train_pairs = pool[:n_sft], pool[n_sft:want]
         sft[task] = [it for _, it in sft_pairs]
         train[task] = [it for _, it in train_pairs]
-    return Split(test, sft, train, heldout, val)
+    return Split(test, sft, train, heldout, val, dev)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -514,6 +533,8 @@ class DemoSummary:
     test: dict[str, int]
     chat_sft: int = 0
     chat_test: dict[str, int] = field(default_factory=dict)
+    dev: dict[str, int] = field(default_factory=dict)
+    chat_dev: dict[str, int] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = []
@@ -522,14 +543,16 @@ class DemoSummary:
                        f"{c.empty} empty and {c.duplicate} duplicate dropped")
         out.append(f"pretrain.jsonl: {self.pretrain_docs} documents, {self.pretrain_chars} chars")
         out.append(f"pretrain_val.jsonl: {self.val_docs} documents, {self.val_chars} chars")
-        out.append(f"held out as task test sources: {self.heldout_docs} documents (in no training file)")
+        out.append(f"held out as task test and development sources: {self.heldout_docs} documents "
+                   f"(in no training file)")
         for name, counts in (("sft.jsonl", self.sft), ("tasks_train.jsonl", self.train),
-                             ("tasks_test.jsonl", self.test)):
+                             ("tasks_dev.jsonl", self.dev), ("tasks_test.jsonl", self.test)):
             out.append(f"{name}: {sum(counts.values())} items (" +
                        ", ".join(f"{t} {n}" for t, n in counts.items()) + ")")
         out.append(f"sft.jsonl conversations (dialogue, identity, out-of-scope, multi-turn tasks): {self.chat_sft}")
-        out.append(f"chat_test.jsonl: {self.chat_test.get('open', 0)} open prompts, "
-                   f"{self.chat_test.get('task', 0)} tasks asked in a later turn")
+        for name, counts in (("chat_dev.jsonl", self.chat_dev), ("chat_test.jsonl", self.chat_test)):
+            out.append(f"{name}: {counts.get('open', 0)} open prompts, {counts.get('task', 0)} tasks asked "
+                       f"in a later turn")
         return out
 
 
@@ -561,7 +584,7 @@ def write_demo(out: Path, docs: list[Document], counts: dict[str, SourceCounts],
     single = {t: split.sft[t][: len(split.sft[t]) - round(len(split.sft[t]) * cfg.multiturn_fraction)]
               for t in TASKS}
     sft_records = [_conversation(it, rng) for task in TASKS for it in single[task]]
-    dialogue = split_exchanges(load_chatterbot(), cfg.dialogue_test_fraction, cfg.seed)
+    dialogue = split_exchanges(load_chatterbot(), cfg.dialogue_test_fraction, cfg.seed, cfg.dialogue_dev_fraction)
     facts = ModelFacts(size=cfg.model_size)
     rng = random.Random(f"{cfg.seed}-phrasing-multiturn")
     later = [(make_prompt(t, it.input, rng), it.answer) for t in TASKS for it in split.sft[t][len(single[t]):]]
@@ -582,8 +605,21 @@ def write_demo(out: Path, docs: list[Document], counts: dict[str, SourceCounts],
     rng = random.Random(f"{cfg.seed}-phrasing-chat-test")
     later_test = [(t, make_prompt(t, it.input, rng), it.answer) for t in TASKS
                   for it in split.test[t][: cfg.multiturn_test_per_task]]
-    chat_test = chat_test_records(dialogue, facts, later_test, cfg.seed)
+    chat_test = chat_test_records(dialogue.test, facts, later_test, cfg.seed)
     _write_jsonl(out / "chat_test.jsonl", chat_test)
+    # The development split mirrors the test files (tasks, open prompts, later-turn tasks) on other items.
+    rng = random.Random(f"{cfg.seed}-phrasing-dev")
+    _write_jsonl(out / "tasks_dev.jsonl", (_task_record(it, rng) for task in TASKS for it in split.dev[task]))
+    rng = random.Random(f"{cfg.seed}-phrasing-chat-dev")
+    later_dev = [(t, make_prompt(t, it.input, rng), it.answer) for t in TASKS
+                 for it in split.dev[t][: cfg.multiturn_test_per_task]]
+    # The identity and out-of-scope questions trained on are user turns of training files too: a packaged
+    # exchange asking one of them (as "你是谁") cannot be held out.
+    trained = {normalize(q) for q, _ in identity_items(facts, held_out=False)
+               + out_of_scope_items(random.Random(0), held_out=False)}
+    dev_exchanges = [e for e in dialogue.dev if not trained & {normalize(t) for t in e.turns[0::2]}]
+    chat_dev = chat_test_records(dev_exchanges, None, later_dev, cfg.seed, name="dev")
+    _write_jsonl(out / "chat_dev.jsonl", chat_dev)
 
     summary = DemoSummary(
         out_dir=out, sources=counts,
@@ -592,7 +628,9 @@ def write_demo(out: Path, docs: list[Document], counts: dict[str, SourceCounts],
         sft={t: len(split.sft[t]) for t in TASKS}, train={t: len(split.train[t]) for t in TASKS},
         test={t: len(split.test[t]) for t in TASKS},
         chat_sft=len(sft_records) - sum(len(v) for v in single.values()),
-        chat_test={kind: sum(r["kind"] == kind for r in chat_test) for kind in ("open", "task")})
+        chat_test={kind: sum(r["kind"] == kind for r in chat_test) for kind in ("open", "task")},
+        dev={t: len(split.dev[t]) for t in TASKS},
+        chat_dev={kind: sum(r["kind"] == kind for r in chat_dev) for kind in ("open", "task")})
     (out / "README.md").write_text(_readme(summary, cfg), encoding="utf-8")
     return summary
 
@@ -626,6 +664,9 @@ seed {cfg.seed}. Rebuilding gives byte-identical files.
   for preference pairs (`matelike dpo make-pairs`); open prompts from the training conversations join them
   as task `chat` (the reference reply is the answer).
 - `tasks_test.jsonl`: `{{task, prompt, answer, input}}` held out for `matelike eval`.
+- `tasks_dev.jsonl`, `chat_dev.jsonl`: a development split held out the same way as the test files (its
+  own documents and dialogue groups; no identity or out-of-scope questions, whose held-out phrasings are
+  the test's). Tune settings on it (`matelike eval --data DIR --split dev`) and report the test files.
 - `chat_test.jsonl`: held-out conversations for `matelike eval --chat-file`: `{{kind: "open", category,
   messages, reference}}` (greetings, questions, small talk, identity and out-of-scope questions whose user
   turn appears in no training file) and `{{kind: "task", task, messages, answer}}` (a task asked after small
@@ -636,7 +677,7 @@ entities (`人名：…；地名：…；机构名：…`, names joined by `、`
 consecutive `nr` tokens such as `江/nr 泽民/nr` form one person name), continuation (the head of a news
 paragraph; the answer is the rest of it).
 
-Held out: each test item's source text (review, sentence or paragraph) occurs exactly once in the corpus, and
+Held out: each test or development item's source text (review, sentence or paragraph) occurs exactly once in the corpus, and
 its document appears in no training file (pretraining, SFT, tasks_train). Validation documents are not used
 for SFT or task items either.
 
@@ -654,6 +695,7 @@ before using a model trained on it commercially.
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(seed=args.seed, val_fraction=args.val_fraction, test_per_task=args.test_per_task,
+                     dev_per_task=args.dev_per_task,
                      sft_per_task=args.sft_per_task, train_per_task=args.train_per_task,
                      model_size=args.model_size)
     try:
@@ -690,6 +732,8 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
                    help="fraction of documents held out in pretrain_val.jsonl")
     p.add_argument("--test-per-task", type=_non_negative, default=d.test_per_task, help="held-out items per task")
+    p.add_argument("--dev-per-task", type=_non_negative, default=d.dev_per_task,
+                   help="development items per task (tasks_dev.jsonl), for tuning without the test items")
     p.add_argument("--sft-per-task", type=_non_negative, default=d.sft_per_task,
                    help="SFT examples per task (segmentation gets twice as many)")
     p.add_argument("--train-per-task", type=_non_negative, default=d.train_per_task,

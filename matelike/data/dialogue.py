@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -130,22 +130,34 @@ def load_chatterbot() -> list[Exchange]:
 class DialogueSplit:
     train: list[Exchange]
     test: list[Exchange]
+    dev: list[Exchange] = field(default_factory=list)
 
 
-def split_exchanges(exchanges: list[Exchange], test_fraction: float, seed: int) -> DialogueSplit:
-    """Hold out whole groups of exchanges sharing a first user turn; drop training exchanges that contain a
-    held-out user turn anywhere, so that no held-out user turn appears in any training conversation."""
+def split_exchanges(exchanges: list[Exchange], test_fraction: float, seed: int,
+                    dev_fraction: float = 0.0) -> DialogueSplit:
+    """Hold out whole groups of exchanges sharing a first user turn (test, then development groups); drop
+    training exchanges that contain a held-out user turn anywhere, so that no held-out user turn appears in
+    any training conversation, and development exchanges that contain a test user turn."""
     keys = sorted({e.key for e in exchanges})
     random.Random(f"{seed}-dialogue-split").shuffle(keys)
-    held = set(keys[: round(len(keys) * test_fraction)])
+    n_test = round(len(keys) * test_fraction)
+    held = set(keys[:n_test])
+    dev_keys = set(keys[n_test: n_test + round(len(keys) * dev_fraction)])
     test = [e for e in exchanges if e.key in held]
-    held_turns = {normalize(t) for e in test for t in e.turns[0::2]}
-    train = [e for e in exchanges if e.key not in held and not held_turns & {normalize(t) for t in e.turns}]
-    # One reference per held-out prompt: the first exchange of each group (the others share its user turn).
+    test_turns = {normalize(t) for e in test for t in e.turns[0::2]}
+    dev = [e for e in exchanges if e.key in dev_keys and not test_turns & {normalize(t) for t in e.turns}]
+    held_turns = test_turns | {normalize(t) for e in dev for t in e.turns[0::2]}
+    train = [e for e in exchanges
+             if e.key not in held | dev_keys and not held_turns & {normalize(t) for t in e.turns}]
+    return DialogueSplit(train, _firsts(test), _firsts(dev))
+
+
+def _firsts(exchanges: list[Exchange]) -> list[Exchange]:
+    """One reference per held-out prompt: the first exchange of each group (the others share its user turn)."""
     firsts: dict[str, Exchange] = {}
-    for e in test:
+    for e in exchanges:
         firsts.setdefault(e.key, e)
-    return DialogueSplit(train, list(firsts.values()))
+    return list(firsts.values())
 
 
 def _messages(turns: Sequence[str], system: str | None = None) -> list[dict[str, str]]:
@@ -207,20 +219,23 @@ def chat_records(split: DialogueSplit, facts: ModelFacts, task_turns: Sequence[t
     return out
 
 
-def chat_test_records(split: DialogueSplit, facts: ModelFacts, task_turns: Sequence[tuple[str, str, str]],
-                      seed: int) -> list[dict]:
-    """Held-out chat items: open prompts (kind `open`, with a reference reply and a category) and multi-turn
-    task requests (kind `task`, scored with the task's scorer; `task_turns` are (task, request, answer))."""
-    rng = random.Random(f"{seed}-dialogue-test")
+def chat_test_records(exchanges: Sequence[Exchange], facts: ModelFacts | None,
+                      task_turns: Sequence[tuple[str, str, str]], seed: int, name: str = "test") -> list[dict]:
+    """Held-out chat items from held-out `exchanges`: open prompts (kind `open`, with a reference reply and a
+    category), identity and out-of-scope questions when `facts` is given (their held-out phrasings belong to
+    the test split only), and multi-turn task requests (kind `task`, scored with the task's scorer;
+    `task_turns` are (task, request, answer)) after held-out small talk."""
+    rng = random.Random(f"{seed}-dialogue-{name}")
     out: list[dict] = []
-    for e in split.test:
+    for e in exchanges:
         out.append({"kind": "open", "category": e.topic, "messages": _messages(e.turns[:1]),
                     "reference": e.turns[1]})
-    for q, a in identity_items(facts, held_out=True):
-        out.append({"kind": "open", "category": "identity", "messages": _messages((q,)), "reference": a})
-    for q, a in out_of_scope_items(rng, held_out=True):
-        out.append({"kind": "open", "category": "out_of_scope", "messages": _messages((q,)), "reference": a})
-    small_talk = [e for e in split.test if len(e.turns) == 2]
+    if facts is not None:
+        for q, a in identity_items(facts, held_out=True):
+            out.append({"kind": "open", "category": "identity", "messages": _messages((q,)), "reference": a})
+        for q, a in out_of_scope_items(rng, held_out=True):
+            out.append({"kind": "open", "category": "out_of_scope", "messages": _messages((q,)), "reference": a})
+    small_talk = [e for e in exchanges if len(e.turns) == 2]
     for task, request, answer in task_turns:
         before = rng.choice(small_talk)
         out.append({"kind": "task", "task": task, "messages": _messages([*before.turns, request]),

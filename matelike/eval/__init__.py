@@ -423,10 +423,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     chat_file = args.chat_file
     if args.data is not None:
         data = Path(args.data)
-        tasks_file = tasks_file or data / "tasks_test.jsonl"
+        tasks_file = tasks_file or data / f"tasks_{args.split}.jsonl"
         val = val or data / "pretrain_val.jsonl"
-        if chat_file is None and (data / "chat_test.jsonl").is_file():
-            chat_file = data / "chat_test.jsonl"
+        if chat_file is None and (data / f"chat_{args.split}.jsonl").is_file():
+            chat_file = data / f"chat_{args.split}.jsonl"
     if tasks_file is None and val is None and chat_file is None and not args.ceval:
         print("error: nothing to evaluate: give --data DIR, --tasks-file, --val or --ceval", file=sys.stderr)
         return 2
@@ -464,7 +464,11 @@ def add_cli(table: "CommandTable") -> None:
     p = table.command("eval", "score a model directory: demo tasks, held-out loss / bits per byte, C-Eval CSVs",
                       _cmd_eval)
     p.add_argument("--model", required=True, help="model directory (any saved stage)")
-    p.add_argument("--data", help="demo data directory: uses its tasks_test.jsonl and pretrain_val.jsonl")
+    p.add_argument("--data", help="demo data directory: uses its tasks_SPLIT.jsonl, chat_SPLIT.jsonl and "
+                                  "pretrain_val.jsonl")
+    p.add_argument("--split", choices=("test", "dev"), default="test",
+                   help="with --data: the held-out test files (default; report these) or the development files "
+                        "(tune on these)")
     p.add_argument("--tasks-file", help="test items, jsonl with task, prompt, answer")
     p.add_argument("--tasks", type=_parse_tasks, default=list(TASKS),
                    help=f"comma-separated tasks to score (default: {','.join(TASKS)})")

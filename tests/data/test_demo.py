@@ -25,7 +25,7 @@ from matelike.data.formats import to_messages
 from matelike.eval.scoring import TASKS, parse_entities, segmentation_spans
 
 # Small sizes: the corpus is parsed in full either way, but sampling and writing stay quick.
-SMALL = DemoConfig(test_per_task=40, sft_per_task=60, train_per_task=20)
+SMALL = DemoConfig(test_per_task=40, dev_per_task=30, sft_per_task=60, train_per_task=20)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -174,11 +174,34 @@ def test_test_sources_never_appear_in_training_files(demo_dir: Path) -> None:
     assert not any(len(v["text"]) >= 20 and v["text"] in sft for v in val)
 
 
+def test_dev_items_are_held_out_like_test_items_and_apart_from_them(demo_dir: Path) -> None:
+    dev = _jsonl(demo_dir / "tasks_dev.jsonl")
+    test = _jsonl(demo_dir / "tasks_test.jsonl")
+    assert all(sum(r["task"] == t for r in dev) == SMALL.dev_per_task for t in TASKS)
+    assert {r["answer"] for r in dev if r["task"] == "sentiment"} == {"正面", "负面"}
+    assert not {r["input"] for r in dev} & {r["input"] for r in test}
+    pretrain = "\n".join(r["text"] for r in _jsonl(demo_dir / "pretrain.jsonl"))
+    sft = "\n".join(m["content"] for r in _jsonl(demo_dir / "sft.jsonl") for m in r.get("conversations") or r["messages"])
+    train = "\n".join(r["prompt"] + "\n" + r["answer"] for r in _jsonl(demo_dir / "tasks_train.jsonl"))
+    for r in dev:
+        source = r["input"] + r["answer"] if r["task"] == "continuation" else r["input"]
+        for name, text in (("pretrain", pretrain), ("sft", sft), ("tasks_train", train)):
+            assert source not in text, f"{r['task']} dev source found in {name}: {source}"
+
+
+def test_test_files_do_not_depend_on_the_dev_split(demo_dir: Path, tmp_path: Path) -> None:
+    """Adding or resizing the development split leaves every reported test item as it was."""
+    build_demo(tmp_path, DemoConfig(test_per_task=SMALL.test_per_task, dev_per_task=0,
+                                    sft_per_task=SMALL.sft_per_task, train_per_task=SMALL.train_per_task))
+    assert (tmp_path / "tasks_test.jsonl").read_bytes() == (demo_dir / "tasks_test.jsonl").read_bytes()
+    assert (tmp_path / "tasks_dev.jsonl").read_text(encoding="utf-8") == ""
+
+
 def test_two_runs_are_byte_identical_and_cli_prints_counts(demo_dir: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "again"
     code = main(["data", "demo", "--out", str(out), "--test-per-task", str(SMALL.test_per_task),
-                 "--sft-per-task", str(SMALL.sft_per_task), "--train-per-task", str(SMALL.train_per_task)])
+                 "--dev-per-task", str(SMALL.dev_per_task), "--sft-per-task", str(SMALL.sft_per_task), "--train-per-task", str(SMALL.train_per_task)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "pretrain.jsonl:" in printed and "chars" in printed and "duplicate dropped" in printed
@@ -188,8 +211,8 @@ def test_two_runs_are_byte_identical_and_cli_prints_counts(demo_dir: Path, tmp_p
 
 def test_test_prompts_do_not_depend_on_the_sft_size(demo_dir: Path, tmp_path: Path) -> None:
     """Scores of runs with different --sft-per-task are read on the very same test prompts."""
-    build_demo(tmp_path, DemoConfig(test_per_task=SMALL.test_per_task, sft_per_task=SMALL.sft_per_task + 7,
-                                    train_per_task=SMALL.train_per_task))
+    build_demo(tmp_path, DemoConfig(test_per_task=SMALL.test_per_task, dev_per_task=SMALL.dev_per_task,
+                                    sft_per_task=SMALL.sft_per_task + 7, train_per_task=SMALL.train_per_task))
     assert len(_jsonl(tmp_path / "sft.jsonl")) != len(_jsonl(demo_dir / "sft.jsonl"))
     assert (tmp_path / "tasks_test.jsonl").read_bytes() == (demo_dir / "tasks_test.jsonl").read_bytes()
 

@@ -56,10 +56,22 @@ def test_split_keeps_every_held_out_user_turn_out_of_training() -> None:
         assert len({e.key for e in split.test}) == len(split.test)  # one reference per held-out prompt
 
 
-def test_no_held_out_user_turn_in_any_training_file(demo_dir: Path) -> None:
-    held = {normalize(r["messages"][-1]["content"]) for r in _jsonl(demo_dir / "chat_test.jsonl")
+def test_dev_groups_are_apart_from_test_and_training() -> None:
+    ex = [Exchange((f"问{i}", f"答{i}"), "t") for i in range(20)] + [Exchange(("问0", "又答"), "t")]
+    split = split_exchanges(ex, 0.2, 3, dev_fraction=0.25)
+    turns = [{normalize(t) for e in part for t in e.turns[0::2]} for part in (split.train, split.dev, split.test)]
+    assert len(split.dev) == 5 and len(split.test) == 4  # one reference per group, "问0" is one group
+    assert not turns[0] & turns[1] and not turns[0] & turns[2] and not turns[1] & turns[2]
+    assert len(split.train) == 21 - 5 - 4 - ("问0" in turns[1] | turns[2])
+    # the test split is the one a split without development groups gives
+    assert split.test == split_exchanges(ex, 0.2, 3).test
+
+
+@pytest.mark.parametrize("held_file", ["chat_test.jsonl", "chat_dev.jsonl"])
+def test_no_held_out_user_turn_in_any_training_file(demo_dir: Path, held_file: str) -> None:
+    held = {normalize(r["messages"][-1]["content"]) for r in _jsonl(demo_dir / held_file)
             if r["kind"] == "open"}
-    assert len(held) > 50
+    assert len(held) > 40
     for name in ("sft.jsonl", "tasks_train.jsonl"):
         for rec in _jsonl(demo_dir / name):
             assert not held & {normalize(t) for t in _texts(rec)}, (name, rec)
@@ -87,3 +99,9 @@ def test_chat_test_items_have_the_documented_layout(demo_dir: Path) -> None:
         else:
             assert r["task"] in ("sentiment", "segmentation", "entities", "continuation") and len(r["messages"]) >= 3
     assert {r["category"] for r in rows if r["kind"] == "open"} >= {"identity", "out_of_scope"}
+    dev = _jsonl(demo_dir / "chat_dev.jsonl")
+    assert {r["kind"] for r in dev} == {"open", "task"}
+    # identity and out-of-scope phrasings are held out for the test file only
+    assert not {r["category"] for r in dev if r["kind"] == "open"} & {"identity", "out_of_scope"}
+    assert not {normalize(r["messages"][-1]["content"]) for r in dev} & {
+        normalize(r["messages"][-1]["content"]) for r in rows}

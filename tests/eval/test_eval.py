@@ -115,6 +115,16 @@ def test_eval_writes_one_entry_per_task_with_metrics_in_range(model_dir: Path, d
     assert len(lines) == 8 and {"task", "prompt", "answer", "prediction"} <= set(json.loads(lines[0]))
 
 
+def test_eval_split_dev_reads_the_development_files(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    dev = [r for r in TEST_ITEMS if r["task"] == "sentiment"][:2]
+    _write_jsonl(data_dir / "tasks_dev.jsonl", dev)
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(model_dir), "--data", str(data_dir), "--split", "dev", "--tasks", "sentiment",
+                 "--out", str(out)])
+    assert code == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["tasks"]["sentiment"]["n"] == 2  # the test file holds 3
+
+
 def test_eval_subset_of_tasks_and_plain_prompts(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     code = main(["eval", "--model", str(model_dir), "--tasks-file", str(data_dir / "tasks_test.jsonl"),
