@@ -417,26 +417,46 @@ def default_stop_ids(tokenizer: Tokenizer | None) -> tuple[int, ...]:
     return tuple(sorted({i for i in ids if i is not None}))
 
 
-def stream_text(tokenizer: Tokenizer, token_iter: Iterable[int], max_pending: int = 8) -> Iterator[str]:
-    """Turn a stream of token ids into text pieces that never end in the middle of a UTF-8 character.
+class TextDecoder:
+    """Token ids in, text out, never ending in the middle of a UTF-8 character.
 
     Byte-level BPE tokens can hold part of a character; the decoder shows an incomplete tail as U+FFFD.
     Tokens are held back until their decoded text no longer ends with U+FFFD (or max_pending tokens pile
     up, which only happens for genuinely invalid bytes: those then come out as U+FFFD once, not silently).
     """
-    pending: list[int] = []
+
+    def __init__(self, tokenizer: Tokenizer, max_pending: int = 8) -> None:
+        self.tokenizer = tokenizer
+        self.max_pending = max_pending
+        self._pending: list[int] = []
+
+    def push(self, token: int) -> str:
+        """The text this token completes ("" while a character is still incomplete)."""
+        self._pending.append(token)
+        text = self.tokenizer.decode(self._pending, skip_special_tokens=True)
+        if text.endswith("\ufffd") and len(self._pending) < self.max_pending:
+            return ""
+        self._pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is held back at the end."""
+        text = self.tokenizer.decode(self._pending, skip_special_tokens=True) if self._pending else ""
+        self._pending = []
+        return text
+
+
+def stream_text(tokenizer: Tokenizer, token_iter: Iterable[int], max_pending: int = 8) -> Iterator[str]:
+    """Turn a stream of token ids into text pieces that never end in the middle of a UTF-8 character
+    (see TextDecoder)."""
+    decoder = TextDecoder(tokenizer, max_pending)
     for t in token_iter:
-        pending.append(t)
-        text = tokenizer.decode(pending, skip_special_tokens=True)
-        if text.endswith("\ufffd") and len(pending) < max_pending:
-            continue
-        pending = []
+        text = decoder.push(t)
         if text:
             yield text
-    if pending:
-        text = tokenizer.decode(pending, skip_special_tokens=True)
-        if text:
-            yield text
+    text = decoder.flush()
+    if text:
+        yield text
 
 
 def stream_generate(

@@ -23,8 +23,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from matelike.serve.app import allowed_hosts_for, create_app, is_loopback, load_served_model
     from matelike.serve.worker import GenerationWorker
 
-    if args.max_active < 1:
-        print("matelike serve: --max-active must be at least 1", file=sys.stderr)
+    if args.max_batch < 1 or args.max_queue < 0:
+        print("matelike serve: --max-batch must be at least 1 and --max-queue at least 0", file=sys.stderr)
         return 2
     if args.max_body_bytes < 1:
         print("matelike serve: --max-body-bytes must be at least 1", file=sys.stderr)
@@ -35,11 +35,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        served = load_served_model(args.model, name=args.model_name, device=args.device, dtype=args.dtype)
+        served = load_served_model(args.model, name=args.model_name, device=args.device, dtype=args.dtype,
+                                   max_batch=args.max_batch)
     except (OSError, ValueError) as exc:
         print(f"matelike serve: {exc}", file=sys.stderr)
         return 2
-    worker = GenerationWorker(served.source, max_active=args.max_active)
+    worker = GenerationWorker(served.source, max_active=args.max_batch, max_queue=args.max_queue)
     hosts = allowed_hosts_for(args.host, args.allowed_hosts.split(",") if args.allowed_hosts else ())
     app = create_app(served, worker, api_key=args.api_key, allowed_hosts=hosts, max_body_bytes=args.max_body_bytes)
     if not is_loopback(args.host) and not args.api_key:
@@ -69,8 +70,10 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted (default 1048576 = 1 MiB); larger ones get 413")
     add_device_args(p)
-    p.add_argument("--max-active", type=int, default=8,
-                   help="requests generated at once (round-robin, one token each); more wait in a queue")
+    p.add_argument("--max-batch", "--max-active", dest="max_batch", type=int, default=8,
+                   help="KV-cache slots: requests decoded together in one batched forward per step (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; past that a request gets 503 server_overloaded")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for generation (default: torch's choice, one per core)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

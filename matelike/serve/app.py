@@ -2,7 +2,9 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream` as server-sent events ending in
 `data: [DONE]`), GET /v1/models, GET /health, GET / (the chat page, shipped in matelike/static). Generation
-runs on one worker thread (see worker.py); the HTTP side only validates, queues and relays.
+runs on one worker thread that decodes all running requests together in one batched forward per step (see
+worker.py and matelike.model.generation.BatchEngine); the HTTP side only validates, queues and relays. When
+every KV slot is busy and the bounded queue is full, a request gets a 503 `server_overloaded` at once.
 
 Before any route runs, `RequestGuard` answers with an OpenAI-shaped error: a Host header the server was not
 started for (403: a web page using DNS rebinding to reach the local API), a POST to /v1 that is not
@@ -42,9 +44,10 @@ from matelike.serve.schema import (
     parse_completion_request,
     parse_json_body,
 )
-from matelike.serve.worker import GenerationWorker, Job, TokenSource
+from matelike.serve.worker import GenerationWorker, Job, ServerBusy, TokenSource
 
 if TYPE_CHECKING:
+    from matelike.model.generation import BatchEngine
     from matelike.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,60 +69,65 @@ class ServedModel:
     tokenizer: "Tokenizer"
     source: TokenSource
     created: int = 0
+    engine: "BatchEngine | None" = None  # the batched engine behind `source` (slot counts for /health)
 
 
-def model_token_source(model: Any, tokenizer: "Tokenizer") -> TokenSource:
-    """Generation for one request as (text piece, tokens generated so far), from matelike.model.generation.
+# Prompt tokens prefilled per engine step: a long prompt joins in chunks of this size, and the requests already
+# decoding wait for at most one chunk between two of their tokens.
+PREFILL_CHUNK = 128
 
-    Built on iter_generate + stream_text rather than stream_generate because the API reports exact token
-    counts (usage, finish_reason "length") and a text piece can hold several tokens.
+
+def model_token_source(model: Any, tokenizer: "Tokenizer", *, max_batch: int = 8,
+                       prefill_chunk: int = PREFILL_CHUNK) -> tuple[TokenSource, "BatchEngine"]:
+    """(token source, its engine): every request is a row of one BatchEngine of `max_batch` KV slots.
+
+    The source yields (text piece, tokens generated so far) once per engine step the request takes part in; the
+    piece is "" while a character is incomplete or the prompt is still being prefilled. The worker advancing its
+    requests in turn thus runs one batched forward per round over all of them (see BatchStreams).
     """
-    from matelike.model.generation import iter_generate, stream_text
+    from matelike.model.generation import BatchEngine, BatchStreams, GenerationRequest, TextDecoder
 
-    stop_ids = tokenizer.stop_ids
+    engine = BatchEngine(model, max_batch=max_batch, max_len=int(model.config.max_seq_len),
+                         prefill_chunk=prefill_chunk, prefill_per_step=prefill_chunk)
+    streams = BatchStreams(engine)
+    stop_ids = tuple(tokenizer.stop_ids)
 
     def source(prompt_ids: list[int], params: RequestParams, max_new_tokens: int) -> Iterator[tuple[str, int]]:
-        steps = iter_generate(
-            model, [prompt_ids],
-            max_new_tokens=max_new_tokens,
-            sampling=params.sampling,
-            stop_ids=stop_ids,
-        )
+        tokens = streams.stream(GenerationRequest(prompt_ids, max_new_tokens, params.sampling, stop_ids))
+        decoder = TextDecoder(tokenizer)
         count = 0
-
-        def tokens() -> Iterator[int]:
-            nonlocal count
-            for step in steps:
-                if step[0] is None:  # the stop token: not part of the answer, not counted
-                    return
-                count += 1
-                yield step[0]
-
         try:
-            for piece in stream_text(tokenizer, tokens()):
-                yield piece, count
-            yield "", count  # tokens that decoded to no text still count
+            for t in tokens:
+                if t is None:  # no token this step (prefill in progress): let the worker serve the others
+                    yield "", count
+                    continue
+                count += 1  # the stop token never comes here: not part of the answer, not counted
+                yield decoder.push(t), count
+            yield decoder.flush(), count  # tokens that decoded to no text still count
         finally:
-            steps.close()  # frees the request's KV cache now, also when the request is cancelled
+            tokens.close()  # frees the request's slot now, also when the request is cancelled
 
-    return source
+    return source, engine
 
 
 def load_served_model(model_dir: str | Path, name: str | None = None, device: str = "cpu",
-                      dtype: str | None = None) -> ServedModel:
-    """Load a model directory for serving (generation itself runs under torch.inference_mode)."""
+                      dtype: str | None = None, max_batch: int = 8) -> ServedModel:
+    """Load a model directory for serving, with a batched engine of `max_batch` KV slots (generation runs under
+    torch.inference_mode)."""
     from matelike.model.io import load_model
 
     model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
     if tokenizer is None:
         raise ValueError(f"{model_dir}: no tokenizer.json in the model directory; the server needs one")
     model.eval()
+    source, engine = model_token_source(model, tokenizer, max_batch=max_batch)
     return ServedModel(
         name=name or Path(model_dir).resolve().name,
         context_len=int(model.config.max_seq_len),
         tokenizer=tokenizer,
-        source=model_token_source(model, tokenizer),
+        source=source,
         created=int(Path(model_dir, "config.json").stat().st_mtime),  # load_model has read it: it exists
+        engine=engine,
     )
 
 
@@ -224,6 +232,8 @@ class RequestGuard:
 
 def _error_response(err: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    if err.status == 503:
+        headers = {"Retry-After": "1"}
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
@@ -243,7 +253,12 @@ class _Relay:
     def __init__(self, worker: GenerationWorker, prompt_ids: list[int], params: RequestParams, max_new: int) -> None:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[dict] = asyncio.Queue()
-        self.job = worker.submit(Job(prompt_ids, params, max_new, emit=self._emit))
+        self._checked = time.monotonic()
+        try:
+            self.job = worker.submit(Job(prompt_ids, params, max_new, emit=self._emit))
+        except ServerBusy as exc:  # every slot busy and the queue full: say so now rather than queue forever
+            raise APIError(503, f"The server is overloaded: {exc}; retry later.", type="server_error",
+                           code="server_overloaded") from None
 
     def _emit(self, event: dict) -> None:
         try:
@@ -252,14 +267,21 @@ class _Relay:
             self.job.cancel.set()
 
     async def next(self, request: Request) -> dict:
-        """The next event; cancels the job and raises ConnectionAbortedError if the client disconnects."""
+        """The next event; cancels the job and raises ConnectionAbortedError if the client disconnects.
+
+        The client is checked every DISCONNECT_POLL_S also while events keep coming: a non-streaming request
+        whose client gave up must not run to its token budget just because tokens arrive often.
+        """
         while True:
+            if time.monotonic() - self._checked >= DISCONNECT_POLL_S:
+                self._checked = time.monotonic()
+                if await request.is_disconnected():
+                    self.job.cancel.set()
+                    raise ConnectionAbortedError("client disconnected")
             try:
                 return await asyncio.wait_for(self.events.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.job.cancel.set()
-                    raise ConnectionAbortedError("client disconnected") from None
+                continue
 
 
 def create_app(served: ServedModel, worker: GenerationWorker, api_key: str | None = None, *,
@@ -323,7 +345,10 @@ def create_app(served: ServedModel, worker: GenerationWorker, api_key: str | Non
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served.name, "pending_requests": worker.pending}
+        out: dict[str, Any] = {"status": "ok", "model": served.name, "pending_requests": worker.pending}
+        if served.engine is not None:
+            out["slots"] = {"total": served.engine.max_batch, "running": served.engine.running}
+        return out
 
     @app.get("/")
     async def index():

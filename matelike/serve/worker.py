@@ -1,12 +1,16 @@
-"""The generation worker behind `matelike serve`: one thread owns the model, requests wait in a queue.
+"""The generation worker behind `matelike serve`: one thread owns the model, requests wait in a bounded queue.
 
-Why one thread: the model and its KV caches are not thread-safe, and a CPU forward pass already uses every core,
-so running two requests truly in parallel would only make both slower. The worker keeps up to `max_active`
-requests in flight and advances them round-robin, one token each, so concurrent streaming clients all see
-their answers progress; each request has its own generator and its own KV cache, so no request's cache or
-tokens can leak into another's and a greedy answer is the same whether the request ran alone or in a crowd.
-Cancellation (client gone, stop button) is a flag the worker checks between tokens; the request's generator
-is then closed, which frees its cache.
+Why one thread: the model and its KV cache are not thread-safe, and a CPU forward pass already uses every core,
+so running two forwards truly in parallel would only make both slower. The worker keeps up to `max_active`
+requests in flight and advances them in turn, one step each. With the model's source (serve/app.py) every
+request is a row of one batched engine (matelike.model.generation.BatchEngine): the first request of a round
+that needs a token runs one batched forward that advances every running request, so a round costs one
+forward for all of them, not one each (continuous batching). Requests join at any step (their prompt prefilled
+in chunks) and leave when they stop; each has its own KV slot, position, sampling parameters and generator, so
+a greedy answer is the same whether the request ran alone or in a crowd.
+Cancellation (client gone, stop button) is a flag the worker checks between steps; the request's stream is
+then closed, which frees its slot. When `max_active` requests run and `max_queue` wait, `submit` refuses more
+(ServerBusy: the API answers 503) instead of letting a queue grow without bound.
 """
 
 from __future__ import annotations
@@ -83,6 +87,10 @@ class _Active:
     tokens: int = 0
 
 
+class ServerBusy(RuntimeError):
+    """Every slot is running and the queue is full."""
+
+
 class GenerationWorker:
     """Runs jobs on one daemon thread; events go to `job.emit`:
 
@@ -91,9 +99,12 @@ class GenerationWorker:
     `{"type": "cancelled"}` or `{"type": "error", "message": str}`.
     """
 
-    def __init__(self, source: TokenSource, *, max_active: int = 8, name: str = "matelike-generate") -> None:
+    def __init__(self, source: TokenSource, *, max_active: int = 8, max_queue: int = 64,
+                 name: str = "matelike-generate") -> None:
         self._source = source
         self._max_active = max(1, max_active)
+        self._max_queue = max(0, max_queue)
+        self._submit_lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._active: list[_Active] = []
         self._closed = threading.Event()
@@ -101,9 +112,14 @@ class GenerationWorker:
         self._thread.start()
 
     def submit(self, job: Job) -> Job:
+        """Queue a job; ServerBusy when `max_active` jobs run and `max_queue` already wait."""
         if self._closed.is_set():
             raise RuntimeError("generation worker is closed")
-        self._queue.put(job)
+        with self._submit_lock:
+            # Running and waiting together: a job the worker has not taken yet still counts as one that may run.
+            if self.pending >= self._max_active + self._max_queue:
+                raise ServerBusy(f"{len(self._active)} requests are running and {self._queue.qsize()} waiting")
+            self._queue.put(job)
         return job
 
     @property

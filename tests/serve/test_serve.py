@@ -429,7 +429,8 @@ def test_api_key_required(served: ServedModel) -> None:
 def test_serve_command_line(model_dir: Path) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "matelike", "serve", "--model", str(model_dir), "--port", str(port),
-           "--api-key", API_KEY, "--model-name", "cli-model", "--log-level", "warning", "--threads", "1"]
+           "--api-key", API_KEY, "--model-name", "cli-model", "--log-level", "warning", "--threads", "1",
+           "--max-batch", "3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     try:
@@ -447,9 +448,21 @@ def test_serve_command_line(model_dir: Path) -> None:
         client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
         assert [m.id for m in client.models.list().data] == ["cli-model"]
         assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/health").json()["slots"] == {"total": 3, "running": 0}
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_max_active_is_an_alias_of_max_batch_and_bad_sizes_are_refused(model_dir: Path, capsys) -> None:
+    from matelike.cli import build_parser, main
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--model", "m", "--max-active", "3"]).max_batch == 3
+    assert parser.parse_args(["serve", "--model", "m"]).max_batch == 8
+    assert main(["serve", "--model", str(model_dir), "--max-batch", "0"]) == 2
+    assert main(["serve", "--model", str(model_dir), "--max-queue", "-1"]) == 2
+    assert "--max-batch must be at least 1 and --max-queue at least 0" in capsys.readouterr().err
 
 
 def test_serve_command_reports_a_bad_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -497,3 +510,184 @@ def test_worker_close_ends_running_and_waiting_jobs() -> None:
     time.sleep(0.1)
     worker.close()
     assert ended.wait(5) and finals == ["cancelled"] * 3
+
+
+# --- continuous batching --------------------------------------------------------------------------------------
+
+MIXED_PROMPTS = ("你好", "这家店的服务很好，菜的味道也不错，下次还会再来。" * 3, "北京是首都", "手机的质量太差了，用了三天就坏了。" * 2,
+                 "今天天气很好，我们一起去公园散步吧。", "学习")
+
+
+def test_answers_are_the_same_when_requests_join_a_running_batch_mid_way(served: ServedModel) -> None:
+    engine = served.engine
+    running: list[int] = []
+
+    def paced(ids, params, max_new):  # 5 ms a token, so that every request is still running when the next joins
+        inner = served.source(ids, params, max_new)
+        try:
+            for piece, n in inner:
+                running.append(engine.running)
+                time.sleep(0.005)
+                yield piece, n
+        finally:
+            inner.close()
+
+    worker = GenerationWorker(paced, max_active=8)
+    try:
+        with BackgroundServer(create_app(dataclasses.replace(served, source=paced), worker)) as srv:
+            _check_joins_mid_way(srv)
+    finally:
+        worker.close()
+    assert max(running) >= 4  # joins happened while others were decoding (a short answer may end before)
+
+
+def _check_joins_mid_way(server: BackgroundServer) -> None:
+    bodies = [_chat(p, max_tokens=40, temperature=0) for p in MIXED_PROMPTS]
+    alone = [_whole_text(server.url, b) for b in bodies]
+    assert len(set(alone)) > 1
+    results: dict[int, str] = {}
+    started = [threading.Event() for _ in bodies]
+
+    def run(i: int) -> None:
+        text = []
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**bodies[i], "stream": True},
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"]:
+                        piece = chunk["choices"][0]["delta"].get("content") or ""
+                        text.append(piece)
+                        if piece:
+                            started[i].set()
+        started[i].set()
+        results[i] = "".join(text)
+
+    threads = []
+    for i in range(len(bodies)):  # each joins once the one before has its first tokens: the batch is running
+        threads.append(threading.Thread(target=run, args=(i,)))
+        threads[-1].start()
+        assert started[i].wait(30)
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(len(bodies))] == alone
+
+
+def test_running_requests_share_one_batched_forward_per_step(served: ServedModel,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = served.engine
+    assert engine is not None
+    batch_sizes: list[int] = []
+    forward = engine.model.forward
+
+    def counting(input_ids, *args, **kwargs):
+        if input_ids.shape[1] == 1:
+            batch_sizes.append(input_ids.shape[0])
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", counting)
+    worker = GenerationWorker(served.source, max_active=4)
+    try:
+        ids = [served.tokenizer.encode(p) for p in ("北京", "今天天气很好", "手机", "这家店的服务很好")]
+        done = [threading.Event() for _ in ids]
+        counts: list[int] = [0] * len(ids)
+
+        def emit(i: int):
+            def inner(ev: dict) -> None:
+                if ev["type"] == "done":
+                    counts[i] = ev["completion_tokens"]
+                if ev["type"] != "text":
+                    done[i].set()
+            return inner
+
+        for i, p in enumerate(ids):
+            worker.submit(Job(p, RequestParams(sampling=GREEDY), 12, emit(i)))
+        assert all(d.wait(30) for d in done)
+    finally:
+        worker.close()
+    assert max(batch_sizes) == 4  # the four decoded together
+    assert len(batch_sizes) < sum(counts) - len(ids)  # fewer decode forwards than decoded tokens
+    assert engine.running == 0
+
+
+def test_seeded_sampling_gives_the_same_text_alone_and_in_a_crowd(server: BackgroundServer) -> None:
+    seeded = _chat("讲个故事", max_tokens=20, temperature=1.0, top_p=0.9, seed=77)
+    others = [_chat(p, max_tokens=30, temperature=1.0) for p in PROMPTS[:5]]
+    alone = _whole_text(server.url, seeded)
+    barrier = threading.Barrier(1 + len(others))
+
+    def run(body: dict) -> str:
+        barrier.wait()
+        return _stream_text(server.url, body)
+
+    with ThreadPoolExecutor(1 + len(others)) as pool:
+        together = list(pool.map(run, [*others[:3], seeded, *others[3:]]))
+    assert together[3] == alone
+
+
+def test_cancelled_request_frees_its_slot(served: ServedModel) -> None:
+    engine = served.engine
+
+    def slow(ids, params, max_new):
+        inner = served.source(ids, params, max_new)
+        try:
+            for piece, n in inner:
+                time.sleep(0.02)  # 100 tokens take 2 s: the client leaves long before the end
+                yield piece, n
+        finally:
+            inner.close()
+
+    worker = GenerationWorker(slow, max_active=8)
+    try:
+        with BackgroundServer(create_app(dataclasses.replace(served, source=slow), worker)) as srv:
+            body = _chat("你好", max_tokens=100, temperature=0, stream=True)
+            with httpx.Client(timeout=30) as http:
+                with http.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
+                    for line in r.iter_lines():
+                        if '"content": "' in line and '"content": ""' not in line:
+                            assert httpx.get(srv.url + "/health").json()["slots"] == {"total": 8, "running": 1}
+                            break  # leaving the stream closes the connection: the server cancels the request
+            deadline = time.monotonic() + 5
+            while engine.running and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.running == 0 and worker.pending == 0
+    finally:
+        worker.close()
+
+
+def test_full_pool_and_queue_answer_503_in_openai_shape(served: ServedModel) -> None:
+    release = threading.Event()
+
+    def held(ids, params, max_new):  # a request that runs until the test lets it go
+        def gen():
+            yield "x", 1
+            release.wait(20)
+            yield "y", 2
+        return gen()
+
+    worker = GenerationWorker(held, max_active=1, max_queue=1)
+    try:
+        with BackgroundServer(create_app(dataclasses.replace(served, source=held), worker)) as srv:
+            body = _chat("你好", max_tokens=2)
+            with ThreadPoolExecutor(2) as pool:
+                first = pool.submit(httpx.post, srv.url + "/v1/chat/completions", json=body, timeout=30)
+                deadline = time.monotonic() + 5
+                while worker.pending < 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                second = pool.submit(httpx.post, srv.url + "/v1/chat/completions", json=body, timeout=30)
+                while worker.pending < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)
+                assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                err = r.json()["error"]
+                assert err["type"] == "server_error" and err["code"] == "server_overloaded"
+                assert "1 requests are running and 1 waiting" in err["message"]
+                with pytest.raises(openai.InternalServerError):
+                    openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+                        model=served.name, messages=[{"role": "user", "content": "hi"}])
+                release.set()
+                assert first.result().status_code == 200 and second.result().status_code == 200
+            assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+    finally:
+        release.set()
+        worker.close()
