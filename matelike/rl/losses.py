@@ -1,0 +1,169 @@
+"""The GRPO objective: group-relative advantages, the clipped surrogate, the k3 KL, and the sampling log-probs.
+
+Notation (per completion token t of completion i of a group): ratio r = π(y_t) / π_old(y_t), A_i the advantage,
+ε and ε_high the clip range (clip-higher, DAPO). The per-token loss is
+
+    -min(r·A_i, clip(r, 1-ε, 1+ε_high)·A_i)  (+ β·k3 when a reference is kept)
+
+and `loss_type` says how tokens are averaged:
+
+- grpo (Shao et al. 2024): mean over each completion's tokens, then over completions. A short answer's tokens
+  weigh more than a long one's (the length bias Dr. GRPO points out).
+- dr_grpo (Liu et al. 2025): the sum over every token divided by a constant, completions x max_new_tokens:
+  no length bias, and the loss scale does not move with the answers' lengths.
+- dapo (Yu et al. 2025): token-level mean over every token of the batch.
+
+k3 (Schulman's estimator of KL(π || π_ref)): exp(ref - logp) - (ref - logp) - 1, unbiased and never negative.
+
+The log-probabilities are those of the distribution the rollouts were *sampled* from: the logits divided by the
+temperature, cut to top-k / top-p, as `matelike.model.generation.sample_next` does. Computing them at
+temperature 1 over the full vocabulary (a mistake seen in peers) makes the importance ratio compare two
+different policies.
+
+torch is imported inside the functions so that `matelike --help` does not load it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
+SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
+# Added to the standard deviation before dividing: a group whose rewards are all equal has advantages 0, not NaN.
+STD_EPS = 1e-4
+
+
+def group_advantages(rewards: "torch.Tensor", group: int, scale: str = "group",
+                     batch_std: float | None = None) -> "torch.Tensor":
+    """(N·G,) advantages of (N·G,) rewards laid out group after group: reward minus its group's mean, divided
+    by the group's standard deviation (`group`), the whole batch's (`batch`; `batch_std` when the batch spans
+    several processes) or by nothing (`none`, Dr. GRPO). Standard deviations are unbiased (n-1), as TRL's."""
+    import torch
+
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"unknown --scale-rewards {scale!r}; choose one of {', '.join(SCALE_REWARDS)}")
+    if group < 1 or rewards.numel() % group:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group}")
+    r = rewards.double().view(-1, group)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        std = r.std(dim=1, keepdim=True) if group > 1 else torch.zeros_like(r)
+        adv = adv / (std + STD_EPS)
+    elif scale == "batch":
+        std = batch_std if batch_std is not None else (float(r.std()) if r.numel() > 1 else 0.0)
+        adv = adv / (std + STD_EPS)
+    return adv.view(-1).float()
+
+
+def sampling_logits(logits: "torch.Tensor", tokens: "torch.Tensor", *, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None) -> "torch.Tensor":
+    """(N, V) fp32 logits of the distribution `sample_next` draws from: divided by the temperature, tokens
+    outside top-k / top-p at -inf.
+
+    `tokens` (N,) are the tokens that were sampled; they always stay in the support. The training forward
+    recomputes logits without the KV cache, so a token drawn right at the top-k / top-p boundary can fall a
+    rounding error outside it; -inf there would make the ratio NaN.
+    """
+    import torch
+
+    if not temperature > 0:
+        raise ValueError(f"RL samples: temperature must be > 0, got {temperature}")
+    x = logits.float() / temperature
+    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, tokens[:, None], True)
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill((x < kth) & ~keep, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop & ~keep, float("-inf"))
+    return x
+
+
+def token_logps(logits: "torch.Tensor", tokens: "torch.Tensor", *, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None,
+                with_entropy: bool = False) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+    """Log-probabilities (N,) of `tokens` under the sampling distribution of (N, V) `logits`, and its entropy
+    (N,) when asked (a diagnostic: computed without gradient)."""
+    import torch
+
+    x = sampling_logits(logits, tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    logp_all = torch.log_softmax(x, dim=-1)
+    logps = logp_all.gather(-1, tokens[:, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            p = logp_all.exp()
+            entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
+    return logps, entropy
+
+
+def k3_kl(logps: "torch.Tensor", ref_logps: "torch.Tensor") -> "torch.Tensor":
+    """Per-token k3 estimate of KL(π || π_ref): exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    import torch
+
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+@dataclass
+class GRPOLoss:
+    """The loss (scalar) and per-token diagnostics, each a mean over the loss's tokens."""
+
+    loss: "torch.Tensor"
+    clip_fraction: float
+    clip_low: float
+    clip_high: float
+    kl: float | None
+    ratio_mean: float
+
+
+def grpo_loss(
+    logps: "torch.Tensor", old_logps: "torch.Tensor", advantages: "torch.Tensor", mask: "torch.Tensor", *,
+    loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+    ref_logps: "torch.Tensor | None" = None, max_completion_len: int | None = None,
+) -> GRPOLoss:
+    """The clipped surrogate over (B, T) per-token log-probs (policy, the policy that sampled, reference),
+    (B,) advantages and a (B, T) mask of the tokens trained on (completion tokens, the stop token included).
+
+    `max_completion_len` is Dr. GRPO's constant (default: T). The clip fraction counts the tokens whose
+    gradient the clip removed: ratio below 1-ε with a negative advantage, above 1+ε_high with a positive one.
+    """
+    import torch
+
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown --loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    m = mask.to(logps.dtype)
+    adv = advantages.to(logps.dtype)[:, None]
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs the reference log-probs")
+        kl_tok = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl_tok
+        kl = kl_tok
+    n_tok = m.sum().clamp(min=1)
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        loss = (per_token * m).sum() / (m.shape[0] * (max_completion_len or m.shape[1]))
+    else:
+        loss = (per_token * m).sum() / n_tok
+    with torch.no_grad():
+        low = ((ratio < 1 - epsilon) & (adv < 0)).to(m.dtype) * m
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(m.dtype) * m
+        stats = torch.stack([low.sum(), high.sum(), (ratio * m).sum(),
+                             (kl * m).sum() if kl is not None else m.new_zeros(())]) / n_tok
+        low_f, high_f, ratio_mean, kl_mean = stats.tolist()
+    return GRPOLoss(loss=loss, clip_fraction=low_f + high_f, clip_low=low_f, clip_high=high_f,
+                    kl=kl_mean if kl is not None else None, ratio_mean=ratio_mean)
