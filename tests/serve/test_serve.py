@@ -476,15 +476,32 @@ def test_bench_serve_prints_one_json_line(tokenizer_dir: Path, capsys: pytest.Ca
     from matelike.cli import main
 
     code = main(["bench", "serve", "--preset", "tiny", "--tokenizer", str(tokenizer_dir), "--clients", "1,3",
-                 "--requests", "3", "--max-tokens", "4", "--level-seconds", "30"])
+                 "--requests", "3", "--max-tokens", "4", "--prompt-tokens", "4,12", "--level-seconds", "30"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and len(lines) == 1
     result = json.loads(lines[0])
     assert result["bench"] == "serve" and [lv["clients"] for lv in result["levels"]] == [1, 3]
+    assert result["max_batch"] == 3 and set(result["ratio_tokens_per_s_3_vs_1_clients"]) == {"batched",
+                                                                                             "one_at_a_time"}
     for level in result["levels"]:
-        assert level["requests"] == 3 and level["errors"] == 0
-        assert 0 < level["p50_latency_s"] <= level["p95_latency_s"]
-        assert level["requests_per_s"] > 0
+        for mode in ("batched", "one_at_a_time"):
+            figures = level[mode]
+            assert figures["requests"] == 3 and figures["errors"] == 0
+            assert 0 < figures["latency_s"]["p50"] <= figures["latency_s"]["p95"]
+            assert 0 < figures["time_to_first_token_s"]["p50"] <= figures["latency_s"]["p95"]
+            assert figures["completion_tokens_per_s"] > 0 and figures["mean_prompt_tokens"] > 4
+        assert level["ratio_batched_vs_one_at_a_time"]["completion_tokens_per_s"] == round(
+            level["batched"]["completion_tokens_per_s"] / level["one_at_a_time"]["completion_tokens_per_s"], 2)
+
+
+def test_bench_prompts_have_the_asked_lengths_and_differ(tokenizer) -> None:
+    from matelike.bench.serve import make_prompts
+
+    prompts = make_prompts(tokenizer, [5, 20], 6)
+    assert len(set(prompts)) == 6
+    for i, p in enumerate(prompts):
+        # A cut drops the bytes of a split character at each end (up to 2 tokens each with this tokenizer).
+        assert 0 <= (5, 20)[i % 2] - len(tokenizer.encode(p)) <= 4
 
 
 def test_worker_close_ends_running_and_waiting_jobs() -> None:
@@ -514,8 +531,8 @@ def test_worker_close_ends_running_and_waiting_jobs() -> None:
 
 # --- continuous batching --------------------------------------------------------------------------------------
 
-MIXED_PROMPTS = ("你好", "这家店的服务很好，菜的味道也不错，下次还会再来。" * 3, "北京是首都", "手机的质量太差了，用了三天就坏了。" * 2,
-                 "今天天气很好，我们一起去公园散步吧。", "学习")
+MIXED_PROMPTS = ("你好", "这家店的服务很好，菜的味道也不错，下次还会再来。" * 3, "北京是首都",
+                 "手机的质量太差了，用了三天就坏了。" * 2, "今天天气很好，我们一起去公园散步吧。", "学习")
 
 
 def test_answers_are_the_same_when_requests_join_a_running_batch_mid_way(served: ServedModel) -> None:
