@@ -1,0 +1,448 @@
+"""`matelike rl --algo grpo`: reinforcement learning on verifiable rewards as a task of the one training engine.
+
+Each optimiser step's micro-batches are rollouts of the current policy: `--batch-size` prompts per micro-batch
+per process, `--group` completions per prompt sampled with the KV cache (a prompt prefilled once for its
+group), scored by the rewards (matelike/rl/rewards.py), turned into group-relative advantages and trained with
+the clipped surrogate (matelike/rl/losses.py). `--updates-per-rollout U` replays a rollout for U optimiser
+steps: the first sees ratio exactly 1, the later ones the importance ratio against the log-probs the rollout
+was sampled with, which the clip bounds. Precision, accumulation, clipping, schedule, checkpoints, resume, DDP
+and metrics.jsonl are the engine's (matelike/train/).
+
+Resume is exact: a rollout's completions depend only on the weights and on the seeds of its prompts' positions
+in the data stream (rollout.sample_seed), so a run resumed at a rollout boundary draws what the uninterrupted
+run drew. A checkpoint taken between the updates of one rollout stores that rollout (every rank's share) in the
+cursor, since the weights that sampled it are gone.
+
+Under DDP the loss calls the wrapped module (its gradients are synchronised); generation uses the plain module
+the task was given, which holds the same weights. FSDP is refused: generation needs whole weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
+
+import numpy as np
+
+from matelike.rl.losses import LOSS_TYPES, SCALE_REWARDS
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from matelike.cli import CommandTable
+    from matelike.rl.rewards import RewardFn
+    from matelike.rl.rollout import Prompts
+
+ALGOS = ("grpo",)
+
+
+class GRPOTask:
+    """GRPO as an engine Task (protocol in matelike/train/engine.py).
+
+    `policy` is the plain module the engine trains (the same object), used for sampling; `ref_model` a frozen
+    copy of the initial weights, needed only with `beta` > 0. `decode(ids)` turns completion ids into the text
+    the rewards read. Metrics per step: reward mean and std overall, per task and per reward function, share of
+    groups whose rewards are all equal, completion length, share truncated, entropy of the sampling
+    distribution, clip fractions, mean ratio and, with a reference, the k3 KL.
+    """
+
+    def __init__(
+        self, policy: "nn.Module", prompts: "Prompts", rewards: Sequence["RewardFn"], *,
+        decode: Callable[[Sequence[int]], str], stop_ids: Sequence[int], pad_id: int,
+        reward_weights: Sequence[float] | None = None, reward_names: Sequence[str] | None = None,
+        batch_size: int = 4, grad_accum: int = 1, group: int = 8, max_new_tokens: int = 64,
+        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, loss_type: str = "dapo",
+        epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+        ref_model: "nn.Module | None" = None, scale_rewards: str = "group", mask_truncated: bool = False,
+        updates_per_rollout: int = 1, seed: int = 0, autocast: Callable[[], ContextManager] | None = None,
+        generation_batch: int = 64, aux_loss_coef: float = 0.0,
+    ) -> None:
+        from matelike.rl.rewards import reward_name
+
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown --loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"unknown --scale-rewards {scale_rewards!r}; choose one of {', '.join(SCALE_REWARDS)}")
+        if group < 2:
+            raise ValueError(f"--group must be >= 2 (advantages compare a prompt's samples), got {group}")
+        if not temperature > 0:
+            raise ValueError(f"--temperature must be > 0 for RL rollouts, got {temperature}")
+        if updates_per_rollout < 1 or max_new_tokens < 1:
+            raise ValueError("--updates-per-rollout and --max-new-tokens must be >= 1")
+        if beta and ref_model is None:
+            raise ValueError("--beta > 0 needs the reference model")
+        if len(prompts) == 0:
+            raise ValueError("no prompts")
+        self.policy, self.prompts, self.rewards = policy, prompts, list(rewards)
+        self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(self.rewards)
+        if len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"{len(self.rewards)} rewards but {len(self.reward_weights)} --reward-weights")
+        names = list(reward_names) if reward_names is not None else [reward_name(f) for f in self.rewards]
+        self.reward_names = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+        self.decode, self.stop_ids, self.pad_id = decode, tuple(stop_ids), pad_id
+        self.batch_size, self.grad_accum, self.group = batch_size, grad_accum, group
+        self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
+        self.loss_type, self.epsilon = loss_type, epsilon
+        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        self.beta, self.ref_model = beta, ref_model
+        self.scale_rewards, self.mask_truncated = scale_rewards, mask_truncated
+        self.updates = updates_per_rollout
+        self.seed, self.autocast, self.generation_batch = seed, autocast, generation_batch
+        self.aux_loss_coef = aux_loss_coef
+        self.tasks = prompts.tasks()
+        # dapo is a mean over every token of the step: micro-batches and ranks weigh by their tokens. grpo and
+        # dr_grpo are means over completions, and every micro-batch holds batch_size x group of them.
+        self.weight_by_tokens = loss_type == "dapo"
+        self._orders: dict[int, np.ndarray] = {}
+
+    # ---- data stream ---------------------------------------------------------------------------------------
+    def _prompt_at(self, position: int) -> int:
+        """Index of the prompt at `position` of the stream: a fresh seeded shuffle every epoch."""
+        n = len(self.prompts)
+        epoch = position // n
+        if epoch not in self._orders:
+            # a rollout may straddle two epochs: keep the last two orders
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = np.random.default_rng([self.seed % 2**63, epoch]).permutation(n)
+        return int(self._orders[epoch][position % n])
+
+    def epoch_size(self, world_size: int) -> int:
+        return math.ceil(len(self.prompts) / (world_size * self.batch_size)) * self.updates
+
+    def batches(self, rank: int, world_size: int, cursor: Any) -> Iterator[tuple[dict, dict]]:
+        """Micro-batches of rollout after rollout, each replayed `updates_per_rollout` times. The cursor says
+        where the next micro-batch is: rollout, update, micro-batch, and (between two updates of one rollout,
+        where the engine saves) the rollout itself."""
+        c = dict(cursor or {})
+        r, u, m = int(c.get("rollout", 0)), int(c.get("update", 0)), int(c.get("micro", 0))
+        saved = c.get("saved")
+        while True:
+            if saved is not None:
+                micro = _from_plain(saved[rank])
+            elif u > 0:
+                raise RuntimeError("this checkpoint was taken inside a rollout and does not hold it; resume from "
+                                   "another one")
+            else:
+                micro = self._rollout(r, rank, world_size)
+            plain = None
+            for uu in range(u, self.updates):
+                for mm in range(m, len(micro)):
+                    batch = dict(micro[mm], first_update=uu == 0)
+                    if mm + 1 < len(micro):
+                        nxt = {"rollout": r, "update": uu, "micro": mm + 1, "saved": saved}
+                    elif uu + 1 < self.updates:
+                        if plain is None:
+                            plain = self._gather_plain(micro, world_size)
+                        nxt = {"rollout": r, "update": uu + 1, "micro": 0, "saved": plain}
+                    else:
+                        nxt = {"rollout": r + 1, "update": 0, "micro": 0, "saved": None}
+                    yield batch, nxt
+                m = 0
+            r, u, saved = r + 1, 0, None
+
+    def _gather_plain(self, micro: list[dict], world_size: int) -> list:
+        """Every rank's rollout as plain values (what a checkpoint's cursor can hold), rank by rank."""
+        mine = _to_plain(micro)
+        if world_size == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * world_size
+        dist.all_gather_object(everyone, mine)
+        return everyone
+
+    # ---- rollouts ------------------------------------------------------------------------------------------
+    def _rollout(self, r: int, rank: int, world_size: int) -> list[dict]:
+        """Sample, score and lay out this rank's share of rollout `r`: grad_accum micro-batches."""
+        import torch
+
+        from matelike.rl.rewards import combine_rewards
+        from matelike.rl.rollout import collate_rows, sample_completions, sample_seed
+
+        B, G, A = self.batch_size, self.group, self.grad_accum
+        base = r * world_size * B * A
+        positions = [base + (mm * world_size + rank) * B + j for mm in range(A) for j in range(B)]
+        idx = [self._prompt_at(p) for p in positions]
+        req_prompts = [self.prompts.ids[i] for i in idx for _ in range(G)]
+        seeds = [sample_seed(self.seed, p, g) for p in positions for g in range(G)]
+        comps = sample_completions(
+            self.policy, req_prompts, seeds, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            top_k=self.top_k, top_p=self.top_p, stop_ids=self.stop_ids, max_batch=self.generation_batch,
+            autocast=self.autocast() if self.autocast else None,
+        )
+        answers = [c.tokens[:-1] if c.stopped else c.tokens for c in comps]
+        texts = [self.decode(a) for a in answers]
+        fields = [self.prompts.fields[i] for i in idx for _ in range(G)]
+        total, per_fn = combine_rewards(self.rewards, self.reward_weights,
+                                        [self.prompts.prompts[i] for i in idx for _ in range(G)], texts, fields,
+                                        answers)
+        rewards = torch.tensor(total, dtype=torch.float64)
+        stats, batch_std = self._rollout_stats(rewards, per_fn, comps, fields)
+        from matelike.rl.losses import group_advantages
+
+        adv = group_advantages(rewards, G, self.scale_rewards, batch_std=batch_std)
+        micro = []
+        for mm in range(A):
+            rows = slice(mm * B * G, (mm + 1) * B * G)
+            cs = comps[rows]
+            batch = collate_rows(req_prompts[rows], [c.tokens for c in cs],
+                                 [c.stopped or not self.mask_truncated for c in cs], self.pad_id)
+            batch["advantages"] = adv[rows].clone()
+            batch["stats"] = stats
+            micro.append(batch)
+        if self.updates > 1 or self.beta:
+            self._score_rollout(micro)
+        return micro
+
+    def _score_rollout(self, micro: list[dict]) -> None:
+        """Per-token log-probs of the sampling policy (for the ratio of later updates) and of the reference."""
+        import contextlib
+
+        import torch
+
+        device = next(self.policy.parameters()).device
+        with torch.no_grad(), (self.autocast() if self.autocast else contextlib.nullcontext()):
+            for batch in micro:
+                ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
+                if self.updates > 1:
+                    batch["old_logps"] = self._logps(self.policy, ids, targets)[0].cpu()
+                if self.beta:
+                    assert self.ref_model is not None
+                    batch["ref_logps"] = self._logps(self.ref_model, ids, targets)[0].cpu()
+
+    def _rollout_stats(self, rewards: "torch.Tensor", per_fn: list[list[float | None]], comps: list,
+                       fields: list[dict]) -> tuple[dict[str, float], float]:
+        """Rollout metrics over every rank (the same numbers on each), and the batch's reward std."""
+        from matelike.train.distributed import sum_over_ranks
+
+        G = self.group
+        groups = rewards.view(-1, G)
+        vals = [float(rewards.numel()), float(rewards.sum()), float((rewards ** 2).sum()),
+                float((groups.max(1).values == groups.min(1).values).sum()), float(groups.shape[0]),
+                float(sum(len(c.tokens) for c in comps)), float(sum(not c.stopped for c in comps))]
+        for t in self.tasks:
+            sel = [i for i, f in enumerate(fields) if f.get("task") == t]
+            vals += [float(len(sel)), float(sum(float(rewards[i]) for i in sel))]
+        if len(self.rewards) > 1:
+            for values in per_fn:
+                got = [v for v in values if v is not None]
+                vals += [float(len(got)), float(sum(got))]
+        vals = sum_over_ranks(vals)
+        n, s, s2, zero, ngroups, length, trunc = vals[:7]
+        var = (s2 - s * s / n) / (n - 1) if n > 1 else 0.0
+        std = math.sqrt(max(var, 0.0))
+        stats = {"reward": s / n, "reward_std": std, "zero_std_groups": zero / ngroups,
+                 "completion_len": length / n, "truncated": trunc / n}
+        k = 7
+        for t in self.tasks:
+            count, total = vals[k], vals[k + 1]
+            if count:
+                stats[f"reward_{t}"] = total / count
+            k += 2
+        if len(self.rewards) > 1:
+            for name in self.reward_names:
+                count, total = vals[k], vals[k + 1]
+                if count:
+                    stats[f"reward_fn_{name}"] = total / count
+                k += 2
+        return stats, std
+
+    # ---- loss ----------------------------------------------------------------------------------------------
+    def _logps(self, model: "nn.Module", ids: "torch.Tensor", targets: "torch.Tensor",
+               with_entropy: bool = False) -> tuple["torch.Tensor", "torch.Tensor | None", Any]:
+        """(B, T) log-probs of the targets under the sampling distribution (0 where no target), the entropies
+        of the target positions and the model output."""
+        import torch
+
+        from matelike.rl.losses import token_logps
+
+        out = model(ids)
+        mask = targets != -100
+        lp, ent = token_logps(out.logits[mask], targets[mask], temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, with_entropy=with_entropy)
+        full = torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
+        return full, ent, out
+
+    def loss(self, model: "nn.Module", batch: dict) -> tuple["torch.Tensor", dict[str, float], int]:
+        """The clipped surrogate over this micro-batch's completion tokens, the step's metrics, its tokens."""
+        from matelike.rl.losses import grpo_loss
+
+        targets = batch["targets"]
+        logps, entropy, out = self._logps(model, batch["input_ids"], targets, with_entropy=True)
+        mask = targets != -100
+        old = logps.detach() if batch["first_update"] else batch["old_logps"]
+        res = grpo_loss(logps, old, batch["advantages"], mask, loss_type=self.loss_type, epsilon=self.epsilon,
+                        epsilon_high=self.epsilon_high, beta=self.beta, ref_logps=batch.get("ref_logps"),
+                        max_completion_len=self.max_new_tokens)
+        loss = res.loss
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and self.aux_loss_coef:  # MoE load balancing stays on
+            loss = loss + self.aux_loss_coef * aux
+        n = int(mask.sum())
+        metrics = dict(batch["stats"])
+        metrics.update(clip_fraction=res.clip_fraction, clip_low=res.clip_low, clip_high=res.clip_high,
+                       ratio=res.ratio_mean if n else 1.0,
+                       entropy=float(entropy.sum()) / n if n and entropy is not None else 0.0)
+        if self.beta:
+            metrics["kl"] = res.kl or 0.0
+        return loss, metrics, n
+
+
+def _to_plain(micro: list[dict]) -> list[dict]:
+    """Micro-batches as lists and floats (a checkpoint cursor holds only plain values)."""
+    out = []
+    for b in micro:
+        out.append({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in b.items()})
+    return out
+
+
+def _from_plain(plain: list[dict]) -> list[dict]:
+    import torch
+
+    dtypes = {"input_ids": torch.long, "targets": torch.long, "advantages": torch.float32,
+              "old_logps": torch.float32, "ref_logps": torch.float32}
+    return [{k: torch.tensor(v, dtype=dtypes[k]) if k in dtypes else v for k, v in b.items()} for b in plain]
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+# Engine defaults for RL: a small learning rate (the policy must move a little per rollout), no warmup or
+# weight decay, a line of metrics per step (each step is a rollout: slow, and its rewards are the point).
+RL_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 0, "batch_size": 4, "seq_len": None, "weight_decay": 0.0,
+    "save_every": 50, "log_every": 1,
+}
+
+
+def _cmd_rl(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from matelike.data.records import BadRecordReport, DataFileError
+    from matelike.model.generation import default_stop_ids
+    from matelike.model.io import load_model
+    from matelike.rl.rewards import check_task_record, hack_references, load_reward, reward_name
+    from matelike.rl.rollout import load_prompts
+    from matelike.train import TrainConfig, Trainer, seed_everything
+    from matelike.train import distributed as D
+    from matelike.train.config import stage_seq_len
+    from matelike.train.precision import Precision
+
+    if args.fsdp:
+        print("error: matelike rl samples with whole weights; run it with DDP (without --fsdp)", file=sys.stderr)
+        return 2
+    try:
+        rewards = [load_reward(spec) for spec in args.reward]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(rewards)
+    if len(weights) != len(rewards):
+        print(f"error: {len(rewards)} --reward but {len(weights)} --reward-weights", file=sys.stderr)
+        return 2
+    info = D.setup(args.device)
+    seed_everything(args.seed)
+    model, tokenizer = load_model(args.init, device=info.device, dtype=torch.float32)
+    if tokenizer is None:
+        print(f"error: {args.init} has no tokenizer.json", file=sys.stderr)
+        return 2
+    try:
+        seq_len = args.seq_len = stage_seq_len(args.seq_len, model.config.max_seq_len, args.init)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 1 or args.max_new_tokens >= seq_len:
+        print(f"error: --max-new-tokens must be between 1 and --seq-len - 1 ({seq_len - 1})", file=sys.stderr)
+        return 2
+    config = TrainConfig.from_args(
+        args, stage="rl", algo=args.algo, init=str(args.init), reward=args.reward, reward_weights=weights,
+        group=args.group, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, loss=args.loss, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
+        beta=args.beta, scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated,
+        updates_per_rollout=args.updates_per_rollout)
+    report = BadRecordReport() if info.is_main else BadRecordReport(max_shown=0)
+    check = check_task_record if "task" in args.reward else None
+    try:
+        prompts = load_prompts(args.data, tokenizer, seq_len - args.max_new_tokens, report, check)
+    except DataFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if info.is_main:
+        print(f"rl prompts: {len(prompts)} usable, {report.summary()}", file=sys.stderr)
+    if len(prompts) == 0:
+        print("error: no usable prompts in " + ", ".join(map(str, args.data)), file=sys.stderr)
+        return 1
+    hacks = hack_references(prompts.prompts, prompts.fields) if "task" in args.reward else {}
+    if info.is_main:
+        config.out.mkdir(parents=True, exist_ok=True)
+        summary = {"prompts": len(prompts), "tasks": {t: sum(f.get("task") == t for f in prompts.fields)
+                                                       for t in prompts.tasks()},
+                   "bad_records": report.summary(), "reward_hack_references": hacks}
+        (config.out / "rl_data.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8")
+        if hacks:
+            print("task reward of the known hacks on these prompts (the learned reward should beat them): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in hacks.items()), file=sys.stderr)
+    precision = Precision.create(config.dtype, info.device)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta else None
+    try:
+        task = GRPOTask(
+            model, prompts, rewards, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            stop_ids=default_stop_ids(tokenizer), pad_id=tokenizer.pad_id, reward_weights=weights,
+            reward_names=[reward_name(f, s) for f, s in zip(rewards, args.reward)], batch_size=config.batch_size,
+            grad_accum=config.grad_accum, group=args.group, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, loss_type=args.loss,
+            epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta, ref_model=ref_model,
+            scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated,
+            updates_per_rollout=args.updates_per_rollout, seed=config.seed, autocast=precision.autocast,
+            generation_batch=args.generation_batch,
+            aux_loss_coef=model.config.aux_loss_coef if model.config.is_moe else 0.0,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = Trainer(config, model, tokenizer, task).fit()
+    if info.is_main:
+        print(json.dumps({"out": str(config.out), "step": result.step, "tokens": result.tokens,
+                          **{k: v for k, v in result.last_metrics.items() if k not in ("step", "tokens")}}))
+    return result.exit_code
+
+
+def add_cli(table: "CommandTable") -> None:
+    from matelike.train import add_engine_args
+
+    p = table.command("rl", "reinforcement learning: GRPO on task rewards or your own reward functions", _cmd_rl)
+    p.add_argument("--init", required=True, type=Path, help="model directory to start from (the SFT or DPO model)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="{prompt, ...} jsonl/parquet/csv files or dirs (the demo's tasks_train.jsonl: prompt, "
+                        "task, answer); the other fields go to the reward functions")
+    p.add_argument("--algo", choices=ALGOS, default="grpo", help="the RL algorithm")
+    p.add_argument("--reward", nargs="+", default=["task"],
+                   help="`task` (the demo tasks' scorers, by each record's task and answer) and/or module:function "
+                        "(TRL reward_funcs convention: f(prompts, completions, **fields) -> list of float or None)")
+    p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward (all 1)")
+    p.add_argument("--group", type=int, default=8, help="completions sampled per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per completion at most")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts (> 0)")
+    p.add_argument("--top-k", type=int, default=None, help="rollouts sample from the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="rollouts sample from the nucleus of mass p")
+    p.add_argument("--loss", choices=LOSS_TYPES, default="dapo",
+                   help="token averaging: grpo (per completion, then over completions), dr_grpo (sum / "
+                        "completions x max-new-tokens), dapo (over every token)")
+    p.add_argument("--scale-rewards", choices=SCALE_REWARDS, default="group",
+                   help="divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO)")
+    p.add_argument("--epsilon", type=float, default=0.2, help="clip range below 1 (and above, unless --epsilon-high)")
+    p.add_argument("--epsilon-high", type=float, default=None, help="clip range above 1 (DAPO's clip-higher: 0.28)")
+    p.add_argument("--beta", type=float, default=0.0,
+                   help="weight of the k3 KL to the initial model; 0 keeps no reference model in memory")
+    p.add_argument("--updates-per-rollout", type=int, default=1,
+                   help="optimiser steps on each batch of rollouts (above 1 the ratio and the clip matter)")
+    p.add_argument("--mask-truncated", action="store_true",
+                   help="leave completions that hit --max-new-tokens out of the loss")
+    p.add_argument("--generation-batch", type=int, default=64, help="completions decoded together at most")
+    add_engine_args(p, RL_DEFAULTS)

@@ -1,0 +1,191 @@
+"""The GRPO stage: rollouts (stop token trained, truncation masked, old log-probs), learning a toy reward, the
+command line (bad records, exact resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from matelike.rl import GRPOTask
+from matelike.rl.rollout import Prompts, collate_rows, sample_completions
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TASK_RECORDS = [
+    {"prompt": "判断评论情感（正面/负面）：这家店的服务很好", "task": "sentiment", "answer": "正面"},
+    {"prompt": "中文分词：今天天气很好", "task": "segmentation", "answer": "今天 天气 很 好"},
+    {"prompt": "找出句子中的人名、地名、机构名：江泽民在北京", "task": "entities", "answer": "人名：江泽民；地名：北京"},
+    {"prompt": "判断评论情感（正面/负面）：手机的质量太差了", "task": "sentiment", "answer": "负面"},
+]
+
+
+def _model(make_chat_model):
+    from matelike.model.io import load_model
+
+    model, tok = load_model(make_chat_model(max_seq_len=128))
+    return model, tok
+
+
+def _prompts(tok, records=TASK_RECORDS) -> Prompts:
+    p = Prompts()
+    for i, r in enumerate(records):
+        p.ids.append(tok.encode_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0])
+        p.prompts.append(r["prompt"])
+        p.fields.append({k: v for k, v in r.items() if k != "prompt"})
+        p.sources.append(f"mem:{i + 1}")
+    return p
+
+
+def test_the_stop_token_is_trained_and_truncated_completions_can_be_masked(make_chat_model) -> None:
+    model, tok = _model(make_chat_model)
+    prompt = tok.encode_chat([{"role": "user", "content": "你好"}], add_generation_prompt=True)[0]
+    # Half the vocabulary stops: completions end quickly with a stop token.
+    stops = list(range(0, tok.vocab_size, 2))
+    comps = sample_completions(model, [prompt] * 6, list(range(6)), max_new_tokens=20, temperature=1.0, top_k=None,
+                               top_p=None, stop_ids=stops, max_batch=6)
+    stopped = [c for c in comps if c.stopped]
+    assert stopped and all(c.tokens[-1] in stops and not any(t in stops for t in c.tokens[:-1]) for c in stopped)
+    rows = collate_rows([prompt] * len(stopped), [c.tokens for c in stopped], [True] * len(stopped), tok.pad_id)
+    for i, c in enumerate(stopped):
+        trained = rows["targets"][i][rows["targets"][i] != -100].tolist()
+        assert trained == c.tokens  # the answer and its stop token
+        assert rows["input_ids"][i, : len(prompt) + len(c.tokens) - 1].tolist() == prompt + c.tokens[:-1]
+    # No stop ids: every completion runs to the limit, and --mask-truncated leaves them out of the loss.
+    long = sample_completions(model, [prompt] * 2, [0, 1], max_new_tokens=3, temperature=1.0, top_k=None,
+                              top_p=None, stop_ids=(), max_batch=2)
+    assert [len(c.tokens) for c in long] == [3, 3] and not any(c.stopped for c in long)
+    kept = collate_rows([prompt] * 2, [c.tokens for c in long], [True, True], tok.pad_id)
+    masked = collate_rows([prompt] * 2, [c.tokens for c in long], [False, False], tok.pad_id)
+    assert (kept["targets"] != -100).sum() == 6 and (masked["targets"] != -100).sum() == 0
+
+
+def test_the_stop_token_gets_gradient_in_the_loss(make_chat_model) -> None:
+    model, tok = _model(make_chat_model)
+    task = GRPOTask(model, _prompts(tok), [lambda prompts, completions, **kw: [float(len(c)) for c in completions]],
+                    decode=tok.decode, stop_ids=list(range(0, tok.vocab_size, 2)), pad_id=tok.pad_id,
+                    batch_size=2, group=4, max_new_tokens=8, seed=3)
+    batch, _ = next(task.batches(0, 1, None))
+    targets = batch["targets"]
+    last = [row[row != -100][-1].item() for row in targets if (row != -100).any()]
+    assert any(t % 2 == 0 for t in last)  # some completions end in a (trained) stop token
+    loss, metrics, n = task.loss(model, batch)
+    loss.backward()
+    assert n == int((targets != -100).sum()) and metrics["ratio"] == 1.0
+
+
+def test_later_updates_use_the_log_probs_the_rollout_was_sampled_with(make_chat_model) -> None:
+    model, tok = _model(make_chat_model)
+    reward = lambda prompts, completions, **kw: [float(len(c) % 3) for c in completions]  # noqa: E731
+    task = GRPOTask(model, _prompts(tok), [reward], decode=tok.decode, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                    batch_size=2, group=4, max_new_tokens=6, updates_per_rollout=2, temperature=0.8, top_k=50,
+                    seed=5)
+    it = task.batches(0, 1, None)
+    first, cur1 = next(it)
+    second, cur2 = next(it)
+    assert first["first_update"] and not second["first_update"]
+    assert cur1["update"] == 1 and cur1["saved"] is not None and cur2 == {"rollout": 1, "update": 0, "micro": 0,
+                                                                         "saved": None}
+    # Same weights: the stored log-probs are the ones the loss computes, so the ratio is 1 on this path too.
+    _, metrics, _ = task.loss(model, second)
+    assert metrics["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(first["input_ids"], second["input_ids"])
+
+
+def test_a_toy_reward_rises_within_a_few_steps(make_chat_model, tmp_path: Path) -> None:
+    """Reward: the share of completion tokens with an even id. Plain GRPO on it must raise the mean reward."""
+    from matelike.train import TrainConfig, Trainer
+
+    model, tok = _model(make_chat_model)
+
+    def even(prompts, completions, completion_ids, **kw):
+        return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+    prompts = _prompts(tok)
+    task = GRPOTask(model, prompts, [even], decode=tok.decode, stop_ids=(), pad_id=tok.pad_id, batch_size=4,
+                    group=8, max_new_tokens=8, seed=1)
+    config = TrainConfig(out=tmp_path / "toy", max_steps=12, batch_size=4, seq_len=128, lr=3e-3, min_lr=3e-3,
+                         warmup_steps=0, weight_decay=0.0, dtype="fp32", log_every=1, save_every=1000,
+                         progress=False, device="cpu")
+    Trainer(config, model, tok, task, export=None).fit()
+    lines = [json.loads(x) for x in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [m["reward"] for m in lines]
+    assert len(rewards) == 12
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+    for key in ("reward_std", "zero_std_groups", "completion_len", "entropy", "clip_fraction", "truncated",
+                "reward_sentiment", "reward_entities"):
+        assert key in lines[0]
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+def _write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
+                            for r in records), encoding="utf-8")
+    return path
+
+
+def _run_args(init: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["rl", "--init", str(init), "--data", str(data), "--out", str(out), "--batch-size", "2", "--group", "3",
+            "--max-new-tokens", "6", "--lr", "1e-3", "--min-lr", "1e-3", "--log-every", "1", "--dtype", "fp32",
+            "--no-progress", "--device", "cpu", *extra]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bad_prompt_records_are_reported_with_file_and_line(make_chat_model, tmp_path: Path, capsys) -> None:
+    from matelike.cli import main
+
+    data = _write_jsonl(tmp_path / "p.jsonl", [
+        TASK_RECORDS[0],
+        {"prompt": "没有任务", "answer": "x"},
+        {"prompt": "写诗", "task": "poetry", "answer": "x"},
+        "{not json",
+        {"prompt": "判断评论情感：好", "task": "sentiment"},
+        {"prompt": "长" * 400, "task": "sentiment", "answer": "正面"},
+        {"messages": [{"role": "assistant", "content": "hi"}], "task": "sentiment", "answer": "正面"},
+        TASK_RECORDS[1],
+    ])
+    code = main(_run_args(make_chat_model(max_seq_len=128), data, tmp_path / "out", "--max-steps", "1"))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    for line, what in [(2, "missing field: 'task'"), (3, "unknown task"), (4, "invalid JSON"),
+                       (5, "missing field: 'answer'"), (6, "prompt too long"), (7, "")]:
+        assert f"{data}:{line}: {what}" in err, err
+    assert "2 usable, 6 bad records" in err
+    summary = json.loads((tmp_path / "out" / "rl_data.json").read_text(encoding="utf-8"))
+    assert summary["prompts"] == 2 and "entities_always_none" not in summary["reward_hack_references"]
+
+
+EVEN_REWARD = """
+def even(prompts, completions, completion_ids, **fields):
+    return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+"""
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(make_chat_model, tmp_path: Path, monkeypatch) -> None:
+    """Interrupted between the two updates of a rollout (the cursor holds the rollout) and resumed: the same
+    losses and rewards as the run that was not interrupted (bitwise in fp32 on CPU)."""
+    from matelike.cli import main
+
+    (tmp_path / "rl_test_rewards.py").write_text(EVEN_REWARD, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    init = make_chat_model(max_seq_len=128)
+    data = _write_jsonl(tmp_path / "p.jsonl", TASK_RECORDS * 2)
+    extra = ("--updates-per-rollout", "2", "--save-every", "1", "--beta", "0.1", "--temperature", "0.9",
+             "--top-k", "100", "--reward", "task", "rl_test_rewards:even", "--reward-weights", "1", "2")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(_run_args(init, data, whole, "--max-steps", "5", *extra)) == 0
+    assert main(_run_args(init, data, split, "--max-steps", "3", *extra)) == 0
+    assert main(_run_args(init, data, split, "--max-steps", "5", "--resume", *extra)) == 0
+    a, b = _metrics(whole), _metrics(split)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    for key in ("loss", "reward", "kl", "entropy", "ratio"):
+        assert [m[key] for m in a] == [m[key] for m in b], key
+    assert a[0]["ratio"] == 1.0 and a[1]["ratio"] != 1.0  # the second update of a rollout sees the ratio
+    assert "reward_fn_task" in a[0] and "reward_fn_even" in a[0]
