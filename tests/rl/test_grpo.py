@@ -189,3 +189,33 @@ def test_resume_continues_exactly(make_chat_model, tmp_path: Path, monkeypatch) 
         assert [m[key] for m in a] == [m[key] for m in b], key
     assert a[0]["ratio"] == 1.0 and a[1]["ratio"] != 1.0  # the second update of a rollout sees the ratio
     assert "reward_fn_task" in a[0] and "reward_fn_even" in a[0]
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_weights_and_match_one_process(make_chat_model, tmp_path: Path) -> None:
+    """gloo DDP, one prompt per rank against one process with both prompts: same rewards and losses, and both
+    ranks end with the same weights (the loss goes through the wrapped module, so gradients are averaged)."""
+    import os
+    import subprocess
+    import sys
+
+    init = make_chat_model(max_seq_len=128)
+    data = _write_jsonl(tmp_path / "p.jsonl", TASK_RECORDS)
+    script = str(Path(__file__).with_name("ddp_rl.py"))
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "OMP_NUM_THREADS": "1"}
+
+    def run(nproc: int, batch: int, out: Path) -> list[dict]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
+               str(init), str(data), str(out), str(batch), "3"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return _metrics(out)
+
+    one, two = run(1, 2, tmp_path / "one"), run(2, 1, tmp_path / "two")
+    w0, w1 = torch.load(tmp_path / "two" / "rank-0.pt"), torch.load(tmp_path / "two" / "rank-1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    single = torch.load(tmp_path / "one" / "rank-0.pt")
+    assert all(torch.allclose(w0[k], single[k], atol=1e-5) for k in w0)
+    for key in ("reward", "reward_std", "loss"):
+        assert [m[key] for m in one] == pytest.approx([m[key] for m in two], abs=1e-5), key
