@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from matelike.device import DTYPES, add_device_args
+from matelike.train.metrics import REPORT_TO, check_report_to
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -48,6 +49,7 @@ class TrainConfig:
     fsdp: bool = False
     device: str = "auto"
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    report_to: str = "none"  # "tensorboard": metrics.jsonl's lines also as TensorBoard scalars
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     extra: dict[str, Any] = field(default_factory=dict)  # stage settings worth recording in checkpoints
 
@@ -73,6 +75,7 @@ class TrainConfig:
             raise ValueError("--optimizer muon cannot be combined with --fsdp yet; use adamw with --fsdp")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+        check_report_to(self.report_to)  # every rank, before anything is built: not installed fails here
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **extra: Any) -> "TrainConfig":
@@ -102,6 +105,14 @@ def stage_seq_len(requested: int | None, context: int, init: str | Path) -> int:
         raise ValueError(f"--seq-len {requested} exceeds the context of {init} ({context} tokens); "
                          f"use --seq-len {context} or less")
     return requested
+
+
+def _report_to(text: str) -> str:
+    # Checked while parsing, so a missing package stops every stage with argparse's usage error at once.
+    try:
+        return check_report_to(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_engine_args(
@@ -146,4 +157,7 @@ def add_engine_args(
                    help="stop after this many steps in a row with a non-finite loss or gradient")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d["progress"],
                    help="progress bar (default: when stderr is a terminal)")
+    g.add_argument("--report-to", type=_report_to, default=d["report_to"], metavar="{" + ",".join(REPORT_TO) + "}",
+                   help="also write metrics.jsonl's lines as TensorBoard scalars under OUT/tensorboard "
+                        "(needs the tensorboard extra)")
     return parser

@@ -68,7 +68,8 @@ What the engine writes under --out
   fp32 on CPU in one process (same thread count); elsewhere within float reduction-order noise;
 - ``metrics.jsonl``: one line per --log-every steps, per eval and per skipped step, with step, tokens, loss,
   lr, tokens_per_s, grad_norm, mfu (when the progress bar measured the peak), the Task's metrics, and on
-  eval lines the keys ``evaluate`` returned. On resume, lines past the checkpoint are dropped first.
+  eval lines the keys ``evaluate`` returned. On resume, lines past the checkpoint are dropped first;
+- with --report-to tensorboard, the same numbers as TensorBoard scalars in ``tensorboard/``.
 
 Signals: SIGINT/SIGTERM finish the current step, save a checkpoint and return a FitResult whose exit_code is
 128+signal; a second Ctrl-C stops at once. A non-finite loss or gradient skips the update (logged with
@@ -398,7 +399,8 @@ class Trainer:
         if cfg.resume:
             self._log_text(f"resuming from {resume_from} (step {step})" if resume_from
                            else "no checkpoint to resume from; starting fresh")
-        log = MetricsLog(cfg.out, resume_step=step if resume_from else None) if info.is_main else None
+        log = (MetricsLog(cfg.out, resume_step=step if resume_from else None, report_to=cfg.report_to)
+               if info.is_main else None)
         flops_per_token = train_flops_per_token(self.raw, cfg.seq_len)
         peak = None
         if show_bar and info.is_main:  # MFU needs the machine's peak; measuring takes a moment
