@@ -31,6 +31,7 @@ MODULES: tuple[str, ...] = (
     "matelike.bench.sft_data",
     "matelike.bench.serve",
     "matelike.bench.train",
+    "matelike.bench.rl",
     "matelike.generate",
     "matelike.model.info",
     "matelike.export.gguf",

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
@@ -99,6 +100,8 @@ class GRPOTask:
         # dr_grpo are means over completions, and every micro-batch holds batch_size x group of them.
         self.weight_by_tokens = loss_type == "dapo"
         self._orders: dict[int, np.ndarray] = {}
+        # (start time, seconds sampling, tokens sampled) per rollout on this rank, for `matelike bench rl`
+        self.rollout_log: list[tuple[float, float, int]] = []
 
     # ---- data stream ---------------------------------------------------------------------------------------
     def _prompt_at(self, position: int) -> int:
@@ -170,11 +173,13 @@ class GRPOTask:
         idx = [self._prompt_at(p) for p in positions]
         req_prompts = [self.prompts.ids[i] for i in idx for _ in range(G)]
         seeds = [sample_seed(self.seed, p, g) for p in positions for g in range(G)]
+        t0 = time.perf_counter()
         comps = sample_completions(
             self.policy, req_prompts, seeds, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
             top_k=self.top_k, top_p=self.top_p, stop_ids=self.stop_ids, max_batch=self.generation_batch,
             autocast=self.autocast() if self.autocast else None,
         )
+        self.rollout_log.append((t0, time.perf_counter() - t0, sum(len(c.tokens) for c in comps)))
         answers = [c.tokens[:-1] if c.stopped else c.tokens for c in comps]
         texts = [self.decode(a) for a in answers]
         fields = [self.prompts.fields[i] for i in idx for _ in range(G)]
