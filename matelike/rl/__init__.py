@@ -61,7 +61,7 @@ class GRPOTask:
         epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
         ref_model: "nn.Module | None" = None, scale_rewards: str = "group", mask_truncated: bool = False,
         updates_per_rollout: int = 1, seed: int = 0, autocast: Callable[[], ContextManager] | None = None,
-        generation_batch: int = 64, aux_loss_coef: float = 0.0,
+        generation_batch: int = 64, aux_loss_coef: float = 0.0, dynamic_sampling: int = 0,
     ) -> None:
         from matelike.rl.rewards import reward_name
 
@@ -95,6 +95,9 @@ class GRPOTask:
         self.updates = updates_per_rollout
         self.seed, self.autocast, self.generation_batch = seed, autocast, generation_batch
         self.aux_loss_coef = aux_loss_coef
+        if dynamic_sampling < 0:
+            raise ValueError(f"--dynamic-sampling must be >= 0, got {dynamic_sampling}")
+        self.dynamic_sampling = dynamic_sampling
         self.tasks = prompts.tasks()
         # dapo is a mean over every token of the step: micro-batches and ranks weigh by their tokens. grpo and
         # dr_grpo are means over completions, and every micro-batch holds batch_size x group of them.
@@ -119,34 +122,38 @@ class GRPOTask:
 
     def batches(self, rank: int, world_size: int, cursor: Any) -> Iterator[tuple[dict, dict]]:
         """Micro-batches of rollout after rollout, each replayed `updates_per_rollout` times. The cursor says
-        where the next micro-batch is: rollout, update, micro-batch, and (between two updates of one rollout,
-        where the engine saves) the rollout itself."""
+        where the next micro-batch is: the rollout's first position in the prompt stream, update, micro-batch,
+        and (between two updates of one rollout, where the engine saves) the rollout itself and where the next
+        one starts."""
         c = dict(cursor or {})
-        r, u, m = int(c.get("rollout", 0)), int(c.get("update", 0)), int(c.get("micro", 0))
-        saved = c.get("saved")
+        pos, u, m = int(c.get("position", 0)), int(c.get("update", 0)), int(c.get("micro", 0))
+        saved, nxt_pos = c.get("saved"), c.get("next")
         while True:
             if saved is not None:
+                if len(saved) != world_size:
+                    raise RuntimeError(f"this checkpoint was taken inside a rollout by {len(saved)} processes; "
+                                       f"resume it with as many")
                 micro = _from_plain(saved[rank])
-            elif u > 0:
+            elif u > 0 or m > 0:
                 raise RuntimeError("this checkpoint was taken inside a rollout and does not hold it; resume from "
                                    "another one")
             else:
-                micro = self._rollout(r, rank, world_size)
+                micro, nxt_pos = self._rollout(pos, rank, world_size)
             plain = None
             for uu in range(u, self.updates):
                 for mm in range(m, len(micro)):
                     batch = dict(micro[mm], first_update=uu == 0)
                     if mm + 1 < len(micro):
-                        nxt = {"rollout": r, "update": uu, "micro": mm + 1, "saved": saved}
+                        nxt = {"position": pos, "next": nxt_pos, "update": uu, "micro": mm + 1, "saved": saved}
                     elif uu + 1 < self.updates:
                         if plain is None:
                             plain = self._gather_plain(micro, world_size)
-                        nxt = {"rollout": r, "update": uu + 1, "micro": 0, "saved": plain}
+                        nxt = {"position": pos, "next": nxt_pos, "update": uu + 1, "micro": 0, "saved": plain}
                     else:
-                        nxt = {"rollout": r + 1, "update": 0, "micro": 0, "saved": None}
+                        nxt = {"position": nxt_pos, "next": None, "update": 0, "micro": 0, "saved": None}
                     yield batch, nxt
                 m = 0
-            r, u, saved = r + 1, 0, None
+            pos, u, saved = int(nxt_pos), 0, None
 
     def _gather_plain(self, micro: list[dict], world_size: int) -> list:
         """Every rank's rollout as plain values (what a checkpoint's cursor can hold), rank by rank."""
@@ -160,49 +167,77 @@ class GRPOTask:
         return everyone
 
     # ---- rollouts ------------------------------------------------------------------------------------------
-    def _rollout(self, r: int, rank: int, world_size: int) -> list[dict]:
-        """Sample, score and lay out this rank's share of rollout `r`: grad_accum micro-batches."""
-        import torch
-
+    def _sample_groups(self, positions: list[int]) -> list[dict]:
+        """Sample and score a group for each stream position: one dict per group."""
         from matelike.rl.rewards import combine_rewards
-        from matelike.rl.rollout import collate_rows, sample_completions, sample_seed
+        from matelike.rl.rollout import sample_completions, sample_seed
 
-        B, G, A = self.batch_size, self.group, self.grad_accum
-        base = r * world_size * B * A
-        positions = [base + (mm * world_size + rank) * B + j for mm in range(A) for j in range(B)]
+        G = self.group
         idx = [self._prompt_at(p) for p in positions]
-        req_prompts = [self.prompts.ids[i] for i in idx for _ in range(G)]
         seeds = [sample_seed(self.seed, p, g) for p in positions for g in range(G)]
         t0 = time.perf_counter()
         comps = sample_completions(
-            self.policy, req_prompts, seeds, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            top_k=self.top_k, top_p=self.top_p, stop_ids=self.stop_ids, max_batch=self.generation_batch,
+            self.policy, [self.prompts.ids[i] for i in idx for _ in range(G)], seeds,
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            stop_ids=self.stop_ids, max_batch=self.generation_batch,
             autocast=self.autocast() if self.autocast else None,
         )
         self.rollout_log.append((t0, time.perf_counter() - t0, sum(len(c.tokens) for c in comps)))
         answers = [c.tokens[:-1] if c.stopped else c.tokens for c in comps]
-        texts = [self.decode(a) for a in answers]
         fields = [self.prompts.fields[i] for i in idx for _ in range(G)]
+        # One call per reward function for the whole rollout, before any training forward.
         total, per_fn = combine_rewards(self.rewards, self.reward_weights,
-                                        [self.prompts.prompts[i] for i in idx for _ in range(G)], texts, fields,
-                                        answers)
-        rewards = torch.tensor(total, dtype=torch.float64)
-        stats, batch_std = self._rollout_stats(rewards, per_fn, comps, fields)
-        from matelike.rl.losses import group_advantages
+                                        [self.prompts.prompts[i] for i in idx for _ in range(G)],
+                                        [self.decode(a) for a in answers], fields, answers)
+        return [{"prompt": self.prompts.ids[i], "task": self.prompts.fields[i].get("task"),
+                 "comps": comps[k * G:(k + 1) * G], "rewards": total[k * G:(k + 1) * G],
+                 "per_fn": [vals[k * G:(k + 1) * G] for vals in per_fn]} for k, i in enumerate(idx)]
 
+    def _rollout(self, start: int, rank: int, world_size: int) -> tuple[list[dict], int]:
+        """Sample, score and lay out this rank's share of the rollout starting at stream position `start`:
+        grad_accum micro-batches of batch_size groups. Rank r takes positions start + i·world + r, so N
+        processes with batch B see the prompts one process with batch N·B sees. With dynamic sampling, groups
+        whose rewards are all equal are set aside and more prompts drawn, up to `dynamic_sampling` rounds
+        (groups set aside fill what is still missing). Returns the micro-batches and the next rollout's start
+        (the same on every rank)."""
+        import torch
+
+        from matelike.rl.losses import group_advantages
+        from matelike.rl.rollout import collate_rows
+
+        B, G, A = self.batch_size, self.group, self.grad_accum
+        need = B * A
+        used: list[dict] = []
+        drawn: list[dict] = []
+        i = 0
+        for _ in range(max(1, self.dynamic_sampling)):
+            groups = self._sample_groups([start + (i + j) * world_size + rank for j in range(need - len(used))])
+            i += len(groups)
+            drawn += groups
+            if not self.dynamic_sampling:
+                used = groups
+                break
+            used += [g for g in groups if max(g["rewards"]) != min(g["rewards"])][: need - len(used)]
+            if len(used) == need:
+                break
+        if len(used) < need:  # out of rounds: fill with groups that carry no signal (advantage 0)
+            spare = [g for g in drawn if all(g is not u for u in used)]
+            used += spare[: need - len(used)]
+        rewards = torch.tensor([r for g in used for r in g["rewards"]], dtype=torch.float64)
+        stats, batch_std, consumed = self._rollout_stats(drawn, used, i)
         adv = group_advantages(rewards, G, self.scale_rewards, batch_std=batch_std)
         micro = []
         for mm in range(A):
-            rows = slice(mm * B * G, (mm + 1) * B * G)
-            cs = comps[rows]
-            batch = collate_rows(req_prompts[rows], [c.tokens for c in cs],
-                                 [c.stopped or not self.mask_truncated for c in cs], self.pad_id)
-            batch["advantages"] = adv[rows].clone()
+            part = used[mm * B:(mm + 1) * B]
+            comps = [c for g in part for c in g["comps"]]
+            batch = collate_rows([g["prompt"] for g in part for _ in range(G)], [c.tokens for c in comps],
+                                 [c.stopped or not self.mask_truncated for c in comps], self.pad_id)
+            batch["advantages"] = adv[mm * B * G:(mm + 1) * B * G].clone()
             batch["stats"] = stats
             micro.append(batch)
         if self.updates > 1 or self.beta:
             self._score_rollout(micro)
-        return micro
+        return micro, start + consumed * world_size
 
     def _score_rollout(self, micro: list[dict]) -> None:
         """Per-token log-probs of the sampling policy (for the ratio of later updates) and of the reference."""
@@ -220,30 +255,41 @@ class GRPOTask:
                     assert self.ref_model is not None
                     batch["ref_logps"] = self._logps(self.ref_model, ids, targets)[0].cpu()
 
-    def _rollout_stats(self, rewards: "torch.Tensor", per_fn: list[list[float | None]], comps: list,
-                       fields: list[dict]) -> tuple[dict[str, float], float]:
-        """Rollout metrics over every rank (the same numbers on each), and the batch's reward std."""
+    def _rollout_stats(self, drawn: list[dict], used: list[dict], consumed: int
+                       ) -> tuple[dict[str, float], float, int]:
+        """Rollout metrics over every rank (the same numbers on each), the reward std of the groups trained on
+        (for --scale-rewards batch) and the most positions any rank consumed. Rewards, lengths and the share
+        of zero-variance groups describe every group sampled (what the policy does); with dynamic sampling
+        `dynamic_draws` is groups sampled per group trained on."""
         from matelike.train.distributed import sum_over_ranks
 
-        G = self.group
-        groups = rewards.view(-1, G)
-        vals = [float(rewards.numel()), float(rewards.sum()), float((rewards ** 2).sum()),
-                float((groups.max(1).values == groups.min(1).values).sum()), float(groups.shape[0]),
-                float(sum(len(c.tokens) for c in comps)), float(sum(not c.stopped for c in comps))]
+        comps = [c for g in drawn for c in g["comps"]]
+        rewards = [r for g in drawn for r in g["rewards"]]
+        trained = [r for g in used for r in g["rewards"]]
+        vals = [float(len(rewards)), float(sum(rewards)), float(sum(r * r for r in rewards)),
+                float(sum(max(g["rewards"]) == min(g["rewards"]) for g in drawn)), float(len(drawn)),
+                float(sum(len(c.tokens) for c in comps)), float(sum(not c.stopped for c in comps)),
+                float(len(trained)), float(sum(trained)), float(sum(r * r for r in trained)), float(len(used))]
         for t in self.tasks:
-            sel = [i for i, f in enumerate(fields) if f.get("task") == t]
-            vals += [float(len(sel)), float(sum(float(rewards[i]) for i in sel))]
+            sel = [r for g in drawn if g["task"] == t for r in g["rewards"]]
+            vals += [float(len(sel)), float(sum(sel))]
         if len(self.rewards) > 1:
-            for values in per_fn:
-                got = [v for v in values if v is not None]
+            for k in range(len(self.rewards)):
+                got = [v for g in drawn for v in g["per_fn"][k] if v is not None]
                 vals += [float(len(got)), float(sum(got))]
         vals = sum_over_ranks(vals)
-        n, s, s2, zero, ngroups, length, trunc = vals[:7]
-        var = (s2 - s * s / n) / (n - 1) if n > 1 else 0.0
-        std = math.sqrt(max(var, 0.0))
-        stats = {"reward": s / n, "reward_std": std, "zero_std_groups": zero / ngroups,
+        # ranks may draw different numbers of prompts: the stream moves on by the most any rank drew
+        most = _max_over_ranks(consumed) if self.dynamic_sampling else consumed
+
+        def std(n: float, s: float, s2: float) -> float:
+            return math.sqrt(max((s2 - s * s / n) / (n - 1), 0.0)) if n > 1 else 0.0
+
+        n, s, s2, zero, ngroups, length, trunc, nt, st, s2t, nused = vals[:11]
+        stats = {"reward": s / n, "reward_std": std(n, s, s2), "zero_std_groups": zero / ngroups,
                  "completion_len": length / n, "truncated": trunc / n}
-        k = 7
+        if self.dynamic_sampling:
+            stats["dynamic_draws"] = ngroups / nused
+        k = 11
         for t in self.tasks:
             count, total = vals[k], vals[k + 1]
             if count:
@@ -255,7 +301,7 @@ class GRPOTask:
                 if count:
                     stats[f"reward_fn_{name}"] = total / count
                 k += 2
-        return stats, std
+        return stats, std(nt, st, s2t), most
 
     # ---- loss ----------------------------------------------------------------------------------------------
     def _logps(self, model: "nn.Module", ids: "torch.Tensor", targets: "torch.Tensor",
@@ -296,6 +342,19 @@ class GRPOTask:
         if self.beta:
             metrics["kl"] = res.kl or 0.0
         return loss, metrics, n
+
+
+def _max_over_ranks(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _to_plain(micro: list[dict]) -> list[dict]:
@@ -370,7 +429,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
         group=args.group, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, loss=args.loss, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
         beta=args.beta, scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated,
-        updates_per_rollout=args.updates_per_rollout)
+        updates_per_rollout=args.updates_per_rollout, dynamic_sampling=args.dynamic_sampling)
     report = BadRecordReport() if info.is_main else BadRecordReport(max_shown=0)
     check = check_task_record if "task" in args.reward else None
     try:
@@ -405,7 +464,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
             epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta, ref_model=ref_model,
             scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated,
             updates_per_rollout=args.updates_per_rollout, seed=config.seed, autocast=precision.autocast,
-            generation_batch=args.generation_batch,
+            generation_batch=args.generation_batch, dynamic_sampling=args.dynamic_sampling,
             aux_loss_coef=model.config.aux_loss_coef if model.config.is_moe else 0.0,
         )
     except ValueError as e:
@@ -449,5 +508,8 @@ def add_cli(table: "CommandTable") -> None:
                    help="optimiser steps on each batch of rollouts (above 1 the ratio and the clip matter)")
     p.add_argument("--mask-truncated", action="store_true",
                    help="leave completions that hit --max-new-tokens out of the loss")
+    p.add_argument("--dynamic-sampling", type=int, default=0, metavar="ROUNDS",
+                   help="set aside groups whose rewards are all equal (no signal) and draw more prompts, up to "
+                        "ROUNDS rounds of sampling per step (DAPO's dynamic sampling); 0 = off")
     p.add_argument("--generation-batch", type=int, default=64, help="completions decoded together at most")
     add_engine_args(p, RL_DEFAULTS)

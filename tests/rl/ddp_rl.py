@@ -1,7 +1,8 @@
 """GRPO under torchrun for tests/rl/test_grpo.py: trains, then every rank saves its own weights to
 OUT/rank-R.pt, so the test can check the ranks ended identical (their gradients were synchronised).
 
-python -m torch.distributed.run --nproc_per_node=2 tests/rl/ddp_rl.py INIT PROMPTS OUT BATCH STEPS
+python -m torch.distributed.run --nproc_per_node=2 tests/rl/ddp_rl.py INIT PROMPTS OUT BATCH STEPS [ROUNDS]
+(ROUNDS: dynamic sampling rounds, default 0)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def even(prompts, completions, completion_ids, **fields):
     return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
 
 
-def main(init: str, data: str, out: str, batch: str, steps: str) -> int:
+def main(init: str, data: str, out: str, batch: str, steps: str, rounds: str = "0") -> int:
     info = D.setup("cpu")
     seed_everything(0)
     model, tok = load_model(init, dtype=torch.float32)
@@ -35,7 +36,7 @@ def main(init: str, data: str, out: str, batch: str, steps: str) -> int:
                          progress=False, device="cpu")
     task = GRPOTask(model, prompts, [task_reward, even], decode=tok.decode, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                     batch_size=int(batch), group=4, max_new_tokens=6, scale_rewards="batch", loss_type="grpo",
-                    seed=0)
+                    seed=0, dynamic_sampling=int(rounds))
     Trainer(config, model, tok, task, export=None).fit()
     torch.save(model.state_dict(), Path(out) / f"rank-{info.rank}.pt")
     return 0
@@ -43,7 +44,7 @@ def main(init: str, data: str, out: str, batch: str, steps: str) -> int:
 
 if __name__ == "__main__":
     try:
-        code = main(*sys.argv[1:6])
+        code = main(*sys.argv[1:7])
     finally:
         D.teardown()
     sys.exit(code)

@@ -86,12 +86,36 @@ def test_later_updates_use_the_log_probs_the_rollout_was_sampled_with(make_chat_
     first, cur1 = next(it)
     second, cur2 = next(it)
     assert first["first_update"] and not second["first_update"]
-    assert cur1["update"] == 1 and cur1["saved"] is not None and cur2 == {"rollout": 1, "update": 0, "micro": 0,
+    assert cur1["update"] == 1 and cur1["saved"] is not None and cur2 == {"position": 2, "next": None, "update": 0, "micro": 0,
                                                                          "saved": None}
     # Same weights: the stored log-probs are the ones the loss computes, so the ratio is 1 on this path too.
     _, metrics, _ = task.loss(model, second)
     assert metrics["ratio"] == pytest.approx(1.0, abs=1e-5)
     assert torch.equal(first["input_ids"], second["input_ids"])
+
+
+def test_dynamic_sampling_trains_only_on_groups_with_signal(make_chat_model) -> None:
+    model, tok = _model(make_chat_model)
+
+    def reward(prompts, completions, completion_ids, task, **kw):  # no signal at all on sentiment prompts
+        return [0.0 if t == "sentiment" else sum(i % 2 == 0 for i in ids) / max(len(ids), 1)
+                for t, ids in zip(task, completion_ids)]
+
+    def first_rollout(rounds: int) -> dict:
+        task = GRPOTask(model, _prompts(tok), [reward], decode=tok.decode, stop_ids=(), pad_id=tok.pad_id,
+                        batch_size=2, group=4, max_new_tokens=4, seed=2, dynamic_sampling=rounds)
+        return next(task.batches(0, 1, None))
+
+    plain, cursor = first_rollout(0)
+    assert cursor["position"] == 2
+    assert any(g.abs().sum() == 0 for g in plain["advantages"].view(-1, 4))  # a sentiment prompt came first
+    dynamic, cursor = first_rollout(4)
+    groups = dynamic["advantages"].view(-1, 4)
+    assert all(g.abs().sum() > 0 for g in groups)  # every group trained on carries a signal
+    assert dynamic["stats"]["dynamic_draws"] >= 1 and cursor["position"] >= 2
+    with pytest.raises(ValueError, match="dynamic-sampling"):
+        GRPOTask(model, _prompts(tok), [reward], decode=tok.decode, stop_ids=(), pad_id=tok.pad_id,
+                 dynamic_sampling=-1)
 
 
 def test_a_toy_reward_rises_within_a_few_steps(make_chat_model, tmp_path: Path) -> None:
@@ -205,9 +229,9 @@ def test_two_processes_end_with_identical_weights_and_match_one_process(make_cha
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "OMP_NUM_THREADS": "1"}
 
-    def run(nproc: int, batch: int, out: Path) -> list[dict]:
+    def run(nproc: int, batch: int, out: Path, rounds: int = 0) -> list[dict]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
-               str(init), str(data), str(out), str(batch), "3"]
+               str(init), str(data), str(out), str(batch), "3", str(rounds)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return _metrics(out)
@@ -219,3 +243,7 @@ def test_two_processes_end_with_identical_weights_and_match_one_process(make_cha
     assert all(torch.allclose(w0[k], single[k], atol=1e-5) for k in w0)
     for key in ("reward", "reward_std", "loss"):
         assert [m[key] for m in one] == pytest.approx([m[key] for m in two], abs=1e-5), key
+    # dynamic sampling: ranks may draw different numbers of prompts, and still agree on every step
+    dyn = run(2, 1, tmp_path / "dynamic", rounds=3)
+    w0, w1 = torch.load(tmp_path / "dynamic" / "rank-0.pt"), torch.load(tmp_path / "dynamic" / "rank-1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0) and len(dyn) == 3 and "dynamic_draws" in dyn[0]
