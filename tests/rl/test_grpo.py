@@ -86,8 +86,8 @@ def test_later_updates_use_the_log_probs_the_rollout_was_sampled_with(make_chat_
     first, cur1 = next(it)
     second, cur2 = next(it)
     assert first["first_update"] and not second["first_update"]
-    assert cur1["update"] == 1 and cur1["saved"] is not None and cur2 == {"position": 2, "next": None, "update": 0, "micro": 0,
-                                                                         "saved": None}
+    assert cur1["update"] == 1 and cur1["saved"] is not None and cur1["next"] == 2
+    assert cur2 == {"position": 2, "next": None, "update": 0, "micro": 0, "saved": None}
     # Same weights: the stored log-probs are the ones the loss computes, so the ratio is 1 on this path too.
     _, metrics, _ = task.loss(model, second)
     assert metrics["ratio"] == pytest.approx(1.0, abs=1e-5)
