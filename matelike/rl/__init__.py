@@ -73,6 +73,9 @@ class GRPOTask:
             raise ValueError(f"--group must be >= 2 (advantages compare a prompt's samples), got {group}")
         if not temperature > 0:
             raise ValueError(f"--temperature must be > 0 for RL rollouts, got {temperature}")
+        from matelike.sampling import SamplingParams
+
+        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # ValueError for --top-k 0 etc.
         if updates_per_rollout < 1 or max_new_tokens < 1:
             raise ValueError("--updates-per-rollout and --max-new-tokens must be >= 1")
         if beta and ref_model is None:
@@ -484,7 +487,8 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--init", required=True, type=Path, help="model directory to start from (the SFT or DPO model)")
     p.add_argument("--data", required=True, nargs="+",
                    help="{prompt, ...} jsonl/parquet/csv files or dirs (the demo's tasks_train.jsonl: prompt, "
-                        "task, answer); the other fields go to the reward functions")
+                        "task, answer), or one file packed by `matelike data pack --format prompts`; the other "
+                        "fields go to the reward functions")
     p.add_argument("--algo", choices=ALGOS, default="grpo", help="the RL algorithm")
     p.add_argument("--reward", nargs="+", default=["task"],
                    help="`task` (the demo tasks' scorers, by each record's task and answer) and/or module:function "

@@ -45,11 +45,16 @@ class Prompts:
 
 def load_prompts(paths: Sequence[str], tokenizer: "Tokenizer", max_prompt_len: int, report: "BadRecordReport",
                  check: Callable[[dict], str | None] | None = None) -> Prompts:
-    """Read `{prompt | messages | conversations, ...}` records (jsonl/parquet/csv). A record whose prompt does
-    not parse, is longer than `max_prompt_len` tokens, or that `check(fields)` rejects goes to `report` as
-    `PATH:LINE: reason`. Raises DataFileError for a file that cannot be read."""
-    from matelike.data.packed import prompt_record
+    """Read `{prompt | messages | conversations, ...}` records (jsonl/parquet/csv), or one file packed by
+    `matelike data pack --format prompts`. A record whose prompt does not parse, is longer than
+    `max_prompt_len` tokens, or that `check(fields)` rejects goes to `report` as `PATH:LINE: reason` (for a
+    packed file, LINE is the record's number in it). Raises DataFileError for a file that cannot be read or a
+    packed file that does not fit (another kind or tokenizer)."""
+    from matelike.data.packed import packed_kind, prompt_record
     from matelike.data.records import read_converted
+
+    if any(packed_kind(p) for p in paths):
+        return _load_packed(paths, tokenizer, max_prompt_len, report, check)
 
     def convert(rec: dict) -> tuple[list[int], Any, dict]:
         messages, fields_json = prompt_record(rec)
@@ -59,8 +64,7 @@ def load_prompts(paths: Sequence[str], tokenizer: "Tokenizer", max_prompt_len: i
             raise RecordError(reason)
         ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
         if len(ids) > max_prompt_len:
-            raise RecordError(f"prompt too long: {len(ids)} tokens, more than the {max_prompt_len} that --seq-len "
-                              f"leaves beside --max-new-tokens")
+            raise RecordError(_too_long(len(ids), max_prompt_len))
         return ids, rec["prompt"] if "prompt" in rec else messages, fields
 
     out = Prompts()
@@ -69,6 +73,41 @@ def load_prompts(paths: Sequence[str], tokenizer: "Tokenizer", max_prompt_len: i
         out.prompts.append(prompt)
         out.fields.append(fields)
         out.sources.append(f"{path}:{line}")
+    return out
+
+
+def _too_long(n: int, limit: int) -> str:
+    return f"prompt too long: {n} tokens, more than the {limit} that --seq-len leaves beside --max-new-tokens"
+
+
+def _load_packed(paths: Sequence[str], tokenizer: "Tokenizer", max_prompt_len: int, report: "BadRecordReport",
+                 check: Callable[[dict], str | None] | None) -> Prompts:
+    """Prompts of a packed file. The prompt as written is not stored there: rewards receive the rendered
+    prompt's text (its special tokens left out) instead."""
+    from matelike.data.packed import PackedPrompts, PackMismatchError, packed_kind
+    from matelike.data.records import BadRecord, DataFileError
+
+    if len(paths) != 1 or packed_kind(paths[0]) != "prompts":
+        raise DataFileError("a packed file must be the only --data file, packed by `matelike data pack --format "
+                            "prompts`")
+    try:
+        packed = PackedPrompts(paths[0], tokenizer)
+    except PackMismatchError as e:
+        raise DataFileError(str(e)) from None
+    out = Prompts()
+    for i in range(len(packed)):
+        ids = packed.prompt_ids(i).tolist()
+        fields = packed.fields(i)
+        reason = check(fields) if check is not None else None
+        if not reason and len(ids) > max_prompt_len:
+            reason = _too_long(len(ids), max_prompt_len)
+        if reason:
+            report.add(BadRecord(str(paths[0]), i + 1, reason))
+            continue
+        out.ids.append(ids)
+        out.prompts.append(tokenizer.decode(ids, skip_special_tokens=True))
+        out.fields.append(fields)
+        out.sources.append(f"{paths[0]}:{i + 1}")
     return out
 
 

@@ -247,3 +247,23 @@ def test_two_processes_end_with_identical_weights_and_match_one_process(make_cha
     dyn = run(2, 1, tmp_path / "dynamic", rounds=3)
     w0, w1 = torch.load(tmp_path / "dynamic" / "rank-0.pt"), torch.load(tmp_path / "dynamic" / "rank-1.pt")
     assert all(torch.equal(w0[k], w1[k]) for k in w0) and len(dyn) == 3 and "dynamic_draws" in dyn[0]
+
+
+def test_a_packed_prompts_file_gives_the_same_prompts(tokenizer, tokenizer_dir, tmp_path: Path, capsys) -> None:
+    from matelike.data.packed import pack_chat
+    from matelike.data.records import BadRecordReport, DataFileError
+    from matelike.rl.rewards import check_task_record
+    from matelike.rl.rollout import load_prompts
+
+    records = TASK_RECORDS + [{"prompt": "没有任务", "answer": "x"}]
+    raw = _write_jsonl(tmp_path / "p.jsonl", records)
+    packed = tmp_path / "p.bin"
+    pack_chat(tokenizer_dir, [raw], packed, "prompts", seq_len=None, progress=False)
+    a = load_prompts([str(raw)], tokenizer, 100, BadRecordReport(), check_task_record)
+    report = BadRecordReport()
+    b = load_prompts([str(packed)], tokenizer, 100, report, check_task_record)
+    assert a.ids == b.ids and a.fields == b.fields and len(b) == 4
+    assert f"{packed}:5: missing field: 'task'" in capsys.readouterr().err and report.total == 1
+    assert "判断评论情感" in b.prompts[0]  # rewards get the rendered prompt's text
+    with pytest.raises(DataFileError, match="only --data file"):
+        load_prompts([str(packed), str(raw)], tokenizer, 100, BadRecordReport())
