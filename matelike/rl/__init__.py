@@ -440,8 +440,22 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     except DataFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    left_out: dict[str, int] = {}
+    if args.reward == ["task"]:
+        # The task reward alone cannot score a task without a scorer (the demo's `chat` prompts): no reward at
+        # all would apply to them, so they are left out, counted by task.
+        from matelike.eval.scoring import TASKS
+
+        keep = [i for i, f in enumerate(prompts.fields) if f.get("task") in TASKS]
+        for f in prompts.fields:
+            if f.get("task") not in TASKS:
+                left_out[str(f.get("task"))] = left_out.get(str(f.get("task")), 0) + 1
+        prompts = prompts.subset(keep)
     if info.is_main:
         print(f"rl prompts: {len(prompts)} usable, {report.summary()}", file=sys.stderr)
+        if left_out:
+            print("rl prompts left out, their task has no task reward: "
+                  + ", ".join(f"{t}: {n}" for t, n in sorted(left_out.items())), file=sys.stderr)
     if len(prompts) == 0:
         print("error: no usable prompts in " + ", ".join(map(str, args.data)), file=sys.stderr)
         return 1
@@ -450,7 +464,8 @@ def _cmd_rl(args: argparse.Namespace) -> int:
         config.out.mkdir(parents=True, exist_ok=True)
         summary = {"prompts": len(prompts), "tasks": {t: sum(f.get("task") == t for f in prompts.fields)
                                                        for t in prompts.tasks()},
-                   "bad_records": report.summary(), "reward_hack_references": hacks}
+                   "bad_records": report.summary(), "left_out_by_task": left_out,
+                   "reward_hack_references": hacks}
         (config.out / "rl_data.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8")
         if hacks:
             print("task reward of the known hacks on these prompts (the learned reward should beat them): "

@@ -38,6 +38,10 @@ class Prompts:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def subset(self, keep: Sequence[int]) -> "Prompts":
+        return Prompts([self.ids[i] for i in keep], [self.prompts[i] for i in keep],
+                       [self.fields[i] for i in keep], [self.sources[i] for i in keep])
+
     def tasks(self) -> list[str]:
         """The `task` values of the records, sorted (for per-task metrics)."""
         return sorted({str(f["task"]) for f in self.fields if isinstance(f.get("task"), str)})

@@ -177,12 +177,14 @@ def test_bad_prompt_records_are_reported_with_file_and_line(make_chat_model, tmp
     code = main(_run_args(make_chat_model(max_seq_len=128), data, tmp_path / "out", "--max-steps", "1"))
     err = capsys.readouterr().err
     assert code == 0, err
-    for line, what in [(2, "missing field: 'task'"), (3, "unknown task"), (4, "invalid JSON"),
-                       (5, "missing field: 'answer'"), (6, "prompt too long"), (7, "")]:
+    for line, what in [(2, "missing field: 'task'"), (4, "invalid JSON"), (5, "missing field: 'answer'"),
+                       (6, "prompt too long"), (7, "")]:
         assert f"{data}:{line}: {what}" in err, err
-    assert "2 usable, 6 bad records" in err
+    assert f"{data}:3:" not in err  # a task without a scorer is not a bad record: it is left out, counted
+    assert "2 usable, 5 bad records" in err and "left out, their task has no task reward: poetry: 1" in err
     summary = json.loads((tmp_path / "out" / "rl_data.json").read_text(encoding="utf-8"))
     assert summary["prompts"] == 2 and "entities_always_none" not in summary["reward_hack_references"]
+    assert summary["left_out_by_task"] == {"poetry": 1}
 
 
 EVEN_REWARD = """

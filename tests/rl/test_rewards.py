@@ -92,7 +92,8 @@ def test_task_reward_dispatches_by_task_and_reports_the_hacks() -> None:
 def test_check_task_record_names_the_problem() -> None:
     assert check_task_record({"task": "sentiment", "answer": "正面"}) is None
     assert "missing field: 'task'" in check_task_record({"answer": "正面"})
-    assert "unknown task" in check_task_record({"task": "poetry", "answer": "x"})
+    assert check_task_record({"task": "chat"}) is None  # no scorer: well formed, the task reward gives None
+    assert "must be a string" in check_task_record({"task": 3, "answer": "x"})
     assert "missing field: 'answer'" in check_task_record({"task": "sentiment"})
 
 
