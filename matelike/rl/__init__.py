@@ -315,9 +315,11 @@ class GRPOTask:
 
         from matelike.rl.losses import token_logps
 
-        out = model(ids)
+        # The output projection runs on the completion positions only (prompts are most of a row); the logits
+        # come back in row-major order of the mask. The model's own cross-entropy comes along and is not used.
+        out = model(ids, targets, target_logits_only=True)
         mask = targets != -100
-        lp, ent = token_logps(out.logits[mask], targets[mask], temperature=self.temperature, top_k=self.top_k,
+        lp, ent = token_logps(out.logits, targets[mask], temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, with_entropy=with_entropy)
         full = torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
         return full, ent, out

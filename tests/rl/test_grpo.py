@@ -242,7 +242,8 @@ def test_two_processes_end_with_identical_weights_and_match_one_process(make_cha
     w0, w1 = torch.load(tmp_path / "two" / "rank-0.pt"), torch.load(tmp_path / "two" / "rank-1.pt")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     single = torch.load(tmp_path / "one" / "rank-0.pt")
-    assert all(torch.allclose(w0[k], single[k], atol=1e-5) for k in w0)
+    # float reduction order differs between one and two processes; Adam's normalised steps carry it to ~1e-5
+    assert all(torch.allclose(w0[k], single[k], atol=1e-4) for k in w0)
     for key in ("reward", "reward_std", "loss"):
         assert [m[key] for m in one] == pytest.approx([m[key] for m in two], abs=1e-5), key
     # dynamic sampling: ranks may draw different numbers of prompts, and still agree on every step
