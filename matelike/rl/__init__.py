@@ -5,12 +5,13 @@ per process, `--group` completions per prompt sampled with the KV cache (a promp
 group), scored by the rewards (matelike/rl/rewards.py), turned into group-relative advantages and trained with
 the clipped surrogate (matelike/rl/losses.py). `--updates-per-rollout U` replays a rollout for U optimiser
 steps: the first sees ratio exactly 1, the later ones the importance ratio against the log-probs the rollout
-was sampled with, which the clip bounds. Precision, accumulation, clipping, schedule, checkpoints, resume, DDP
-and metrics.jsonl are the engine's (matelike/train/).
+was sampled with, which the clip bounds. `--dynamic-sampling ROUNDS` sets aside groups whose rewards are all
+equal (they carry no gradient) and samples more prompts in their place. Precision, accumulation, clipping,
+schedule, checkpoints, resume, DDP and metrics.jsonl are the engine's (matelike/train/).
 
 Resume is exact: a rollout's completions depend only on the weights and on the seeds of its prompts' positions
-in the data stream (rollout.sample_seed), so a run resumed at a rollout boundary draws what the uninterrupted
-run drew. A checkpoint taken between the updates of one rollout stores that rollout (every rank's share) in the
+in the data stream (rollout.sample_seed), and the cursor is the next rollout's stream position, so a run
+resumed at a rollout boundary draws what the uninterrupted run drew. A checkpoint taken between the updates of one rollout stores that rollout (every rank's share) in the
 cursor, since the weights that sampled it are gone.
 
 Under DDP the loss calls the wrapped module (its gradients are synchronised); generation uses the plain module
@@ -64,6 +65,7 @@ class GRPOTask:
         generation_batch: int = 64, aux_loss_coef: float = 0.0, dynamic_sampling: int = 0,
     ) -> None:
         from matelike.rl.rewards import reward_name
+        from matelike.sampling import SamplingParams
 
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown --loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
@@ -73,8 +75,6 @@ class GRPOTask:
             raise ValueError(f"--group must be >= 2 (advantages compare a prompt's samples), got {group}")
         if not temperature > 0:
             raise ValueError(f"--temperature must be > 0 for RL rollouts, got {temperature}")
-        from matelike.sampling import SamplingParams
-
         SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # ValueError for --top-k 0 etc.
         if updates_per_rollout < 1 or max_new_tokens < 1:
             raise ValueError("--updates-per-rollout and --max-new-tokens must be >= 1")
