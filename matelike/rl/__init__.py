@@ -11,8 +11,8 @@ schedule, checkpoints, resume, DDP and metrics.jsonl are the engine's (matelike/
 
 Resume is exact: a rollout's completions depend only on the weights and on the seeds of its prompts' positions
 in the data stream (rollout.sample_seed), and the cursor is the next rollout's stream position, so a run
-resumed at a rollout boundary draws what the uninterrupted run drew. A checkpoint taken between the updates of one rollout stores that rollout (every rank's share) in the
-cursor, since the weights that sampled it are gone.
+resumed at a rollout boundary draws what the uninterrupted run drew. A checkpoint taken between the updates of
+one rollout stores that rollout (every rank's share) in the cursor, since the weights that sampled it are gone.
 
 Under DDP the loss calls the wrapped module (its gradients are synchronised); generation uses the plain module
 the task was given, which holds the same weights. FSDP is refused: generation needs whole weights.
