@@ -509,7 +509,8 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--algo", choices=ALGOS, default="grpo", help="the RL algorithm")
     p.add_argument("--reward", nargs="+", default=["task"],
                    help="`task` (the demo tasks' scorers, by each record's task and answer) and/or module:function "
-                        "(TRL reward_funcs convention: f(prompts, completions, **fields) -> list of float or None)")
+                        "of an importable module (installed or on PYTHONPATH), in TRL's reward_funcs convention: "
+                        "f(prompts, completions, **fields) -> list of float or None")
     p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward (all 1)")
     p.add_argument("--group", type=int, default=8, help="completions sampled per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per completion at most")
