@@ -270,3 +270,18 @@ def test_a_packed_prompts_file_gives_the_same_prompts(tokenizer, tokenizer_dir, 
     assert "判断评论情感" in b.prompts[0]  # rewards get the rendered prompt's text
     with pytest.raises(DataFileError, match="only --data file"):
         load_prompts([str(packed), str(raw)], tokenizer, 100, BadRecordReport())
+
+
+def test_bad_flags_stop_before_training(make_chat_model, tmp_path: Path, capsys) -> None:
+    from matelike.cli import main
+
+    init = make_chat_model(max_seq_len=128)
+    data = _write_jsonl(tmp_path / "p.jsonl", TASK_RECORDS)
+    for extra, msg in [(("--reward", "nope"), "expected `task` or `module:function`"),
+                       (("--reward", "task", "--reward-weights", "1", "2"), "1 --reward but 2 --reward-weights"),
+                       (("--fsdp",), "without --fsdp"), (("--group", "1"), "--group must be >= 2"),
+                       (("--top-k", "0"), "top_k must be an integer >= 1"),
+                       (("--max-new-tokens", "128"), "--max-new-tokens must be between 1 and")]:
+        assert main(_run_args(init, data, tmp_path / "out", "--max-steps", "1", *extra)) == 2, extra
+        assert msg in capsys.readouterr().err, extra
+    assert not (tmp_path / "out" / "model.safetensors").exists()
