@@ -112,7 +112,7 @@ def test_generate_usage_errors(model_dir: Path, tmp_path: Path, capsys: pytest.C
 @pytest.mark.slow
 def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["bench", "generate", "--preset", "tiny", "--prompt-len", "8", "--new-tokens", "16", "--repeats", "3",
-               "--batch-sizes", "1,2", "--memory-preset", "tiny"])
+               "--batch-sizes", "1,2", "--memory-preset", "tiny", "--llama-cpp", "f32,q8_0"])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -124,10 +124,32 @@ def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str])
     assert res["matmul_floor_tok_s_b1"] > res["ours"]["decode_tok_s_b1"]
     assert res["ratio"]["matmul_floor_b1"] == pytest.approx(
         res["matmul_floor_tok_s_b1"] / res["transformers"]["decode_tok_s_b1"], abs=0.01)
+    if "skipped" in res["llama_cpp"]:
+        assert "llama-cpp-python is not installed" in res["llama_cpp"]["skipped"]
+    else:  # the same directory in llama.cpp, exported to GGUF: q8_0 is about a quarter of f32
+        assert set(res["llama_cpp"]) == {"f32", "q8_0"}
+        assert 0.2 < res["llama_cpp"]["q8_0"]["file_mb"] / res["llama_cpp"]["f32"]["file_mb"] < 0.5
+        for outtype, figures in res["llama_cpp"].items():
+            assert figures["decode_tok_s_b1"] > 0 and figures["prefill_tok_s_b1"] > 0
+            assert res["ratio_vs_llama_cpp"][f"decode_tok_s_b1_{outtype}"] == pytest.approx(
+                res["ours"]["decode_tok_s_b1"] / figures["decode_tok_s_b1"], abs=0.01)
     for dtype in ("float16", "bfloat16"):
         assert res["memory"][dtype]["weights_mb"] == pytest.approx(res["memory"]["params"] * 2 / 1e6, abs=0.1)
         assert res["memory"][dtype]["peak_generate_mb"] >= res["memory"][dtype]["peak_load_mb"] >= 0
         assert res["memory"][dtype]["load_anon_mb"] >= 0
+
+
+def test_bench_generate_without_llama_cpp_says_why(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import matelike.bench.generate as bench
+
+    monkeypatch.setattr(bench, "_import_llama_cpp", lambda: None)
+    assert main(["bench", "generate", "--preset", "tiny", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1",
+                 "--batch-sizes", "1", "--memory-preset", "", "--skip-transformers"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["llama_cpp"] == {"skipped": bench.LLAMA_CPP_MISSING}
+    assert "llama-cpp-python is not installed" in captured.err
+    assert main(["bench", "generate", "--preset", "tiny", "--llama-cpp", "f32,q4"]) == 2
+    assert "--llama-cpp q4: choose outtypes from" in capsys.readouterr().err
 
 
 def test_bench_decode_speed_too_short_to_time_is_none_not_absurd() -> None:

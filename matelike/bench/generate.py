@@ -8,7 +8,9 @@ excluded. `matmul_floor_tok_s_b1` is the batch-1 speed of the weight matrix prod
 for any implementation of the model in that dtype; `ratio.matmul_floor_b1` is that ceiling over transformers'
 decode speed, the largest `ratio.decode_tok_s_b1` any implementation could reach on the machine. It also
 reports the peak resident memory of loading the `0.2b` preset in fp16 and bf16, each measured in a fresh
-subprocess. Prints one JSON line.
+subprocess. With llama-cpp-python installed, the `llama_cpp` column times llama.cpp at batch 1 on the same
+directory exported to GGUF (`--llama-cpp` outtypes), with the same method and thread count; the directory then
+carries a tokenizer trained in seconds, since a GGUF file holds the vocabulary. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -143,6 +145,61 @@ def _memory(preset: str, tmp: Path) -> dict[str, Any]:
     return out
 
 
+LLAMA_CPP_MISSING = ("llama-cpp-python is not installed, so no llama.cpp column (bash .ci/llama-cpp.sh builds it once; "
+                     "--llama-cpp '' skips it)")
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp
+
+
+def _llama_cpp_speeds(llama_cpp: Any, tmp: Path, outtypes: list[str], prompt: list[int],
+                      args: argparse.Namespace) -> dict[str, Any]:
+    """Batch-1 prefill and greedy decode of the same directory exported to GGUF in each outtype, timed by the same
+    `_speeds` as ours, in llama.cpp through llama-cpp-python with as many threads as torch uses."""
+    import numpy as np
+    import torch
+
+    from matelike.export.gguf import ExportError, export_gguf
+
+    out: dict[str, Any] = {}
+    for outtype in outtypes:
+        t0 = time.perf_counter()
+        try:
+            exported = export_gguf(tmp / "model", tmp / f"model-{outtype}.gguf", outtype)
+        except ExportError as e:  # a layout llama.cpp lacks (say, a shared expert): the reason, not a figure
+            return {"skipped": str(e)}
+        export_s = time.perf_counter() - t0
+        llm = llama_cpp.Llama(model_path=str(exported.path), n_ctx=len(prompt) + args.new_tokens + 8,
+                              n_batch=max(len(prompt), 8), n_threads=torch.get_num_threads(), logits_all=False,
+                              verbose=False)
+        n_vocab = llm.n_vocab()
+
+        def next_token() -> int:
+            # The last position's logits straight from the context (llama-cpp-python keeps none without
+            # logits_all): greedy, as ours.
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+            return int(logits.argmax())
+
+        def run_llama(b: int, n: int) -> list[int]:
+            llm.reset()
+            llm.eval(prompt)
+            tokens = [next_token()]
+            while len(tokens) < n:
+                llm.eval(tokens[-1:])
+                tokens.append(next_token())
+            return tokens
+
+        out[outtype] = {**_speeds(run_llama, [1], len(prompt), args.new_tokens, args.repeats),
+                        "file_mb": round(exported.n_bytes / 1e6, 1), "export_s": round(export_s, 2)}
+        llm.close()
+    return out
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -166,7 +223,19 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="matelike-bench-") as tmp_name:
         tmp = Path(tmp_name)
         dtype = torch_dtype(dtype_name)
-        save_model(Transformer(get_preset(args.preset)).to(dtype), None, tmp / "model")
+        outtypes = [t for t in args.llama_cpp.split(",") if t]
+        from matelike.export.gguf import OUTTYPES
+
+        unknown = [t for t in outtypes if t not in OUTTYPES]
+        if unknown:
+            raise ValueError(f"--llama-cpp {','.join(unknown)}: choose outtypes from {', '.join(OUTTYPES)}")
+        llama_cpp = _import_llama_cpp() if outtypes else None
+        tokenizer = None
+        if llama_cpp is not None:  # a GGUF file carries the vocabulary: train a stand-in (seconds)
+            from matelike.bench.serve import train_bench_tokenizer
+
+            tokenizer = train_bench_tokenizer(tmp, get_preset(args.preset).vocab_size)
+        save_model(Transformer(get_preset(args.preset)).to(dtype), tokenizer, tmp / "model")
         ours, _ = load_model(tmp / "model")
         vocab = ours.config.vocab_size
         prompts = torch.randint(0, vocab, (max(batch_sizes), args.prompt_len), generator=torch.Generator().manual_seed(1))
@@ -205,13 +274,28 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if "matmul_floor_tok_s_b1" in result and result["transformers"].get("decode_tok_s_b1"):
                 result["ratio"]["matmul_floor_b1"] = round(
                     result["matmul_floor_tok_s_b1"] / result["transformers"]["decode_tok_s_b1"], 2)
+        if outtypes and llama_cpp is None:
+            result["llama_cpp"] = {"skipped": LLAMA_CPP_MISSING}
+            print(f"matelike bench generate: {LLAMA_CPP_MISSING}", file=sys.stderr)
+        elif outtypes:
+            result["llama_cpp"] = _llama_cpp_speeds(llama_cpp, tmp, outtypes, prompts[0].tolist(), args)
+            result["ratio_vs_llama_cpp"] = {
+                f"decode_tok_s_b1_{t}": round(result["ours"]["decode_tok_s_b1"] / r["decode_tok_s_b1"], 2)
+                for t, r in result["llama_cpp"].items() if isinstance(r, dict) and r.get("decode_tok_s_b1")
+                and result["ours"].get("decode_tok_s_b1")
+            }
         if args.memory_preset:
             result["memory"] = _memory(args.memory_preset, tmp)
     return result
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    print(json.dumps(run_bench(args)), flush=True)
+    try:
+        result = run_bench(args)
+    except ValueError as e:
+        print(f"matelike bench generate: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result), flush=True)
     return 0
 
 
@@ -231,3 +315,6 @@ def add_cli(table: CommandTable) -> None:
                         "it for the CPU)")
     p.add_argument("--memory-preset", default="0.2b", help="preset whose fp16/bf16 load memory is measured ('' = skip)")
     p.add_argument("--skip-transformers", action="store_true", help="time only our generate")
+    p.add_argument("--llama-cpp", default="f32,f16,q8_0", metavar="OUTTYPES",
+                   help="also time llama.cpp (llama-cpp-python) at batch 1 on the directory exported to GGUF in "
+                        "these comma-separated outtypes (default f32,f16,q8_0; '' skips it)")

