@@ -112,6 +112,7 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # mean over MoE layers; None for dense models
     expert_load: torch.Tensor | None = None  # (n_layers, n_experts) fraction of routed slots, detached
+    hidden: torch.Tensor | None = None  # (B, T, dim) final-norm states, only with hidden_only=True
 
 
 class KVCache:
@@ -506,6 +507,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         target_logits_only: bool = False,
         return_logits: bool = True,
+        hidden_only: bool = False,
     ) -> ModelOutput:
         """Logits for every position (or only the last with last_only), and the loss when targets are given.
 
@@ -516,6 +518,8 @@ class Transformer(nn.Module):
         of the projection's cost (about a third of a small model's FLOPs).
         return_logits=False (with targets): compute the loss chunk by chunk without materialising the logits
         (matelike.train.losses; faster and lighter for training); the output's logits are then None.
+        hidden_only: skip the output projection and return the final-norm hidden states in `hidden` (logits
+        None): what a scalar head (the reward model in matelike.reward) reads, without a vocabulary-sized product.
 
         input_ids, targets: (B, T). targets are aligned with input_ids (targets[:, t] is the token that
         should follow input_ids[:, t]); -100 is ignored. attention_mask: (B, past+T), 1 = real token
@@ -559,6 +563,8 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         expert_load = torch.stack(loads) if loads else None
+        if hidden_only:
+            return ModelOutput(logits=None, aux_loss=aux_loss, expert_load=expert_load, hidden=x)
         loss, logits = None, None
         if targets is None:
             logits = self.lm_head(x)

@@ -128,6 +128,17 @@ def test_target_logits_only_gives_the_same_loss_and_gradients(kind: str) -> None
         torch.testing.assert_close(p.grad, grads[n], msg=n)
 
 
+@pytest.mark.parametrize("kind", ["untied", "moe"])
+def test_hidden_only_returns_the_states_the_head_projects(kind: str) -> None:
+    """hidden_only (for scalar heads) skips the projection: the states are exactly what lm_head reads."""
+    model = make(**CONFIGS[kind])
+    x = torch.randint(0, VOCAB, (2, 9))
+    full, states = model(x), model(x, hidden_only=True)
+    assert states.logits is None and states.hidden.shape == (2, 9, 32)
+    torch.testing.assert_close(model.lm_head(states.hidden), full.logits)
+    assert (states.aux_loss is None) == (full.aux_loss is None)
+
+
 def test_init_gives_unit_scale_loss_and_scaled_residual_projections() -> None:
     model = make(n_layers=4)
     x = torch.randint(0, VOCAB, (4, 16))
