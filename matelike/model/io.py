@@ -307,10 +307,16 @@ def _write_json(path: Path, obj: Any) -> None:
     _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
 
 
-def save_model(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
+def save_model(
+    model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path, *,
+    extra_tensors: dict[str, torch.Tensor] | None = None, config_update: dict[str, Any] | None = None,
+) -> Path:
     """Write `model` (and `tokenizer`, when given) as a Hugging Face model directory; returns the directory.
 
-    Other files already in out_dir (checkpoints, metrics) are left alone.
+    `extra_tensors` are stored beside the model's under their own names and `config_update` is merged into
+    config.json: how a head on the same backbone is saved (the reward model's `score.weight` and its
+    `LlamaForSequenceClassification` architecture, matelike.reward). Other files already in out_dir
+    (checkpoints, metrics) are left alone.
     """
     from safetensors.torch import save_file
 
@@ -318,9 +324,13 @@ def save_model(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     dtype = model.embed.weight.dtype
     tensors = {k: v.cpu() for k, v in to_hf_state_dict(model).items()}
+    for name, t in (extra_tensors or {}).items():
+        if name in tensors:
+            raise ValueError(f"extra tensor {name!r} would overwrite a model tensor")
+        tensors[name] = t.detach().to("cpu", dtype).contiguous()
     _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     (out / INDEX_NAME).unlink(missing_ok=True)  # a stale shard index would shadow the new single file
-    cfg = hf_config(model.config, dtype, tokenizer)
+    cfg = {**hf_config(model.config, dtype, tokenizer), **(config_update or {})}
     _write_json(out / "config.json", cfg)
     eos = cfg["eos_token_id"]
     im_end = getattr(tokenizer, "im_end_id", None)
@@ -536,6 +546,20 @@ def load_model(
 ) -> tuple[Transformer, Tokenizer | None]:
     """Read a model directory written by save_model or by transformers (Llama, Mixtral, Qwen2-MoE).
 
+    See load_model_with_tensors, which this is with no extra tensors.
+    """
+    model, tokenizer, _ = load_model_with_tensors(model_dir, device, dtype)
+    return model, tokenizer
+
+
+def load_model_with_tensors(
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+    extra: tuple[str, ...] = (),
+) -> tuple[Transformer, Tokenizer | None, dict[str, torch.Tensor]]:
+    """Read a model directory written by save_model or by transformers (Llama, Mixtral, Qwen2-MoE), and the
+    tensors named in `extra` that sit beside the model's (a head such as the reward model's `score.weight`),
+    in the model's dtype on its device. A missing extra tensor is a ModelDirError like a missing model tensor.
+
     device: a torch device or a `--device` name (auto, cpu, cuda...). dtype: a torch dtype, a `--dtype` name
     (auto|fp32|bf16|fp16, resolved by matelike.device.weights_dtype), or None to keep the stored dtype. The
     tokenizer is None when the directory has no tokenizer.json.
@@ -561,6 +585,11 @@ def load_model(
         if twice is not None:
             raise ModelDirError(f"{file}: tensor {_short(twice)} is also in {entries[twice].file.name}")
         entries.update(header)
+    heads: dict[str, _Entry] = {}
+    for name in extra:
+        if name not in entries:
+            raise ModelDirError(f"{path}: missing tensor {name}")
+        heads[name] = entries.pop(name)
     embed = entries.get("model.embed_tokens.weight")
     if embed is None:
         raise ModelDirError(f"{path}: missing tensor model.embed_tokens.weight")
@@ -576,6 +605,11 @@ def load_model(
             _fill(dest, entries[name], name)
     model.reset_rope()
     model = model.to(device).eval()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in heads.items():
+        tensors[name] = torch.empty(entry.shape, dtype=entry.dtype)
+        _fill(tensors[name], entry, name)
+        tensors[name] = tensors[name].to(device, model.embed.weight.dtype)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         from matelike.tokenizer import Tokenizer
@@ -587,4 +621,4 @@ def load_model(
         if tokenizer.vocab_size > config.vocab_size:  # its ids past the embedding would fail mid-generation
             raise ModelDirError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the "
                                 f"vocab_size {config.vocab_size} of {cfg_path}")
-    return model, tokenizer
+    return model, tokenizer, tensors
