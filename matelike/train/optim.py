@@ -14,8 +14,9 @@ from torch import nn
 
 from matelike.train.config import TrainConfig
 
-# Names of parameters that stay on AdamW even when 2-D: token embeddings and the output head.
-_ADAM_ONLY_HINTS = ("embed", "lm_head", "output", "wte", "tok_")
+# Names of parameters that stay on AdamW even when 2-D: token embeddings and the output heads (the LM head, and
+# the reward model's (1, dim) `score`, whose Newton-Schulz "orthogonalisation" would only normalise the row).
+_ADAM_ONLY_HINTS = ("embed", "lm_head", "output", "wte", "tok_", "score")
 
 
 @torch.no_grad()
