@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -131,6 +131,27 @@ def load_preference_pairs(
     return pairs, stats
 
 
+def read_pairs(
+    paths: list[str], tokenizer: "Tokenizer", seq_len: int, report: "BadRecordReport",
+) -> tuple[PreferencePairs, PreferenceStats]:
+    """The pairs of a stage's --data / --val: raw files (load_preference_pairs), or one file packed by
+    `matelike data pack --format dpo`, whose bad records were reported when it was packed and are only counted
+    into `report` here. Raises PackMismatchError for a packed file among others or made for another run."""
+    from matelike.data.packed import PackMismatchError, open_pairs, packed_kind
+
+    if not any(packed_kind(p) for p in paths):
+        return load_preference_pairs(paths, tokenizer, seq_len, report)
+    if len(paths) != 1:
+        raise PackMismatchError("a packed file must be the only file of --data / --val")
+    pairs, f = open_pairs(paths[0], tokenizer, seq_len)
+    for reason, n in f.meta["bad_records"]["by_reason"].items():
+        report.by_reason[reason] += n
+    for name, n in f.meta["bad_records"]["by_file"].items():
+        report.by_file[name] += n
+    known = {k: v for k, v in f.meta["stats"].items() if k in PreferenceStats.__dataclass_fields__}
+    return pairs, PreferenceStats(**known)
+
+
 def collate_pairs(pairs: PreferencePairs, indices: list[int], pad_id: int) -> dict:
     """One batch: `input_ids`/`targets` (2B, W), chosen rows then rejected rows, right padding.
 
@@ -165,15 +186,19 @@ class PreferenceBatches:
     G = batch_size * world_size, and rank r takes every world_size-th of them. Inside a global batch the
     pairs are sorted by length before the split so the padded rows of a rank stay close in length. The last
     partial global batch of an epoch is kept when it has at least one pair per rank.
+    `collate(pairs, indices, pad_id)` makes each batch: DPO's log-prob rows by default, the reward model's
+    scoring rows in matelike.reward.
     """
 
-    def __init__(self, pairs: PreferencePairs, batch_size: int, pad_id: int, seed: int = 0) -> None:
+    def __init__(self, pairs: PreferencePairs, batch_size: int, pad_id: int, seed: int = 0,
+                 collate: Callable[[PreferencePairs, list[int], int], dict] | None = None) -> None:
         if len(pairs) == 0:
             raise ValueError("no preference pairs to train on")
         self.pairs = pairs
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
+        self.collate = collate or collate_pairs
 
     def order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
@@ -198,7 +223,7 @@ class PreferenceBatches:
                 chunk = order[b * g : min((b + 1) * g, usable)]
                 chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
                 done += 1
-                yield done, collate_pairs(self.pairs, chunk[rank::world_size].tolist(), self.pad_id)
+                yield done, self.collate(self.pairs, chunk[rank::world_size].tolist(), self.pad_id)
             epoch, k = epoch + 1, 0
 
 

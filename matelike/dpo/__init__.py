@@ -323,8 +323,8 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from matelike.data.packed import PackMismatchError, open_pairs, packed_kind
-    from matelike.data.preference import PreferenceBatches, PreferenceStats, load_preference_pairs, print_stats
+    from matelike.data.packed import PackMismatchError
+    from matelike.data.preference import PreferenceBatches, print_stats, read_pairs
     from matelike.data.records import BadRecordReport, DataFileError
     from matelike.model.io import load_model
     from matelike.train import TrainConfig, Trainer, seed_everything
@@ -352,22 +352,9 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
                                    simpo_gamma=args.simpo_gamma, ref_in_memory=args.ref_in_memory,
                                    rpo_alpha=args.rpo_alpha)
     report = BadRecordReport() if info.is_main else BadRecordReport(stream=_Null())
-    def load(paths: list[str]) -> tuple[PreferencePairs, PreferenceStats]:
-        if not any(packed_kind(p) for p in paths):
-            return load_preference_pairs(paths, tokenizer, seq_len, report)
-        if len(paths) != 1:
-            raise PackMismatchError("a packed file must be the only file of --data / --val")
-        pairs, f = open_pairs(paths[0], tokenizer, seq_len)
-        for reason, n in f.meta["bad_records"]["by_reason"].items():  # reported when packed: counted, not reprinted
-            report.by_reason[reason] += n
-        for name, n in f.meta["bad_records"]["by_file"].items():
-            report.by_file[name] += n
-        known = {k: v for k, v in f.meta["stats"].items() if k in PreferenceStats.__dataclass_fields__}
-        return pairs, PreferenceStats(**known)
-
     try:
-        pairs, stats = load(args.data)
-        val, val_stats = load(args.val) if args.val else (None, None)
+        pairs, stats = read_pairs(args.data, tokenizer, seq_len, report)
+        val, val_stats = read_pairs(args.val, tokenizer, seq_len, report) if args.val else (None, None)
     except (DataFileError, PackMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
