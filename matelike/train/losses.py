@@ -2,6 +2,7 @@
 
 1. Causal-LM cross-entropy (pretraining and SFT), over the output projection in row chunks.
 2. The preference-optimisation family (DPO and its variants).
+3. The reward model's Bradley-Terry loss (matelike.reward).
 
 torch is imported inside the functions: the command line imports this module for the loss names and the
 defaults of its flags, and `matelike --help` must not pay for loading torch.
@@ -256,3 +257,21 @@ def sequence_logps(
     logits = logits.float()
     picked = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return (picked * mask).sum(-1), mask.sum(-1)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair reward-model losses, fp32 at least: -log σ(r_w - r_l) (Bradley-Terry, as InstructGPT trains its
+    reward model) plus `center_coef`·(r_w + r_l)².
+
+    The second term is TRL's center_rewards_coefficient (Eisenstein et al. 2023): the Bradley-Terry loss sees
+    only differences, so without it the rewards' mean drifts freely; its batch mean is TRL's mean of squares.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dtype = torch.promote_types(chosen.dtype, torch.float32)
+    rc, rr = chosen.to(dtype), rejected.to(dtype)
+    losses = -F.logsigmoid(rc - rr)
+    if center_coef:
+        losses = losses + center_coef * (rc + rr) ** 2
+    return losses
