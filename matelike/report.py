@@ -111,8 +111,9 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, str]:
         o = chat["open"]
         flat[f"chat: task-format leak on open prompts (n={o['n']}, lower is better)"] = _with_ci(
             o["leak"]["rate"], o["leak"]["ci95"])
-        flat[f"chat: identity questions naming the model (n={o['identity']['n']})"] = _with_ci(
-            o["identity"]["rate"], o["identity"]["ci95"])
+        if o["identity"]["n"]:
+            flat[f"chat: identity questions naming the model (n={o['identity']['n']})"] = _with_ci(
+                o["identity"]["rate"], o["identity"]["ci95"])
         for k in ("char_f1", "rouge_l"):
             flat[f"chat: reply {k} vs reference (n={o['n']})"] = _with_ci(o[k]["mean"], o[k]["ci95"])
     for task, m in (chat.get("later_turn_tasks") or {}).items():

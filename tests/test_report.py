@@ -67,3 +67,14 @@ def test_report_has_stages_curves_eval_table_samples_and_commands(tmp_path: Path
     assert order == sorted(order)  # pipeline order, runnable top to bottom
     assert "## Machine" in text and "torch" in text
     assert "DPO on held-out pairs: reward accuracy 0.7500, reward margin 0.3000." in text
+
+
+def test_report_leaves_out_a_rate_with_no_items(tmp_path: Path) -> None:
+    _write_run(tmp_path)
+    assert "identity questions naming the model (n=4)" in build_report(tmp_path)
+    for name in ("pretrain", "sft", "dpo"):  # a chat file without identity questions, as the demo's dev split
+        f = tmp_path / "eval" / f"{name}.json"
+        result = json.loads(f.read_text(encoding="utf-8"))
+        result["chat"]["open"]["identity"] = {"rate": 0.0, "n": 0, "ci95": [0.0, 1.0]}
+        f.write_text(json.dumps(result), encoding="utf-8")
+    assert "identity questions" not in build_report(tmp_path)

@@ -342,8 +342,9 @@ def format_table(result: dict[str, Any]) -> str:
         o = chat["open"]
         lines.append(f"{'chat (open prompts)':<28} {'leak':<10} {o['leak']['rate']:>9.4f} {_ci(o['leak']['ci95']):>13}"
                      f" {'-':>9} {'':>13}  {o['n']}")
-        lines.append(f"{'chat (identity questions)':<28} {'named':<10} {o['identity']['rate']:>9.4f} "
-                     f"{_ci(o['identity']['ci95']):>13} {'-':>9} {'':>13}  {o['identity']['n']}")
+        if o["identity"]["n"]:  # a chat file without identity questions (the demo's dev split) has no such rate
+            lines.append(f"{'chat (identity questions)':<28} {'named':<10} {o['identity']['rate']:>9.4f} "
+                         f"{_ci(o['identity']['ci95']):>13} {'-':>9} {'':>13}  {o['identity']['n']}")
         for key in ("char_f1", "rouge_l"):
             b = o["baseline"][key]
             lines.append(f"{'chat (open prompts)':<28} {key:<10} {o[key]['mean']:>9.4f} {_ci(o[key]['ci95']):>13} "
