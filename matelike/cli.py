@@ -23,6 +23,7 @@ MODULES: tuple[str, ...] = (
     "matelike.sft",
     "matelike.dpo",
     "matelike.dpo.make_pairs",
+    "matelike.reward.train",
     "matelike.rl",
     "matelike.chat",
     "matelike.serve",
