@@ -206,3 +206,29 @@ def test_packed_dpo_pairs_train_as_the_raw_records(tmp_path: Path, init_dir: Pat
     assert main(_args(init_dir, data, raw, "--max-steps", "3", "--seq-len", "64")) == 0
     assert main(_args(init_dir, packed, whole, "--max-steps", "3", "--seq-len", "64")) == 0
     assert [m["loss"] for m in _metrics(raw)] == [m["loss"] for m in _metrics(whole)]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, init_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from matelike.cli import main
+
+    data = _write_jsonl(tmp_path / "p.jsonl", toy_pairs(8, seed=10))
+    val = _write_jsonl(tmp_path / "v.jsonl", toy_pairs(5, seed=11))  # odd: the ranks score unequal shares
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(init_dir, data, one, "--max-steps", "3", "--val", str(val))) == 0
+    args = _args(init_dir, data, two, "--max-steps", "3", "--val", str(val))
+    args[args.index("--batch-size") + 1] = "2"  # 2 ranks x 2 pairs = 1 rank x 4 pairs
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "matelike",
+           *args]
+    proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _metrics(one), _metrics(two)
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=1e-5)
+    for key in ("val_loss", "val_accuracy", "val_margin", "val_pairs"):
+        assert a[-1][key] == pytest.approx(b[-1][key], abs=1e-5)
