@@ -25,11 +25,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _reward_model_from(model_dir: Path, out: Path) -> Path:
+    """A reward model directory (`matelike reward train`'s output) on the chat model's weights, new head."""
+    from matelike.model.io import load_model
+    from matelike.reward.model import RewardModel, save_reward_model
+
+    backbone, tokenizer = load_model(model_dir)
+    return save_reward_model(RewardModel(backbone.config, backbone=backbone), tokenizer, out)
+
+
 @pytest.mark.slow
 def test_every_python_snippet_runs(make_chat_model, tmp_path: Path) -> None:
     snippets = python_snippets()
     assert len(snippets) >= 2
     model_dir = make_chat_model(name="dpo")
+    reward_dir = _reward_model_from(model_dir, tmp_path / "reward")
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "matelike", "serve", "--model", str(model_dir), "--port",
                                str(port), "--log-level", "warning"], stdout=subprocess.DEVNULL,
@@ -48,6 +58,7 @@ def test_every_python_snippet_runs(make_chat_model, tmp_path: Path) -> None:
         for code in snippets:
             # The snippets name the demo's output folder and the default port; point them at the test's.
             code = code.replace('"runs/demo/dpo"', repr(str(model_dir))).replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+            code = code.replace('"runs/demo/reward"', repr(str(reward_dir)))
             script = tmp_path / "snippet.py"
             script.write_text(code, encoding="utf-8")
             run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
