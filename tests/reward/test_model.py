@@ -84,19 +84,29 @@ def test_score_keeps_order_whatever_the_batch_size(tokenizer) -> None:
         score(model, tokenizer, PROMPTS, COMPLETIONS[:2])
 
 
-@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": False}])
-def test_transformers_sequence_classification_gives_our_scores(tmp_path: Path, tokenizer, kw: dict) -> None:
+MOE = {"n_experts": 4, "n_experts_per_tok": 2}
+ARCHS = {
+    "dense": ({}, "LlamaForSequenceClassification"),
+    "untied": ({"tie_embeddings": False}, "LlamaForSequenceClassification"),
+    "moe": (MOE, "MixtralForSequenceClassification"),
+    "moe-shared": ({**MOE, "shared_expert": True}, "Qwen2MoeForSequenceClassification"),
+}
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_transformers_sequence_classification_gives_our_scores(tmp_path: Path, tokenizer, kind: str) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    kw, arch = ARCHS[kind]
     model = tiny_reward_model(tokenizer, **kw)
     save_reward_model(model, tokenizer, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1
+    assert cfg["architectures"] == [arch] and cfg["num_labels"] == 1
     assert cfg["pad_token_id"] == tokenizer.pad_id
 
     hf_tok = AutoTokenizer.from_pretrained(tmp_path)
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
+    assert type(hf).__name__ == arch and hf.config.num_labels == 1
     chats = [([{"role": "user", "content": p}] if isinstance(p, str) else p)
              + ([{"role": "assistant", "content": c}] if isinstance(c, str) else c)
              for p, c in zip(PROMPTS, COMPLETIONS)]
