@@ -82,7 +82,9 @@ class RewardModel(nn.Module):
         out = self.model(input_ids, hidden_only=True)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         last = out.hidden[rows, last_index.to(input_ids.device)]
-        return RewardOutput(self.score(last).squeeze(-1), out.aux_loss)
+        # sum over the single label: the same value as squeeze(-1) in a new tensor, not a view of the head's
+        # output (FSDP2 warns that in-place ops on a returned view would skip its backward hook)
+        return RewardOutput(self.score(last).sum(-1), out.aux_loss)
 
 
 # ---- rows and batches --------------------------------------------------------------------------------------

@@ -209,7 +209,9 @@ def test_packed_dpo_pairs_train_as_the_raw_records(tmp_path: Path, init_dir: Pat
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, init_dir: Path) -> None:
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, init_dir: Path,
+                                                            sharding: list[str]) -> None:
     import os
     import subprocess
     import sys
@@ -220,7 +222,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, init
     val = _write_jsonl(tmp_path / "v.jsonl", toy_pairs(5, seed=11))  # odd: the ranks score unequal shares
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_args(init_dir, data, one, "--max-steps", "3", "--val", str(val))) == 0
-    args = _args(init_dir, data, two, "--max-steps", "3", "--val", str(val))
+    args = _args(init_dir, data, two, "--max-steps", "3", "--val", str(val), *sharding)
     args[args.index("--batch-size") + 1] = "2"  # 2 ranks x 2 pairs = 1 rank x 4 pairs
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
@@ -232,3 +234,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, init
     assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=1e-5)
     for key in ("val_loss", "val_accuracy", "val_margin", "val_pairs"):
         assert a[-1][key] == pytest.approx(b[-1][key], abs=1e-5)
+    # rank 0 wrote the whole reward model (gathered from the shards under FSDP)
+    (ma, ta), (mb, _) = load_reward_model(one), load_reward_model(two)
+    rows = toy_pairs(4, seed=12)
+    prompts, answers = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    assert score(mb, ta, prompts, answers) == pytest.approx(score(ma, ta, prompts, answers), abs=1e-5)
