@@ -2,8 +2,9 @@
 
 Data: `{prompt, chosen, rejected}` records (TRL's columns, strings or message lists; `matelike dpo
 make-pairs` writes them), or one file packed by `matelike data pack --format dpo`, read and reported exactly as
-`matelike dpo` reads them (matelike.data.preference; --seq-len bounds prompt + answer the same way). Each side
-is scored as the chat template renders it (matelike.reward.model), and the loss per pair is
+`matelike dpo` reads them (matelike.data.preference; --seq-len bounds prompt + answer the same way, and a
+scored row adds the template's newline after `<|im_end|>`). Each side is scored as the chat template renders it
+(matelike.reward.model), and the loss per pair is
 -log σ(r_chosen - r_rejected), plus --center-rewards·(r_chosen + r_rejected)² when asked (TRL's
 center_rewards_coefficient), averaged over pairs.
 
@@ -138,16 +139,6 @@ REWARD_DEFAULTS: dict[str, Any] = {
 }
 
 
-class _Null:
-    """A write-only sink: ranks other than 0 count bad records without printing them again."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -183,7 +174,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if config.fsdp and args.lora_rank:
         print("error: --lora-rank with --fsdp is not supported; use DDP (the default)", file=sys.stderr)
         return 2
-    report = BadRecordReport() if info.is_main else BadRecordReport(stream=_Null())
+    report = BadRecordReport(max_shown=20 if info.is_main else 0)  # other ranks count without printing again
     try:
         pairs, stats = read_pairs(args.data, tokenizer, seq_len, report)
         val, val_stats = read_pairs(args.val, tokenizer, seq_len, report) if args.val else (None, None)
