@@ -73,6 +73,24 @@ def cpu_bf16_is_faster() -> bool:
     return torch.backends.mkldnn.is_available() and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its bf16 matrix support, e.g. "Intel(R) Xeon(R) Processor (AMX)": figures
+    measured on CPU depend on both, and `--dtype auto` chooses by the second."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:  # not Linux: the platform's own name
+        pass
+    import torch
+
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    avx = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return f"{name} ({'AMX' if amx else 'AVX512-BF16, no AMX' if avx else 'no bf16 matrix instructions'})"
+
+
 def training_dtype(name: str, device: torch.device) -> str:
     """Map --dtype (auto|fp32|bf16|fp16) to the autocast precision for training on `device`.
 

@@ -203,8 +203,10 @@ def build_report(run: Path) -> str:
 
     import torch
 
+    from matelike.device import cpu_description
+
     lines += ["", "## Machine", "",
-              f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"- CPU: {cpu_description()}, {os.cpu_count()} cores, "
               f"torch threads {torch.get_num_threads()}",
               f"- GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
               f"- Python {platform.python_version()}, torch {torch.__version__}",

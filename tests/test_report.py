@@ -66,6 +66,9 @@ def test_report_has_stages_curves_eval_table_samples_and_commands(tmp_path: Path
     order = [commands.index(f"matelike {stage} --out") for stage in ("data", "pretrain", "sft", "dpo")]
     assert order == sorted(order)  # pipeline order, runnable top to bottom
     assert "## Machine" in text and "torch" in text
+    from matelike.device import cpu_description
+
+    assert f"- CPU: {cpu_description()}," in text and cpu_description().endswith(")")  # with its bf16 support
     assert "DPO on held-out pairs: reward accuracy 0.7500, reward margin 0.3000." in text
 
 
