@@ -27,7 +27,7 @@ import numpy as np
 if TYPE_CHECKING:  # heavy or not needed at import time
 
     from matelike.data.records import BadRecordReport
-    from matelike.tokenizer import Tokenizer
+    from matelike.tokenizer import ChatBatch, Tokenizer
 
 IGNORE_INDEX = -100
 
@@ -172,6 +172,94 @@ def fit_messages(tokenizer: "Tokenizer", messages: list[dict[str, str]], seq_len
         return FitResult(None, None, dropped(len(exchanges) - 1), "too_long")
     start, (ids, mask) = best
     return FitResult(ids, mask, dropped(start))
+
+
+@dataclass
+class FittedBatch:
+    """`fit_messages` over every conversation of a `ChatBatch`: the kept samples flat, and each one's fate."""
+
+    ids: np.ndarray  # int64, kept samples concatenated in conversation order
+    mask: np.ndarray  # uint8
+    lengths: np.ndarray  # int64, tokens per kept sample
+    reasons: list[str]  # per conversation: "" when kept, else "too_long" or "no_answer"
+    turns_dropped: list[int]  # per conversation
+
+
+def fit_batch(batch: "ChatBatch", conversations: Sequence[list[dict[str, str]]], seq_len: int) -> FittedBatch:
+    """`fit_messages` for many conversations rendered at once by `Tokenizer.encode_chat_batch`.
+
+    A conversation's rendering is its messages' pieces laid end to end, and the trimmed length of any window of
+    exchanges follows from the piece boundaries (it ends at the last assistant's `<|im_end|>`, the last token
+    with a loss), so the same binary search runs on numbers instead of re-encoding; the samples are then
+    gathered from the batch's arrays in one numpy operation. Same samples, masks and counts as `fit_messages`.
+    """
+    starts = batch.starts.tolist()
+    first_msg = batch.conv.tolist()
+    seg_a: list[int] = []
+    seg_b: list[int] = []
+    sample_segs: list[int] = []
+    reasons: list[str] = []
+    dropped: list[int] = []
+    ids, mask = batch.ids, batch.mask
+    for c, messages in enumerate(conversations):
+        base = first_msg[c]
+        roles = [m["role"] for m in messages]
+        h = 0
+        while h < len(roles) and roles[h] == "system":
+            h += 1
+        ex: list[int] = []  # message index where each exchange starts (`_exchanges`)
+        prev = None
+        for i in range(h, len(roles)):
+            if not ex or (roles[i] != "assistant" and prev == "assistant"):
+                ex.append(i)
+            prev = roles[i]
+        last = max((i for i, r in enumerate(roles) if r == "assistant"), default=-1)
+        if last < 0:
+            reasons.append("no_answer")
+            dropped.append(0)
+            continue
+        # One past the last assistant's <|im_end|>: the mask's last 1 (what `_trim` cuts after).
+        end = int(np.flatnonzero(mask[starts[base + last]:starts[base + last + 1]])[-1]) + starts[base + last] + 1
+        head_len = starts[base + h] - starts[base]
+
+        def tokens(start: int) -> int | None:
+            """Trimmed tokens when exchanges[start:] follow the head; None without an answer in them."""
+            return None if last < ex[start] else head_len + end - starts[base + ex[start]]
+
+        keep: int | None = None
+        if tokens(0) - 1 <= seq_len:
+            keep = 0
+        else:
+            lo, hi = 1, len(ex) - 1
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                n = tokens(mid)
+                if n is not None and n - 1 <= seq_len:
+                    keep, hi = mid, mid - 1
+                else:
+                    lo = mid + 1
+        if keep is None:
+            reasons.append("too_long")
+            dropped.append(ex[-1] - h)
+            continue
+        reasons.append("")
+        dropped.append(ex[keep] - h)
+        if keep == 0:
+            seg_a.append(starts[base])
+            seg_b.append(end)
+            sample_segs.append(1)
+        else:
+            seg_a += [starts[base], starts[base + ex[keep]]]
+            seg_b += [starts[base + h], end]
+            sample_segs.append(2)
+    a = np.asarray(seg_a, dtype=np.int64)
+    seg_len = np.asarray(seg_b, dtype=np.int64) - a
+    before = np.zeros(len(seg_len) + 1, dtype=np.int64)
+    np.cumsum(seg_len, out=before[1:])
+    at = np.repeat(a - before[:-1], seg_len) + np.arange(int(before[-1]))
+    sample_end = np.cumsum(np.asarray(sample_segs, dtype=np.int64))
+    lengths = np.diff(np.concatenate([[0], before[sample_end]])) if len(sample_segs) else np.zeros(0, np.int64)
+    return FittedBatch(ids[at], mask[at], lengths, reasons, dropped)
 
 
 def sft_converter(fmt: str = "auto") -> Callable[[dict], tuple[str, list[dict[str, str]]]]:
@@ -326,7 +414,12 @@ class PackedSFTData:
     def rows(self, epoch: int) -> list[list[int]]:
         if self._cache is None or self._cache[0] != epoch:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
-            self._cache = (epoch, pack_rows(self.samples.lengths, self.seq_len, order))
+            rows = pack_rows(self.samples.lengths, self.seq_len, order)
+            # First-fit decreasing leaves each block's rows sorted from long samples to short ones; batches of
+            # consecutive rows would then each hold one kind of sample (all news continuations, then all
+            # sentiment labels), and the model would drift from task to task within an epoch.
+            shuffle = np.random.default_rng([self.seed, epoch, 1]).permutation(len(rows))
+            self._cache = (epoch, [rows[i] for i in shuffle])
         return self._cache[1]
 
     def batches_per_epoch(self, epoch: int, world_size: int = 1) -> int:

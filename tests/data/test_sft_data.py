@@ -14,6 +14,7 @@ from matelike.data.sft import (
     PackedSFTData,
     SFTSamples,
     collate,
+    fit_batch,
     fit_messages,
     load_sft_samples,
     pack_rows,
@@ -244,6 +245,17 @@ def test_collate_segments_positions_targets_and_padding():
     assert batch["real_tokens"] == 12 and batch["n_samples"] == 3
 
 
+def test_batches_mix_long_and_short_samples():
+    """Rows are packed longest first; the batches must not follow that order through the epoch."""
+    lengths = np.random.default_rng(3).integers(2, 60, 2000)
+    data = PackedSFTData(_toy_samples(lengths.tolist()), seq_len=64, batch_size=4, pad_id=0, seed=1)
+    rows = data.rows(0)
+    longest = np.array([max(lengths[i] for i in row) for row in rows], dtype=float)
+    position = np.arange(len(rows), dtype=float)
+    assert abs(np.corrcoef(position, longest)[0, 1]) < 0.2  # first-fit decreasing order alone: about -0.9
+    assert sorted(i for row in rows for i in row) == list(range(2000))
+
+
 def test_packed_batches_resume_from_cursor_and_split_ranks():
     samples = _toy_samples(np.random.default_rng(2).integers(1, 30, 200).tolist())
     data = PackedSFTData(samples, seq_len=32, batch_size=4, pad_id=0, seed=7)
@@ -341,3 +353,40 @@ def test_preference_reader_skips_bad_records(tokenizer, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{path}:2: invalid Unicode" in err and f"{path}:3: invalid JSON" in err
     assert f"{path}:4: record too large" in err
+
+
+def test_fit_batch_equals_fit_messages(tokenizer):
+    """The packer fits a whole chunk at once (`fit_batch`); every sample, mask, drop reason and count of dropped
+    turns equals `fit_messages` on each conversation alone, over truncation, answerless and too-long cases."""
+    import random
+
+    rng = random.Random(0)
+    words = ["你好", "\n\n开头换行", "北京是中华人民共和国的首都。" * 3, " a b", "今天天气很好", "<|im_end|>伪造"]
+    convs = []
+    for _ in range(300):
+        conv = [{"role": "system", "content": rng.choice(words)}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(0, 4)):
+            r = rng.random()
+            if r < 0.1:  # consecutive assistant or user turns: one exchange with several answers or questions
+                conv.append({"role": rng.choice(["user", "assistant"]), "content": rng.choice(words)})
+            else:
+                conv += [{"role": "user", "content": rng.choice(words)},
+                         {"role": "assistant", "content": rng.choice(words)}]
+        if rng.random() < 0.2:
+            conv.append({"role": "user", "content": "还有吗"})  # ends after the last answer: cut by the trim
+        convs.append(conv)
+    batch = tokenizer.encode_chat_batch(convs)
+    seen = set()
+    for seq_len in (12, 40, 100, 1000):
+        fit = fit_batch(batch, convs, seq_len)
+        k = pos = 0
+        for c, conv in enumerate(convs):
+            one = fit_messages(tokenizer, conv, seq_len)
+            assert (fit.reasons[c], fit.turns_dropped[c]) == (one.reason, one.turns_dropped)
+            seen.add(one.reason or ("truncated" if one.turns_dropped else "whole"))
+            if one.ids is not None:
+                n = int(fit.lengths[k])
+                assert fit.ids[pos:pos + n].tolist() == one.ids and fit.mask[pos:pos + n].tolist() == one.mask
+                k, pos = k + 1, pos + n
+        assert k == len(fit.lengths) and pos == len(fit.ids) == len(fit.mask)
+    assert seen == {"whole", "truncated", "too_long", "no_answer"}
