@@ -321,3 +321,27 @@ def test_encode_chat_any_input_gives_ids_or_a_record_error(tokenizer, messages: 
         assert e.reason.split(":", 1)[0] in ("wrong type", "invalid Unicode")
         return
     assert len(ids) == len(mask)
+
+
+@SETTINGS
+@given(chats=st.lists(st.lists(MESSAGE, max_size=4), max_size=4), gen=st.booleans())
+def test_encode_chat_batch_equals_encode_chat(tokenizer, chats: list[list[dict]], gen: bool) -> None:
+    """The packer's batch path: the ids and mask of every conversation equal `encode_chat`'s, whether the mask
+    comes from byte counts (byte-level BPE) or from the backend's character offsets (any other tokenizer)."""
+    import copy
+
+    by_offsets = copy.copy(tokenizer)
+    by_offsets._token_bytes_table = None  # what a tokenizer that is not plain byte-level BPE gets
+    assert tokenizer._token_bytes() is not None
+    for tok in (tokenizer, by_offsets):
+        batch = tok.encode_chat_batch(chats, add_generation_prompt=gen)
+        assert len(batch) == len(chats)
+        for c, chat in enumerate(chats):
+            ids, mask = batch.conversation(c)
+            assert (ids.tolist(), mask.tolist()) == tokenizer.encode_chat(chat, add_generation_prompt=gen)
+
+
+def test_encode_chat_batch_rejects_bad_messages(tokenizer: Tokenizer) -> None:
+    with pytest.raises(RecordError, match="invalid Unicode: message 1 content"):
+        tokenizer.encode_chat_batch([[{"role": "user", "content": "a"}],
+                                     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\ud800"}]])
