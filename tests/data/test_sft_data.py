@@ -18,6 +18,7 @@ from matelike.data.sft import (
     fit_messages,
     load_sft_samples,
     pack_rows,
+    plan_rows,
 )
 
 
@@ -227,6 +228,43 @@ def test_pack_rows_places_each_sample_once_within_seq_len():
     with pytest.raises(ValueError, match="more than seq_len"):
         pack_rows(samples.lengths, 10, np.arange(500))
 
+
+
+def _first_fit_one_by_one(lengths: np.ndarray, seq_len: int, order: np.ndarray, block: int) -> list[list[int]]:
+    """First-fit decreasing per block, one sample at a time: the rule `plan_rows` vectorises."""
+    rows: list[list[int]] = []
+    for b in range(0, len(order), block):
+        chunk = order[b : b + block]
+        free: list[int] = []
+        block_rows: list[list[int]] = []
+        for i in chunk[np.argsort(-lengths[chunk], kind="stable")].tolist():
+            n = int(lengths[i])
+            r = next((r for r, space in enumerate(free) if space >= n), None)
+            if r is None:
+                block_rows.append([])
+                free.append(seq_len)
+                r = len(free) - 1
+            block_rows[r].append(i)
+            free[r] -= n
+        rows += block_rows
+    return rows
+
+
+def test_plan_rows_equals_first_fit_one_sample_at_a_time():
+    rng = np.random.default_rng(4)
+    for trial in range(60):
+        seq_len = int(rng.integers(1, 90))
+        n = int(rng.integers(0, 600))
+        lengths = rng.integers(0 if trial % 3 == 0 else 1, seq_len + 1, n)
+        if trial % 4 == 1:  # few distinct lengths: long runs of equal ones
+            lengths = rng.choice(np.unique(lengths)[:3], n) if n else lengths
+        order = rng.permutation(n)
+        block = int(rng.integers(1, 300))
+        want = _first_fit_one_by_one(lengths, seq_len, order, block)
+        rows = plan_rows(lengths, seq_len, order, block)
+        assert [r.tolist() for r in rows] == want == pack_rows(lengths, seq_len, order, block)
+        assert len(rows) == len(want) and (not want or rows[-1].tolist() == want[-1])
+        assert [r.tolist() for r in rows[1:5:2]] == want[1:5:2]
 
 def test_collate_segments_positions_targets_and_padding():
     samples = _toy_samples([5, 3, 4])
