@@ -152,8 +152,18 @@ def _ordered(tokenizer_dir: Path, tokenizer: "Tokenizer", kind: str, seq_len: in
              dtype: np.dtype, workers: int) -> Iterator[list]:
     """Rendered chunks in input order, at most 2 per worker in flight (memory flat in the input size)."""
     if workers <= 1:
-        for items in chunks:
-            yield render_chunk(tokenizer, kind, seq_len, items, dtype)
+        # As the pretraining packer: a thread renders (the Rust encoder releases the GIL) while this thread reads
+        # and converts the next chunk.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as ex:
+            waiting: deque = deque()
+            for items in chunks:
+                waiting.append(ex.submit(render_chunk, tokenizer, kind, seq_len, items, dtype))
+                if len(waiting) >= 2:
+                    yield waiting.popleft().result()
+            while waiting:
+                yield waiting.popleft().result()
         return
     import multiprocessing as mp
 
