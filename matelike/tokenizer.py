@@ -288,19 +288,31 @@ class Tokenizer:
         import numpy as np
 
         pieces: list[str] = []
+        piece_bytes: list[int] = []  # UTF-8 bytes of each piece
         head_bytes: list[int] = []  # bytes of `role\\n` (ASCII for the assistant role, whose mask matters)
         trained: list[bool] = []
         suffix: list[bool] = []  # the piece is a message (<|im_end|> and newline follow), not a generation prompt
         conv_pieces = [0]
         for conv in conversations:
             for i, m in enumerate(conv):
-                role, content = _message_text(m, i)
-                pieces.append(f"{role}\n{content}")
+                # The usual message is a dict of two str: checked inline; anything else by `_message_text`.
+                role = m.get("role") if type(m) is dict else None
+                content = m.get("content") if type(m) is dict else None
+                if type(role) is not str or type(content) is not str:
+                    role, content = _message_text(m, i)
+                piece = f"{role}\n{content}"
+                try:
+                    piece_bytes.append(len(piece.encode("utf-8")))
+                except UnicodeEncodeError:  # a lone surrogate: `_message_text` names the message
+                    _message_text(m, i)
+                    raise
+                pieces.append(piece)
                 head_bytes.append(len(role.encode("utf-8")) + 1)
                 trained.append(role == "assistant")
                 suffix.append(True)
             if add_generation_prompt:
                 pieces.append("assistant\n")
+                piece_bytes.append(len(pieces[-1]))
                 head_bytes.append(len(pieces[-1]))
                 trained.append(False)
                 suffix.append(False)
@@ -322,11 +334,10 @@ class Tokenizer:
             ends = np.cumsum(table[tokens])
             before = np.concatenate([[0], ends])[tok_start[:-1]]
             ends -= before[piece_of]
-            piece_bytes = np.fromiter((len(p.encode("utf-8")) for p in pieces), dtype=np.int64, count=len(pieces))
             total = np.zeros(len(pieces), dtype=np.int64)
             nonempty = lens > 0
             total[nonempty] = ends[tok_start[1:][nonempty] - 1]
-            if not np.array_equal(total, piece_bytes):  # not a plain byte-level BPE after all: use offsets
+            if not np.array_equal(total, np.asarray(piece_bytes, dtype=np.int64)):  # not a plain byte-level BPE after all: use offsets
                 self._token_bytes_table = None
                 return self.encode_chat_batch(conversations, add_generation_prompt)
         else:
@@ -349,7 +360,7 @@ class Tokenizer:
         mask[end_at] = np.asarray(trained, dtype=np.uint8)[closed]
         for k, t in enumerate(newline):
             ids[end_at + 1 + k] = t
-        return ChatBatch(ids, mask, starts, np.asarray(conv_pieces, dtype=np.int64))
+        return ChatBatch(ids, mask, starts, np.asarray(conv_pieces, dtype=np.int64), len(newline))
 
 
 @dataclass
@@ -365,6 +376,7 @@ class ChatBatch:
     mask: "np.ndarray"  # uint8, 1 on assistant content and its <|im_end|>
     starts: "np.ndarray"  # int64, messages + 1
     conv: "np.ndarray"  # int64, conversations + 1: index of each conversation's first message in `starts`
+    closing: int = 1  # tokens after a message's <|im_end|> (the newline)
 
     def __len__(self) -> int:
         return len(self.conv) - 1

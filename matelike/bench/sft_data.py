@@ -5,7 +5,8 @@ On a generated SFT file (multi-turn conversations of the data benchmarks' synthe
    own `encode_batch` on the same conversations rendered with the chat template and held in memory, with as
    many Rust threads as workers (RAYON_RS_NUM_CPUS, for the pack too): packing can approach that figure, not
    pass it. `read_s` is what the pack does besides encoding (read, parse and convert the records, in the main
-   process, overlapped with encoding); `ceiling_pack_over_encode` is the best ratio that leaves.
+   process, overlapped with encoding); `ceiling_pack_over_encode` is the best ratio that leaves with a core
+   free for it, `ceiling_cpu` the best ratio of CPU seconds (reading is work the encode-only figure never does).
 2. `matelike sft` on a tiny random model, raw records against the packed file: seconds from the process start
    to its first optimiser step (the first line of metrics.jsonl) and the peak resident memory until then; with
    `--large N`, the same on a packed file of N conversations (time to first step should not grow with N).
@@ -189,6 +190,10 @@ def _cmd_sft_data(args: argparse.Namespace) -> int:
                 "pack_over_encode": round(enc["seconds"] / m["seconds"], 3),
                 "read_s": round(read["seconds"], 2),
                 "ceiling_pack_over_encode": round(enc["seconds"] / max(enc["seconds"], read["seconds"]), 3),
+                # CPU seconds: on a busy machine the wall ratio also measures who got the cores.
+                "pack_cpu_s": round(m["cpu_seconds"], 2), "encode_cpu_s": round(enc["cpu_seconds"], 2),
+                "pack_over_encode_cpu": round(enc["cpu_seconds"] / m["cpu_seconds"], 3),
+                "ceiling_cpu": round(enc["cpu_seconds"] / (enc["cpu_seconds"] + read["cpu_seconds"]), 3),
             }
         samples = m["samples"]
         tokenizer = Tokenizer.load(tok_dir)

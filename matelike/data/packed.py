@@ -152,15 +152,16 @@ def _ordered(tokenizer_dir: Path, tokenizer: "Tokenizer", kind: str, seq_len: in
              dtype: np.dtype, workers: int) -> Iterator[list]:
     """Rendered chunks in input order, at most 2 per worker in flight (memory flat in the input size)."""
     if workers <= 1:
-        # As the pretraining packer: a thread renders (the Rust encoder releases the GIL) while this thread reads
-        # and converts the next chunk.
+        # Two threads render while this one reads and converts the next chunk: the Rust encoder releases the GIL,
+        # so one thread's Python work (building pieces, fitting) runs while the other's chunk is encoded (on as
+        # many cores as the tokenizer uses: RAYON_RS_NUM_CPUS bounds them).
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=1) as ex:
+        with ThreadPoolExecutor(max_workers=2) as ex:
             waiting: deque = deque()
             for items in chunks:
                 waiting.append(ex.submit(render_chunk, tokenizer, kind, seq_len, items, dtype))
-                if len(waiting) >= 2:
+                if len(waiting) >= 3:
                     yield waiting.popleft().result()
             while waiting:
                 yield waiting.popleft().result()
@@ -341,8 +342,9 @@ def _write_chunk(kind: str, rendered: list, sections: _Sections, ends: dict[str,
         layouts, reasons, turns, ids, mask, lengths = rendered
         # Counts per record in record order, so the meta's keys come in the order the records first need them.
         stops = np.cumsum(lengths)
-        loss = np.add.reduceat(mask, stops - lengths, dtype=np.int64).tolist() if len(lengths) else []
-        first = mask[stops - lengths].tolist()
+        seen = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # loss tokens before each position
+        # Loss positions of a sample: its mask from the second token on (the first token is never a target).
+        loss = (seen[stops] - seen[stops - lengths + 1]).tolist()
         n = lengths.tolist()
         formats = stats.setdefault("formats", {})
         k = 0
@@ -355,7 +357,7 @@ def _write_chunk(kind: str, rendered: list, sections: _Sections, ends: dict[str,
             add("truncated", bool(dropped))
             add("turns_dropped", dropped)
             add("tokens", n[k] - 1)
-            add("loss_tokens", loss[k] - first[k])
+            add("loss_tokens", loss[k])
             k += 1
         sections.write("ids", ids)
         sections.write("mask", mask)

@@ -213,28 +213,24 @@ def fit_batch(batch: "ChatBatch", conversations: Sequence[list[dict[str, str]]],
             if not ex or (roles[i] != "assistant" and prev == "assistant"):
                 ex.append(i)
             prev = roles[i]
-        last = max((i for i, r in enumerate(roles) if r == "assistant"), default=-1)
+        last = len(roles) - 1 - roles[::-1].index("assistant") if "assistant" in roles else -1
         if last < 0:
             reasons.append("no_answer")
             dropped.append(0)
             continue
         # One past the last assistant's <|im_end|>: the mask's last 1 (what `_trim` cuts after).
-        end = int(np.flatnonzero(mask[starts[base + last]:starts[base + last + 1]])[-1]) + starts[base + last] + 1
+        end = starts[base + last + 1] - batch.closing
+        # Trimmed tokens when exchanges[k:] follow the head: head + (end - start of exchange k), when the
+        # window still holds the last answer (last >= ex[k]), else no sample.
         head_len = starts[base + h] - starts[base]
-
-        def tokens(start: int) -> int | None:
-            """Trimmed tokens when exchanges[start:] follow the head; None without an answer in them."""
-            return None if last < ex[start] else head_len + end - starts[base + ex[start]]
-
         keep: int | None = None
-        if tokens(0) - 1 <= seq_len:
+        if head_len + end - starts[base + ex[0]] - 1 <= seq_len:
             keep = 0
         else:
             lo, hi = 1, len(ex) - 1
             while lo <= hi:
                 mid = (lo + hi) // 2
-                n = tokens(mid)
-                if n is not None and n - 1 <= seq_len:
+                if last >= ex[mid] and head_len + end - starts[base + ex[mid]] - 1 <= seq_len:
                     keep, hi = mid, mid - 1
                 else:
                     lo = mid + 1
