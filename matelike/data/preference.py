@@ -152,6 +152,30 @@ def read_pairs(
     return pairs, PreferenceStats(**known)
 
 
+class NoPairsError(ValueError):
+    """--data or --val gave no usable pair (every record was bad or too long)."""
+
+
+def read_pair_sets(
+    data: list[str], val: list[str] | None, tokenizer: "Tokenizer", seq_len: int, report: "BadRecordReport",
+    verbose: bool,
+) -> tuple[PreferencePairs, PreferencePairs | None, PreferenceStats, PreferenceStats | None]:
+    """A preference stage's training and held-out pairs (read_pairs on --data and --val), their statistics
+    printed when `verbose` (the main rank). Raises NoPairsError when either set is empty, and read_pairs'
+    errors."""
+    pairs, stats = read_pairs(data, tokenizer, seq_len, report)
+    held, held_stats = read_pairs(val, tokenizer, seq_len, report) if val else (None, None)
+    if verbose:
+        print_stats(stats, report)
+        if held_stats is not None:
+            print("held-out " + held_stats.summary(), file=sys.stderr)
+    if len(pairs) == 0:
+        raise NoPairsError("no usable preference pairs in " + ", ".join(map(str, data)))
+    if held is not None and len(held) == 0:
+        raise NoPairsError("no usable held-out pairs in " + ", ".join(map(str, val or ())))
+    return pairs, held, stats, held_stats
+
+
 def collate_pairs(pairs: PreferencePairs, indices: list[int], pad_id: int) -> dict:
     """One batch: `input_ids`/`targets` (2B, W), chosen rows then rejected rows, right padding.
 

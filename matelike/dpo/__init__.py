@@ -324,7 +324,7 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
     import torch
 
     from matelike.data.packed import PackMismatchError
-    from matelike.data.preference import PreferenceBatches, print_stats, read_pairs
+    from matelike.data.preference import NoPairsError, PreferenceBatches, read_pair_sets
     from matelike.data.records import BadRecordReport, DataFileError
     from matelike.model.io import load_model
     from matelike.train import TrainConfig, Trainer, seed_everything
@@ -353,21 +353,13 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
                                    rpo_alpha=args.rpo_alpha)
     report = BadRecordReport() if info.is_main else BadRecordReport(stream=_Null())
     try:
-        pairs, stats = read_pairs(args.data, tokenizer, seq_len, report)
-        val, val_stats = read_pairs(args.val, tokenizer, seq_len, report) if args.val else (None, None)
+        pairs, val, stats, val_stats = read_pair_sets(args.data, args.val, tokenizer, seq_len, report, info.is_main)
+    except NoPairsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (DataFileError, PackMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if info.is_main:
-        print_stats(stats, report)
-        if val_stats is not None:
-            print("held-out " + val_stats.summary(), file=sys.stderr)
-    if len(pairs) == 0:
-        print("error: no usable preference pairs in " + ", ".join(map(str, args.data)), file=sys.stderr)
-        return 1
-    if val is not None and len(val) == 0:
-        print("error: no usable held-out pairs in " + ", ".join(map(str, args.val)), file=sys.stderr)
-        return 1
     if info.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
         summary = {"train": stats.to_dict(), "val": val_stats.to_dict() if val_stats else None,

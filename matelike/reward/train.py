@@ -143,7 +143,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from matelike.data.packed import PackMismatchError
-    from matelike.data.preference import PreferenceBatches, print_stats, read_pairs
+    from matelike.data.preference import NoPairsError, PreferenceBatches, read_pair_sets
     from matelike.data.records import BadRecordReport, DataFileError
     from matelike.model.io import load_model
     from matelike.reward.model import RewardModel, reward_collate
@@ -176,21 +176,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     report = BadRecordReport(max_shown=20 if info.is_main else 0)  # other ranks count without printing again
     try:
-        pairs, stats = read_pairs(args.data, tokenizer, seq_len, report)
-        val, val_stats = read_pairs(args.val, tokenizer, seq_len, report) if args.val else (None, None)
+        pairs, val, stats, val_stats = read_pair_sets(args.data, args.val, tokenizer, seq_len, report, info.is_main)
+    except NoPairsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (DataFileError, PackMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if info.is_main:
-        print_stats(stats, report)
-        if val_stats is not None:
-            print("held-out " + val_stats.summary(), file=sys.stderr)
-    if len(pairs) == 0:
-        print("error: no usable preference pairs in " + ", ".join(map(str, args.data)), file=sys.stderr)
-        return 1
-    if val is not None and len(val) == 0:
-        print("error: no usable held-out pairs in " + ", ".join(map(str, args.val)), file=sys.stderr)
-        return 1
 
     model = RewardModel(backbone.config, backbone=backbone)
     if args.lora_rank:
