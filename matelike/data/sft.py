@@ -329,29 +329,33 @@ def _first_fit_block(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, int
     """
     row_of = np.empty(len(lengths), dtype=np.int64)
     free = np.zeros(0, dtype=np.int64)  # room left per row, rows in the order they were opened
+    most = -1  # the most room any row has (or less than any length when there is no row)
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(lengths)) + 1, [len(lengths)]]).tolist()
-    for i, j in zip(bounds[:-1], bounds[1:]):
-        n, k = int(lengths[i]), j - i
+    values = lengths[bounds[:-1]].tolist()
+    for i, j, n in zip(bounds[:-1], bounds[1:], values):
+        k = j - i
         if n == 0:  # fits anywhere: the first row (opened now if there is none)
             free = free if len(free) else np.array([seq_len], dtype=np.int64)
+            most = max(most, int(free[0]))
             row_of[i:j] = 0
             continue
         placed = 0
-        if len(free):
+        if most >= n:  # long samples come first and usually find no room: skip the search then
             cum = np.cumsum(free // n)
             placed = min(k, int(cum[-1]))
-            if placed:
-                rows = np.searchsorted(cum, np.arange(placed), side="right")
-                row_of[i : i + placed] = rows
-                free -= n * np.bincount(rows, minlength=len(free))
+            rows = np.searchsorted(cum, np.arange(placed), side="right")
+            row_of[i : i + placed] = rows
+            free -= n * np.bincount(rows, minlength=len(free))
+            most = int(free.max())
         rest = k - placed
         if rest:
             per = seq_len // n
             opened = -(-rest // per)
-            row_of[i + placed : j] = len(free) + np.arange(rest) // per
+            row_of[i + placed : j] = len(free) + (np.arange(rest) // per if per > 1 else np.arange(rest))
             room = np.full(opened, seq_len - n * per, dtype=np.int64)
             room[-1] = seq_len - n * (rest - (opened - 1) * per)
             free = np.concatenate([free, room])
+            most = max(most, int(room[-1]))
     return row_of, len(free)
 
 
