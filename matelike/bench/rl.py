@@ -55,7 +55,7 @@ def measure(preset: str, dtype: str, device: str, batch_size: int, group: int, p
         task = GRPOTask(model, prompts, [_even_ids], decode=lambda ids: "", stop_ids=(), pad_id=0,
                         batch_size=batch_size, group=group, max_new_tokens=max_new_tokens, loss_type=loss, seed=0)
         trainer = Trainer(config, model, None, task, export=None)
-        task.autocast = trainer.precision.autocast  # sampling in the training precision, as `matelike rl` does
+        task.autocast = trainer.precision.autocast  # the reference / old log-probs, as `matelike rl` scores them
         trainer.fit()
         end = time.perf_counter()
         precision = trainer.precision.name

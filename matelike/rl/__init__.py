@@ -48,7 +48,9 @@ class GRPOTask:
 
     `policy` is the plain module the engine trains (the same object), used for sampling; `ref_model` a frozen
     copy of the initial weights, needed only with `beta` > 0. `decode(ids)` turns completion ids into the text
-    the rewards read. Metrics per step: reward mean and std overall, per task and per reward function, share of
+    the rewards read. `autocast()` (the engine's precision) wraps the forwards that score a rollout for later
+    updates and for the reference, so they match the training forward; sampling runs in the weights' dtype.
+    Metrics per step: reward mean and std overall, per task and per reward function, share of
     groups whose rewards are all equal, completion length, share truncated, entropy of the sampling
     distribution, clip fractions, mean ratio and, with a reference, the k3 KL.
     """
@@ -183,8 +185,7 @@ class GRPOTask:
             self.policy, [self.prompts.ids[i] for i in idx for _ in range(G)], seeds,
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             stop_ids=self.stop_ids, max_batch=self.generation_batch,
-            autocast=self.autocast() if self.autocast else None,
-        )
+        )  # in the weights' dtype, not under autocast: the engine's KV cache holds the weights' dtype
         self.rollout_log.append((t0, time.perf_counter() - t0, sum(len(c.tokens) for c in comps)))
         answers = [c.tokens[:-1] if c.stopped else c.tokens for c in comps]
         fields = [self.prompts.fields[i] for i in idx for _ in range(G)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -132,16 +132,14 @@ class Completion:
 def sample_completions(
     model: "torch.nn.Module", prompts: Sequence[Sequence[int]], seeds: Sequence[int], *, max_new_tokens: int,
     temperature: float, top_k: int | None, top_p: float | None, stop_ids: Sequence[int], max_batch: int,
-    autocast: ContextManager | None = None,
 ) -> list[Completion]:
     """One completion per (prompt, seed), generated together through one BatchEngine.
 
     The engine runs without stop ids and a request is cancelled when it samples one: the engine reports a stop
     as "no token", and the stop token must be known to be trained on (which of `<|im_end|>` or `<|endoftext|>`
-    it was). Requests of the same prompt should be adjacent so they share one prefill.
+    it was). Requests of the same prompt should be adjacent so they share one prefill. Sampling runs in the
+    weights' dtype, never under autocast: the engine's KV cache is allocated in that dtype.
     """
-    import contextlib
-
     from matelike.model.generation import BatchEngine, GenerationRequest
     from matelike.sampling import SamplingParams
 
@@ -156,17 +154,16 @@ def sample_completions(
     was_training = model.training
     model.eval()
     try:
-        with autocast or contextlib.nullcontext():
-            while engine.has_work():
-                for o in engine.step():
-                    c = out[rows[o.rid]]
-                    if o.token is None or c.stopped:
-                        continue
-                    c.tokens.append(o.token)
-                    if o.token in stops:
-                        c.stopped = True
-                        if not o.finished:
-                            engine.cancel(o.rid)
+        while engine.has_work():
+            for o in engine.step():
+                c = out[rows[o.rid]]
+                if o.token is None or c.stopped:
+                    continue
+                c.tokens.append(o.token)
+                if o.token in stops:
+                    c.stopped = True
+                    if not o.finished:
+                        engine.cancel(o.rid)
     finally:
         model.train(was_training)
     return out

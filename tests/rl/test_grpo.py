@@ -285,3 +285,17 @@ def test_bad_flags_stop_before_training(make_chat_model, tmp_path: Path, capsys)
         assert main(_run_args(init, data, tmp_path / "out", "--max-steps", "1", *extra)) == 2, extra
         assert msg in capsys.readouterr().err, extra
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_rollouts_of_prompts_of_different_lengths_under_bf16_autocast(make_chat_model) -> None:
+    """`--dtype auto` trains under bf16 autocast on a CPU that supports it: sampling must still work (the KV
+    cache holds the fp32 weights' dtype) and the scoring forwards run under the same autocast."""
+    model, tok = _model(make_chat_model)
+    task = GRPOTask(model, _prompts(tok), [lambda p, c, **kw: [float(len(x)) for x in c]], decode=tok.decode,
+                    stop_ids=tok.stop_ids, pad_id=tok.pad_id, batch_size=4, group=4, max_new_tokens=6, seed=0,
+                    updates_per_rollout=2, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    batch, _ = next(task.batches(0, 1, None))
+    assert len({len(p) for p in _prompts(tok).ids}) > 1 and batch["old_logps"].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, metrics, n = task.loss(model, batch)
+    assert n > 0 and torch.isfinite(loss) and metrics["ratio"] == 1.0
