@@ -54,7 +54,7 @@ def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> 
 # Commands that run a model, and so must take --device and --dtype (`bench generate` times the CPU decode
 # path against transformers' and takes --dtype only).
 MODEL_COMMANDS = {"pretrain", "sft", "dpo", "dpo-make-pairs", "generate", "chat", "serve", "eval", "bench serve",
-                  "bench train"}
+                  "bench train", "rl", "bench rl", "reward train"}
 
 
 def test_every_command_that_runs_a_model_takes_the_same_device_and_dtype_flags(capsys) -> None:
