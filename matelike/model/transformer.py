@@ -130,15 +130,31 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0  # number of positions already written
+        # Per-layer views made once: a decode step then indexes no layer dimension (eight fewer ops per layer).
+        self.layer_k, self.layer_v = list(self.k.unbind(0)), list(self.v.unbind(0))
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope_table(self, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin (`fold_sin`) of every cache position, each (max_len, head_dim), made on first use.
+
+        A decode step then slices or indexes its positions instead of computing them; the values are those
+        `rope_cos_sin` gives for the same positions (the same fp32 products and kernels).
+        """
+        if self._rope is None or self._rope[0].dtype != dtype:
+            positions = torch.arange(self.max_len, device=inv_freq.device)[None]
+            cos, sin = rope_cos_sin(positions, inv_freq, dtype)
+            self._rope = cos[0, :, 0], fold_sin(sin[0, :, 0])
+        return self._rope
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H_kv, T, D) at the current position; return all keys/values so far (views)."""
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full (needs {end})")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        ck, cv = self.layer_k[layer], self.layer_v[layer]
+        ck[:, :, self.pos : end] = k
+        cv[:, :, self.pos : end] = v
+        return ck[:, :, :end], cv[:, :, :end]
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Copy row `src`'s first `length` positions (every layer) into row `dst`."""
@@ -165,19 +181,35 @@ class CacheRows:
         if self.total > cache.max_len:
             raise ValueError(f"KV cache of {cache.max_len} positions is full (needs {self.total})")
         self.same = min(starts) == self.pos  # every row at the same position: slice writes, and no mask needed
-        start = torch.tensor(starts, device=device)
-        self.positions = start[:, None] + torch.arange(q_len, device=device)  # (B, T)
-        self._index = None if self.same else (torch.arange(len(starts), device=device), start)
+        self.rows = slice(first, first + len(starts))
+        self._start: torch.Tensor | None = None
+        self._index = None
         if self.same:
             # One row (or rows in step): plain causal attention, offset by the row's past when it has one.
             self.mask = _offset_causal(q_len, self.pos, device) if self.pos and q_len > 1 else None
         else:
+            start = self._start = torch.tensor(starts, device=device)
+            self._index = (torch.arange(len(starts), device=device), start)
             self.mask = (torch.arange(self.total, device=device)[None, :] <= start[:, None])[:, None, None]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B, T) rotary position of each new token."""
+        start = self._start if self._start is not None else torch.full((self.rows.stop - self.rows.start,), self.pos,
+                                                                    device=self.cache.k.device)
+        return start[:, None] + torch.arange(self.q_len, device=start.device)
+
+    def rope(self, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and folded sin for the new tokens, (B|1, 1, T, head_dim), from the cache's table: a slice when the
+        rows are in step (no op at all), one gather per tensor otherwise."""
+        cos, sin = self.cache.rope_table(inv_freq, dtype)
+        if self._start is None:
+            return cos[None, None, self.pos : self.total], sin[None, None, self.pos : self.total]
+        return cos[self._start][:, None, None], sin[self._start][:, None, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H_kv, T, D) at each row's position; return each row's keys/values so far (views)."""
-        rows = slice(self.first, self.first + k.shape[0])
-        ck, cv = self.cache.k[layer, rows], self.cache.v[layer, rows]
+        ck, cv = self.cache.layer_k[layer][self.rows], self.cache.layer_v[layer][self.rows]
         if self._index is None:
             ck[:, :, self.pos : self.total] = k
             cv[:, :, self.pos : self.total] = v
@@ -198,6 +230,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm is one fused kernel (fewer ops per decode step); same maths as x * rsqrt(mean(x^2) + eps).
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The weight inside the call: one op fewer, and the same product (y * w == w * y, bit for bit).
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -219,6 +254,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def fold_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: `rope_folded` then needs no negation per call."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rope_folded(x: torch.Tensor, cos: torch.Tensor, folded_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope with `fold_sin(sin)`: the same values bit for bit ((-a) * s == a * (-s)), two ops fewer per call
+    (a roll instead of negate, two slices and a concatenation)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * folded_sin
 
 
 class Attention(nn.Module):
@@ -247,13 +294,13 @@ class Attention(nn.Module):
         cache: KVCache | CacheRows | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        n_qk = self.n_heads + self.n_kv_heads
+        # Heads first before anything else: one transpose and two splits instead of a slice and a transpose per
+        # tensor (the op count, not the arithmetic, is what a decode step of a small model pays for).
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qk, v = qkv.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=1)  # (B, H, T, D)
         # One RoPE call over the q and k heads together: half the elementwise ops of the decode step's attention.
-        qk = apply_rope(qkv[:, :, :n_qk], cos, sin)
-        q = qk[:, :, : self.n_heads].transpose(1, 2)  # (B, H, T, D)
-        k = qk[:, :, self.n_heads :].transpose(1, 2)
-        v = qkv[:, :, n_qk:].transpose(1, 2)
+        # cos, sin: (B|1, 1, T, D), sin folded (fold_sin), from the model's forward.
+        q, k = rope_folded(qk, cos, sin).split((self.n_heads, self.n_kv_heads), dim=1)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         # mask None means plain causal attention over all keys; a decode step of one token needs no mask at all.
@@ -531,9 +578,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         rows = cache if isinstance(cache, CacheRows) else None
         past = cache.pos if cache is not None else 0
-        if rows is not None:
-            position_ids = rows.positions
-        elif position_ids is None:
+        if rows is None and position_ids is None:
             if segment_ids is not None:
                 position_ids = segment_positions(segment_ids)
             elif attention_mask is not None:
@@ -541,7 +586,11 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        if rows is not None:  # the batched engine: positions from the cache's table, computed once per cache
+            cos, sin = rows.rope(self.inv_freq, x.dtype)
+        else:
+            cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+            cos, sin = cos.transpose(1, 2), fold_sin(sin).transpose(1, 2)  # (B, 1, T, D): Attention's layout
         if rows is not None:
             mask = rows.mask
         else:

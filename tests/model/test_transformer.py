@@ -5,7 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from matelike.model.transformer import PRESETS, KVCache, ModelConfig, Transformer, get_preset, segment_positions
+from matelike.model.transformer import (
+    PRESETS,
+    CacheRows,
+    KVCache,
+    ModelConfig,
+    Transformer,
+    apply_rope,
+    fold_sin,
+    get_preset,
+    rope_cos_sin,
+    rope_folded,
+    segment_positions,
+)
 
 VOCAB = 97
 
@@ -54,6 +66,23 @@ def test_kv_cache_matches_full_forward_over_several_steps(kind: str) -> None:
         pieces.append(model(x[:, 11:], cache=cache).logits)  # several tokens after a prefix
     assert cache.pos == 14
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_table_and_folded_sin_give_apply_ropes_values_bit_for_bit(dtype: torch.dtype) -> None:
+    # The decode step reads cos/sin from the cache's table and rotates with the sign folded into sin: the same
+    # numbers as computing them per step, so greedy answers do not change.
+    model = make()
+    cache = KVCache(model.config, 3, 40, "cpu", dtype)
+    x = torch.randn(3, 1, 6, model.config.head_size).to(dtype)  # (B, T, H, D), one new token per row
+    for starts in ([5, 5, 5], [0, 17, 39]):
+        rows = CacheRows(cache, 0, starts, 1, torch.device("cpu"))
+        cos, sin = rope_cos_sin(rows.positions, model.inv_freq, dtype)
+        want = apply_rope(x, cos, sin)
+        tcos, tsin = rows.rope(model.inv_freq, dtype)  # (B|1, 1, T, D)
+        got = rope_folded(x.transpose(1, 2), tcos, tsin).transpose(1, 2)
+        assert torch.equal(got, want)
+        assert torch.equal(tsin.expand(3, 1, 1, -1)[:, 0], fold_sin(sin)[:, :, 0])
 
 
 def test_cache_overflow_is_an_error() -> None:
