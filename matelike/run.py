@@ -59,7 +59,7 @@ BUDGETS: dict[str, Budget] = {
                     optimizer="muon", tokenizer_chars=300_000, eval_tokens=4096,
                     expected_s=(8, 10, 8, 15, 12, 10, 10, 15, 5)),
     "tiny": Budget(model_size="约160万",
-                   vocab_size=6400, pretrain_steps=2400, pretrain_batch=8, seq_len=256, sft_steps=900,
+                   vocab_size=6400, pretrain_steps=2400, pretrain_batch=8, seq_len=256, sft_steps=1100,
                    sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=300,
                    dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
                    expected_s=(5, 12, 2, 440, 230, 35, 22, 50, 2)),

@@ -117,10 +117,11 @@ def test_demo_files_have_the_documented_layouts(demo_dir: Path) -> None:
     # no `word/tag  word/tag` left (one English review says "his/her head", hence two in a row)
     assert not any(re.search(r"/[A-Za-z]{1,3}\s+\S+/[A-Za-z]{1,3}(\s|$)", t) for t in texts)
     sft = _jsonl(demo_dir / "sft.jsonl")
-    assert [SMALL.sft_count(t) for t in TASKS] == [60, 120, 60, 60]  # segmentation has twice the share
+    counts = [SMALL.sft_count(t) for t in TASKS]
+    assert counts == [120, 180, 120, 60]  # sentiment, segmentation, entities, continuation: the tuned shares
     single = [r for r in sft if "conversations" in r]  # one task request, one answer
-    later = round(60 * SMALL.multiturn_fraction) * 3 + round(120 * SMALL.multiturn_fraction)
-    assert len(single) == 5 * SMALL.sft_per_task - later
+    later = sum(round(n * SMALL.multiturn_fraction) for n in counts)
+    assert len(single) == sum(counts) - later
     for rec in single:
         assert [m["role"] for m in to_messages(rec)] == ["user", "assistant"]
     dialogue = [to_messages(r) for r in sft if "messages" in r]
