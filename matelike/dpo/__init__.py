@@ -321,33 +321,21 @@ DPO_DEFAULTS: dict[str, Any] = {
 def _cmd_dpo(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from matelike.data.packed import PackMismatchError
     from matelike.data.preference import NoPairsError, PreferenceBatches, read_pair_sets
     from matelike.data.records import BadRecordReport, DataFileError
-    from matelike.model.io import load_model
-    from matelike.train import TrainConfig, Trainer, seed_everything
-    from matelike.train import distributed as D
-    from matelike.train.config import stage_seq_len
+    from matelike.train import TrainConfig, Trainer
+    from matelike.train.config import StageStartError, follow_small_lr, start_from_init
     from matelike.train.precision import Precision
 
     beta = DEFAULT_BETA[args.loss] if args.beta is None else args.beta
-    if args.lr < args.min_lr == DPO_DEFAULTS["min_lr"]:
-        # Common DPO learning rates (5e-7) sit below the default floor; follow --lr rather than refuse it.
-        args.min_lr = args.lr / 10
-        print(f"matelike: --min-lr not given and above --lr; using {args.min_lr:g}", file=sys.stderr)
-    info = D.setup(args.device)
-    seed_everything(args.seed)
-    model, tokenizer = load_model(args.init, device=info.device, dtype=torch.float32)
-    if tokenizer is None:
-        print(f"error: {args.init} has no tokenizer.json", file=sys.stderr)
-        return 2
+    follow_small_lr(args, DPO_DEFAULTS["min_lr"])  # common DPO learning rates (5e-7) sit below the floor
     try:
-        seq_len = args.seq_len = stage_seq_len(args.seq_len, model.config.max_seq_len, args.init)
-    except ValueError as e:
+        info, model, tokenizer = start_from_init(args)
+    except StageStartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    seq_len = args.seq_len
     config = TrainConfig.from_args(args, stage="dpo", init=str(args.init), loss=args.loss, beta=beta,
                                    simpo_gamma=args.simpo_gamma, ref_in_memory=args.ref_in_memory,
                                    rpo_alpha=args.rpo_alpha)

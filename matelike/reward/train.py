@@ -140,32 +140,25 @@ REWARD_DEFAULTS: dict[str, Any] = {
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
     from matelike.data.packed import PackMismatchError
     from matelike.data.preference import NoPairsError, PreferenceBatches, read_pair_sets
     from matelike.data.records import BadRecordReport, DataFileError
-    from matelike.model.io import load_model
     from matelike.reward.model import RewardModel, reward_collate
     from matelike.sft import add_lora, param_counts
-    from matelike.train import TrainConfig, Trainer, seed_everything
-    from matelike.train import distributed as D
-    from matelike.train.config import stage_seq_len
+    from matelike.train import TrainConfig, Trainer
+    from matelike.train.config import StageStartError, follow_small_lr, start_from_init
 
     if args.lora_rank < 0:
         print(f"error: --lora-rank must be >= 0, got {args.lora_rank}", file=sys.stderr)
         return 2
-    if args.lr < args.min_lr == REWARD_DEFAULTS["min_lr"]:
-        args.min_lr = args.lr / 10  # follow a small --lr rather than refuse it for the default floor
-        print(f"matelike: --min-lr not given and above --lr; using {args.min_lr:g}", file=sys.stderr)
-    info = D.setup(args.device)
-    seed_everything(args.seed)  # the new head starts the same on every rank and in a resumed run
-    backbone, tokenizer = load_model(args.init, device=info.device, dtype=torch.float32)
-    if tokenizer is None:
-        print(f"error: {args.init} has no tokenizer.json", file=sys.stderr)
-        return 2
+    follow_small_lr(args, REWARD_DEFAULTS["min_lr"])
     try:
-        seq_len = args.seq_len = stage_seq_len(args.seq_len, backbone.config.max_seq_len, args.init)
+        info, backbone, tokenizer = start_from_init(args)
+    except StageStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seq_len = args.seq_len
+    try:
         config = TrainConfig.from_args(args, stage="reward", init=str(args.init), lora_rank=args.lora_rank,
                                        lora_alpha=args.lora_alpha, center_rewards=args.center_rewards)
     except ValueError as e:

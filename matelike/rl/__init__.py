@@ -392,16 +392,12 @@ RL_DEFAULTS: dict[str, Any] = {
 def _cmd_rl(args: argparse.Namespace) -> int:
     import copy
 
-    import torch
-
     from matelike.data.records import BadRecordReport, DataFileError
     from matelike.model.generation import default_stop_ids
-    from matelike.model.io import load_model
     from matelike.rl.rewards import check_task_record, hack_references, load_reward, reward_name
     from matelike.rl.rollout import load_prompts
-    from matelike.train import TrainConfig, Trainer, seed_everything
-    from matelike.train import distributed as D
-    from matelike.train.config import stage_seq_len
+    from matelike.train import TrainConfig, Trainer
+    from matelike.train.config import StageStartError, start_from_init
     from matelike.train.precision import Precision
 
     if args.fsdp:
@@ -416,17 +412,12 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     if len(weights) != len(rewards):
         print(f"error: {len(rewards)} --reward but {len(weights)} --reward-weights", file=sys.stderr)
         return 2
-    info = D.setup(args.device)
-    seed_everything(args.seed)
-    model, tokenizer = load_model(args.init, device=info.device, dtype=torch.float32)
-    if tokenizer is None:
-        print(f"error: {args.init} has no tokenizer.json", file=sys.stderr)
-        return 2
     try:
-        seq_len = args.seq_len = stage_seq_len(args.seq_len, model.config.max_seq_len, args.init)
-    except ValueError as e:
+        info, model, tokenizer = start_from_init(args)
+    except StageStartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    seq_len = args.seq_len
     if args.max_new_tokens < 1 or args.max_new_tokens >= seq_len:
         print(f"error: --max-new-tokens must be between 1 and --seq-len - 1 ({seq_len - 1})", file=sys.stderr)
         return 2

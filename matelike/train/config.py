@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,38 @@ def add_engine_args(
                    help="also write metrics.jsonl's lines as TensorBoard scalars under OUT/tensorboard "
                         "(needs the tensorboard extra)")
     return parser
+
+
+def follow_small_lr(args: argparse.Namespace, default_min_lr: float) -> None:
+    """A --lr below the stage's default --min-lr (common for preference and RL stages) lowers the floor to
+    lr/10 instead of being refused, when --min-lr was not given."""
+    if args.lr < args.min_lr == default_min_lr:
+        args.min_lr = args.lr / 10
+        print(f"matelike: --min-lr not given and above --lr; using {args.min_lr:g}", file=sys.stderr)
+
+
+class StageStartError(ValueError):
+    """A stage cannot start from its --init directory with these flags."""
+
+
+def start_from_init(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """What every stage that continues a saved model (--init) does first: join the process group, seed, load
+    the model in fp32 with its tokenizer, and resolve --seq-len against the model's context (written back to
+    `args`). Returns (DistInfo, model, tokenizer); StageStartError when the directory has no tokenizer or the
+    --seq-len is too long (a damaged directory stays a ModelDirError, which the CLI reports itself)."""
+    import torch
+
+    from matelike.model.io import load_model
+    from matelike.train import distributed as D
+    from matelike.train import seed_everything
+
+    info = D.setup(args.device)
+    seed_everything(args.seed)  # a new head (the reward model's) starts the same on every rank and on resume
+    model, tokenizer = load_model(args.init, device=info.device, dtype=torch.float32)
+    if tokenizer is None:
+        raise StageStartError(f"{args.init} has no tokenizer.json")
+    try:
+        args.seq_len = stage_seq_len(args.seq_len, model.config.max_seq_len, args.init)
+    except ValueError as e:
+        raise StageStartError(str(e)) from None
+    return info, model, tokenizer
