@@ -49,7 +49,8 @@ def _speeds(run: Callable[[int, int], Any], batch_sizes: list[int], prompt_len: 
     reported as None rather than as an absurd speed that would pass into a ratio unnoticed.
     """
     out: dict[str, float | None] = {}
-    run(1, 2)  # warm-up (allocator, thread pool, lazy imports)
+    for b in batch_sizes:  # warm-up (allocator, thread pool, lazy imports, a compiled graph per batch size)
+        run(b, 2)
     for b in batch_sizes:
         prefills, decodes = [], []
         for _ in range(repeats):
@@ -219,6 +220,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": dtype_name,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "compile": args.compile,
     }
     with tempfile.TemporaryDirectory(prefix="matelike-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -241,7 +243,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         prompts = torch.randint(0, vocab, (max(batch_sizes), args.prompt_len), generator=torch.Generator().manual_seed(1))
 
         def run_ours(b: int, n: int) -> Any:
-            return generate(ours, prompts[:b].tolist(), max_new_tokens=n, sampling=GREEDY)
+            return generate(ours, prompts[:b].tolist(), max_new_tokens=n, sampling=GREEDY, compile=args.compile)
 
         result["ours"] = _speeds(run_ours, batch_sizes, args.prompt_len, args.new_tokens, args.repeats)
         if not ours.config.is_moe:
@@ -315,6 +317,8 @@ def add_cli(table: CommandTable) -> None:
                         "it for the CPU)")
     p.add_argument("--memory-preset", default="0.2b", help="preset whose fp16/bf16 load memory is measured ('' = skip)")
     p.add_argument("--skip-transformers", action="store_true", help="time only our generate")
+    p.add_argument("--compile", action="store_true",
+                   help="our decode steps through torch.compile (the warm-up run pays the compilation)")
     p.add_argument("--llama-cpp", default="f32,f16,q8_0", metavar="OUTTYPES",
                    help="also time llama.cpp (llama-cpp-python) at batch 1 on the directory exported to GGUF in "
                         "these comma-separated outtypes (default f32,f16,q8_0; '' skips it)")

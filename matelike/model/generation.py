@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -109,9 +109,12 @@ class BatchEngine:
     """
 
     def __init__(self, model: Transformer, *, max_batch: int, max_len: int | None = None,
-                 prefill_chunk: int = 256, prefill_per_step: int | None = None) -> None:
+                 prefill_chunk: int = 256, prefill_per_step: int | None = None, compile: bool = False) -> None:
         """`prefill_per_step`: prompt tokens prefilled per step at most (None: every waiting prompt that has a
-        slot, the offline choice; the server passes one chunk to keep other requests' tokens flowing)."""
+        slot, the offline choice; the server passes one chunk to keep other requests' tokens flowing).
+        `compile`: run decode steps through `torch.compile(model, dynamic=True)` (fused elementwise kernels; the
+        first steps compile for tens of seconds, and greedy answers may differ from eager ones in the last bits
+        of the logits, so it is off by default)."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         self.model = model
@@ -120,6 +123,8 @@ class BatchEngine:
         self.prefill_chunk = prefill_chunk
         self.prefill_per_step = prefill_per_step
         self.device = model.embed.weight.device
+        # Decode steps only: prefill chunks vary in length and run once per prompt, not worth a compiled graph.
+        self._decode_model: Callable[..., Any] = torch.compile(model, dynamic=True) if compile else model
         self.vocab = model.config.vocab_size
         self.cache = KVCache(model.config, max_batch, self.max_len, self.device, model.embed.weight.dtype)
         self._rows: list[_Seq] = []  # decoding, row i in cache row i
@@ -198,7 +203,7 @@ class BatchEngine:
         rows = self._rows
         ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long, device=self.device)
         view = CacheRows(self.cache, 0, [s.cached for s in rows], 1, self.device)
-        logits = self.model(ids, cache=view, last_only=True).logits[:, -1].float()
+        logits = self._decode_model(ids, cache=view, last_only=True).logits[:, -1].float()
         for s in rows:
             s.cached += 1
         tokens = self._sample(rows, logits)
@@ -299,13 +304,15 @@ def iter_generate(
     stop_ids: Iterable[int] = (),
     max_batch: int | None = None,
     prefill_chunk: int = 256,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, each row's new token, or None for a row that has stopped (or waits for a slot).
 
     A row stops after emitting one of stop_ids; the stop token itself is reported as None (never as text).
     Stops early when every row has stopped. Each row samples with its own generator, seeded from
     `sampling.seed` and the row (row 0 with the seed itself). `max_batch` (default: every row) caps the rows
-    decoded together; the others wait for a free slot. Closing the iterator drops the cache.
+    decoded together; the others wait for a free slot. Closing the iterator drops the cache. `compile`: see
+    BatchEngine.
     """
     check_max_new_tokens(max_new_tokens)
     if not prompts:
@@ -317,7 +324,7 @@ def iter_generate(
         return
     stops = tuple(sorted(set(stop_ids)))
     engine = BatchEngine(model, max_batch=max_batch or len(prompts), prefill_chunk=prefill_chunk,
-                         max_len=max(len(p) for p in prompts) + max_new_tokens)
+                         max_len=max(len(p) for p in prompts) + max_new_tokens, compile=compile)
     row_of = {engine.add(GenerationRequest(p, max_new_tokens, sampling.with_seed(_row_seed(sampling.seed, i)),
                                            stops)): i for i, p in enumerate(prompts)}
     while engine.has_work():
@@ -335,12 +342,13 @@ def generate(
     sampling: SamplingParams = SamplingParams(),
     stop_ids: Iterable[int] = (),
     max_batch: int | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """New tokens for each prompt (see iter_generate). A row ends at its first stop id, which is not included,
     so `len(out[i]) < max_new_tokens` means that row stopped rather than ran out of length."""
     outs: list[list[int]] = [[] for _ in prompts]
     for step in iter_generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
-                              max_batch=max_batch):
+                              max_batch=max_batch, compile=compile):
         for row, t in zip(outs, step):
             if t is not None:
                 row.append(t)

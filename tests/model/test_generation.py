@@ -284,3 +284,35 @@ def test_batch_streams_interleave_requests_and_closing_one_frees_its_slot() -> N
     assert streams.engine.free_slots == 1
     third.close()
     assert streams.engine.free_slots == 2
+
+
+def test_engine_compile_runs_decode_steps_through_torch_compile_and_prefill_eagerly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The wiring, without paying a compilation: torch.compile is replaced by a recorder that returns the model.
+    model = make()
+    eager = generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY)
+    compiled: list[dict] = []
+    decode_lengths: list[int] = []
+
+    def fake_compile(m, **kwargs):
+        compiled.append(kwargs)
+
+        def run(input_ids, **kw):
+            decode_lengths.append(input_ids.shape[1])
+            return m(input_ids, **kw)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY, compile=True) == eager
+    assert compiled == [{"dynamic": True}]
+    assert decode_lengths and set(decode_lengths) == {1}  # prompts are prefilled by the eager model
+    assert generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY) == eager and len(compiled) == 1
+
+
+@pytest.mark.slow
+def test_engine_compiled_decode_gives_the_eager_greedy_answers() -> None:
+    model = make()
+    eager = generate(model, PROMPTS, max_new_tokens=8, sampling=GREEDY)
+    assert generate(model, PROMPTS, max_new_tokens=8, sampling=GREEDY, compile=True) == eager
