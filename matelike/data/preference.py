@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -150,6 +150,20 @@ def read_pairs(
         report.by_file[name] += n
     known = {k: v for k, v in f.meta["stats"].items() if k in PreferenceStats.__dataclass_fields__}
     return pairs, PreferenceStats(**known)
+
+
+class PairBatchesTask:
+    """The data half of an engine Task over `self.data`, a PreferenceBatches (dpo, reward train)."""
+
+    data: PreferenceBatches
+
+    def batches(self, rank: int, world_size: int, cursor: Any) -> Iterator[tuple[dict, int]]:
+        """(batch, cursor after it) forever; the cursor counts global batches (see PreferenceBatches)."""
+        for after, batch in self.data.iter_batches(rank, world_size, int(cursor or 0)):
+            yield batch, after
+
+    def epoch_size(self, world_size: int) -> int:
+        return self.data.batches_per_epoch(world_size)
 
 
 class NoPairsError(ValueError):

@@ -19,10 +19,11 @@ import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import numpy as np
 
+from matelike.data.preference import PairBatchesTask
 from matelike.train.losses import DEFAULT_BETA, LOSS_TYPES, needs_reference, preference_loss, sequence_logps
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ def model_fingerprint(model: "nn.Module") -> str:
 
 # ---- the engine task ---------------------------------------------------------------------------------------
 
-class DPOTask:
+class DPOTask(PairBatchesTask):
     """Preference optimisation as an engine Task (protocol in matelike/train/engine.py).
 
     Reference log-probs come from `ref_logps` (precomputed (N, 2), looked up by the batch's pair indices, so
@@ -159,15 +160,7 @@ class DPOTask:
             if ref_model is None and val is not None and val_ref_logps is None:
                 raise ValueError("held-out pairs need their reference log-probs too")
 
-    # engine protocol -------------------------------------------------------------------------------------
-    def batches(self, rank: int, world_size: int, cursor: Any) -> Iterator[tuple[dict, int]]:
-        """(batch, cursor after it) forever; the cursor counts global batches (see PreferenceBatches)."""
-        for after, batch in self.data.iter_batches(rank, world_size, int(cursor or 0)):
-            yield batch, after
-
-    def epoch_size(self, world_size: int) -> int:
-        return self.data.batches_per_epoch(world_size)
-
+    # engine protocol (batches and epoch_size: PairBatchesTask) ------------------------------------------
     def loss(self, model: "nn.Module", batch: dict) -> tuple["torch.Tensor", dict[str, float], int]:
         """Mean preference loss over the batch's pairs, its metrics, and the completion tokens it covers."""
         s = score_pairs(model, batch)

@@ -22,9 +22,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from matelike.data.preference import PairBatchesTask
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +49,7 @@ def _accuracy(margin: "torch.Tensor") -> "torch.Tensor":
     return (margin > 0).float() + 0.5 * (margin == 0).float()
 
 
-class RewardTask:
+class RewardTask(PairBatchesTask):
     """Reward-model training as an engine Task (protocol in matelike/train/engine.py).
 
     The loss is a mean over pairs, so micro-batches weigh the same (`weight_by_tokens = False`).
@@ -64,14 +66,6 @@ class RewardTask:
         self.aux_loss_coef = aux_loss_coef
         if val is None:
             self.evaluate = None  # type: ignore[assignment]  # the engine evaluates only tasks that can
-
-    def batches(self, rank: int, world_size: int, cursor: Any) -> Iterator[tuple[dict, int]]:
-        """(batch, cursor after it) forever; the cursor counts global batches (see PreferenceBatches)."""
-        for after, batch in self.data.iter_batches(rank, world_size, int(cursor or 0)):
-            yield batch, after
-
-    def epoch_size(self, world_size: int) -> int:
-        return self.data.batches_per_epoch(world_size)
 
     def loss(self, model: "nn.Module", batch: dict) -> tuple["torch.Tensor", dict[str, float], int]:
         """Mean Bradley-Terry loss over the batch's pairs, its metrics, and the tokens scored."""
