@@ -227,8 +227,13 @@ def reward_function(model_dir: str | Path, device: str = "auto", dtype: str | No
         from matelike.model.io import ModelDirError
 
         raise ModelDirError(f"{Path(model_dir) / 'tokenizer.json'}: not found; a reward model needs its tokenizer")
+    return scorer(model, tokenizer, batch_size)
 
-    def reward(prompts: Sequence[Turns], completions: Sequence[Turns], **fields: Any) -> list[float]:
+
+def scorer(model: RewardModel, tokenizer: "Tokenizer", batch_size: int = 16) -> Callable[..., list[float]]:
+    """A loaded reward model as a reward function with TRL's `reward_funcs` signature (named `reward_model`)."""
+
+    def reward_model(prompts: Sequence[Turns], completions: Sequence[Turns], **fields: Any) -> list[float]:
         return score(model, tokenizer, prompts, completions, batch_size)
 
-    return reward
+    return reward_model

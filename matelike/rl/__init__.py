@@ -1,4 +1,7 @@
-"""`matelike rl --algo grpo`: reinforcement learning on verifiable rewards as a task of the one training engine.
+"""`matelike rl --algo grpo|ppo`: reinforcement learning as a task of the one training engine.
+
+GRPO is here; PPO (a value model, GAE, the KL in the reward, a reward model's score) is matelike/rl/ppo.py,
+a subclass of GRPOTask that shares its rollouts, rewards, cursor and resume.
 
 Each optimiser step's micro-batches are rollouts of the current policy: `--batch-size` prompts per micro-batch
 per process, `--group` completions per prompt sampled with the KV cache (a prompt prefilled once for its
@@ -32,6 +35,9 @@ import numpy as np
 
 from matelike.rl.losses import LOSS_TYPES, SCALE_REWARDS
 
+# TRL's PPOConfig defaults for `--algo ppo`
+PPO_DEFAULTS: dict[str, float] = {"kl_coef": 0.05, "gamma": 1.0, "lam": 0.95, "cliprange_value": 0.2, "vf_coef": 0.1}
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
     from matelike.rl.rewards import RewardFn
     from matelike.rl.rollout import Prompts
 
-ALGOS = ("grpo",)
+ALGOS = ("grpo", "ppo")
 
 
 class GRPOTask:
@@ -54,6 +60,9 @@ class GRPOTask:
     groups whose rewards are all equal, completion length, share truncated, entropy of the sampling
     distribution, clip fractions, mean ratio and, with a reference, the k3 KL.
     """
+
+    min_group = 2  # advantages compare a prompt's samples
+    group_why = " (advantages compare a prompt's samples)"
 
     def __init__(
         self, policy: "nn.Module", prompts: "Prompts", rewards: Sequence["RewardFn"], *,
@@ -73,8 +82,8 @@ class GRPOTask:
             raise ValueError(f"unknown --loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
         if scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"unknown --scale-rewards {scale_rewards!r}; choose one of {', '.join(SCALE_REWARDS)}")
-        if group < 2:
-            raise ValueError(f"--group must be >= 2 (advantages compare a prompt's samples), got {group}")
+        if group < self.min_group:
+            raise ValueError(f"--group must be >= {self.min_group}{self.group_why}, got {group}")
         if not temperature > 0:
             raise ValueError(f"--temperature must be > 0 for RL rollouts, got {temperature}")
         SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # ValueError for --top-k 0 etc.
@@ -207,7 +216,6 @@ class GRPOTask:
         import torch
 
         from matelike.rl.losses import group_advantages
-        from matelike.rl.rollout import collate_rows
 
         B, G, A = self.batch_size, self.group, self.grad_accum
         need = B * A
@@ -232,16 +240,22 @@ class GRPOTask:
         adv = group_advantages(rewards, G, self.scale_rewards, batch_std=batch_std)
         micro = []
         for mm in range(A):
-            part = used[mm * B:(mm + 1) * B]
-            comps = [c for g in part for c in g["comps"]]
-            batch = collate_rows([g["prompt"] for g in part for _ in range(G)], [c.tokens for c in comps],
-                                 [c.stopped or not self.mask_truncated for c in comps], self.pad_id)
+            batch = self._collate(used[mm * B:(mm + 1) * B])
             batch["advantages"] = adv[mm * B * G:(mm + 1) * B * G].clone()
             batch["stats"] = stats
             micro.append(batch)
         if self.updates > 1 or self.beta:
             self._score_rollout(micro)
         return micro, start + consumed * world_size
+
+    def _collate(self, groups: list[dict]) -> dict:
+        """Training rows of these groups' completions, group after group (truncated ones untrained under
+        --mask-truncated)."""
+        from matelike.rl.rollout import collate_rows
+
+        comps = [c for g in groups for c in g["comps"]]
+        return collate_rows([g["prompt"] for g in groups for _ in range(self.group)], [c.tokens for c in comps],
+                            [c.stopped or not self.mask_truncated for c in comps], self.pad_id)
 
     def _score_rollout(self, micro: list[dict]) -> None:
         """Per-token log-probs of the sampling policy (for the ratio of later updates) and of the reference."""
@@ -312,18 +326,23 @@ class GRPOTask:
                with_entropy: bool = False) -> tuple["torch.Tensor", "torch.Tensor | None", Any]:
         """(B, T) log-probs of the targets under the sampling distribution (0 where no target), the entropies
         of the target positions and the model output."""
+        # The output projection runs on the completion positions only (prompts are most of a row); the logits
+        # come back in row-major order of the mask. The model's own cross-entropy comes along and is not used.
+        out = model(ids, targets, target_logits_only=True)
+        full, ent = self._target_logps(out.logits, targets, with_entropy)
+        return full, ent, out
+
+    def _target_logps(self, logits: "torch.Tensor", targets: "torch.Tensor", with_entropy: bool = False
+                      ) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+        """(B, T) log-probs under the sampling distribution from (N, V) logits of the target positions."""
         import torch
 
         from matelike.rl.losses import token_logps
 
-        # The output projection runs on the completion positions only (prompts are most of a row); the logits
-        # come back in row-major order of the mask. The model's own cross-entropy comes along and is not used.
-        out = model(ids, targets, target_logits_only=True)
         mask = targets != -100
-        lp, ent = token_logps(out.logits, targets[mask], temperature=self.temperature, top_k=self.top_k,
+        lp, ent = token_logps(logits, targets[mask], temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, with_entropy=with_entropy)
-        full = torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
-        return full, ent, out
+        return torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp), ent
 
     def loss(self, model: "nn.Module", batch: dict) -> tuple["torch.Tensor", dict[str, float], int]:
         """The clipped surrogate over this micro-batch's completion tokens, the step's metrics, its tokens."""
@@ -375,7 +394,8 @@ def _from_plain(plain: list[dict]) -> list[dict]:
     import torch
 
     dtypes = {"input_ids": torch.long, "targets": torch.long, "advantages": torch.float32,
-              "old_logps": torch.float32, "ref_logps": torch.float32}
+              "old_logps": torch.float32, "ref_logps": torch.float32, "values": torch.float32,
+              "returns": torch.float32}
     return [{k: torch.tensor(v, dtype=dtypes[k]) if k in dtypes else v for k, v in b.items()} for b in plain]
 
 
@@ -392,50 +412,96 @@ RL_DEFAULTS: dict[str, Any] = {
 def _cmd_rl(args: argparse.Namespace) -> int:
     import copy
 
+    import torch
+
     from matelike.data.records import BadRecordReport, DataFileError
     from matelike.model.generation import default_stop_ids
+    from matelike.model.io import ModelDirError
+    from matelike.reward.model import load_reward_model, scorer
     from matelike.rl.rewards import check_task_record, hack_references, load_reward, reward_name
     from matelike.rl.rollout import load_prompts
     from matelike.train import TrainConfig, Trainer
     from matelike.train.config import StageStartError, start_from_init
     from matelike.train.precision import Precision
 
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    ppo = args.algo == "ppo"
     if args.fsdp:
-        print("error: matelike rl samples with whole weights; run it with DDP (without --fsdp)", file=sys.stderr)
-        return 2
+        return fail("matelike rl samples with whole weights; run it with DDP (without --fsdp)")
+    ppo_flags = {"--value-init": args.value_init, "--kl-coef": args.kl_coef, "--gamma": args.gamma,
+                 "--lam": args.lam, "--cliprange-value": args.cliprange_value, "--vf-coef": args.vf_coef}
+    given = [k for k, v in ppo_flags.items() if v is not None]
+    if not ppo and given:
+        return fail(f"{', '.join(given)} only apply to --algo ppo")
+    if ppo:
+        from matelike.rl.ppo import grpo_only
+
+        wrong = grpo_only(args.beta, args.dynamic_sampling, args.scale_rewards)
+        if wrong:
+            return fail(wrong)
+    specs = args.reward if args.reward is not None else ([] if ppo else ["task"])
+    if not specs and args.reward_model is None:
+        return fail("--algo ppo needs a reward: --reward-model DIR (`matelike reward train`) and/or --reward "
+                    "task|module:function")
+    value_init = args.value_init or ("reward" if args.reward_model is not None else "policy")
+    if ppo and value_init == "reward" and args.reward_model is None:
+        return fail("--value-init reward needs --reward-model DIR")
+    group = args.group if args.group is not None else (1 if ppo else 8)
+    updates = args.updates_per_rollout if args.updates_per_rollout is not None else (4 if ppo else 1)
     try:
-        rewards = [load_reward(spec) for spec in args.reward]
+        rewards = [load_reward(spec) for spec in specs]
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(rewards)
     if len(weights) != len(rewards):
-        print(f"error: {len(rewards)} --reward but {len(weights)} --reward-weights", file=sys.stderr)
-        return 2
+        return fail(f"{len(rewards)} --reward but {len(weights)} --reward-weights")
+    names = [reward_name(f, spec) for f, spec in zip(rewards, specs)]
     try:
         info, model, tokenizer = start_from_init(args)
     except StageStartError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
+    reward_model = None
+    if args.reward_model is not None:
+        try:
+            reward_model, rm_tokenizer = load_reward_model(args.reward_model, info.device, torch.float32)
+        except ModelDirError as e:
+            return fail(f"--reward-model: {' '.join(str(e).splitlines())}")
+        if rm_tokenizer is None:
+            return fail(f"--reward-model: {args.reward_model / 'tokenizer.json'}: not found; a reward model needs "
+                        f"its tokenizer")
+        if rm_tokenizer.sha256 != tokenizer.sha256:
+            return fail(f"--reward-model {args.reward_model} has another tokenizer than --init {args.init} "
+                        f"(tokenizer.json differs); the value model and the rewards read the policy's token ids: "
+                        f"train the reward model from the same base model")
+        reward_model.requires_grad_(False)
+        # The reward model's score enters like any reward, with weight 1, before the --reward ones.
+        rewards, weights, names = [scorer(reward_model, rm_tokenizer)] + rewards, [1.0] + weights, \
+            ["reward_model"] + names
     seq_len = args.seq_len
     if args.max_new_tokens < 1 or args.max_new_tokens >= seq_len:
-        print(f"error: --max-new-tokens must be between 1 and --seq-len - 1 ({seq_len - 1})", file=sys.stderr)
-        return 2
+        return fail(f"--max-new-tokens must be between 1 and --seq-len - 1 ({seq_len - 1})")
+    ppo_settings = {k: (v if v is not None else PPO_DEFAULTS[k]) for k, v in (
+        ("kl_coef", args.kl_coef), ("gamma", args.gamma), ("lam", args.lam),
+        ("cliprange_value", args.cliprange_value), ("vf_coef", args.vf_coef))} if ppo else {}
     config = TrainConfig.from_args(
-        args, stage="rl", algo=args.algo, init=str(args.init), reward=args.reward, reward_weights=weights,
-        group=args.group, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        args, stage="rl", algo=args.algo, init=str(args.init), reward=specs, reward_weights=weights,
+        reward_model=str(args.reward_model) if args.reward_model is not None else None, group=group,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, loss=args.loss, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
         beta=args.beta, scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated,
-        updates_per_rollout=args.updates_per_rollout, dynamic_sampling=args.dynamic_sampling)
+        updates_per_rollout=updates, dynamic_sampling=args.dynamic_sampling,
+        **({"value_init": value_init, **ppo_settings} if ppo else {}))
     report = BadRecordReport() if info.is_main else BadRecordReport(max_shown=0)
-    check = check_task_record if "task" in args.reward else None
+    check = check_task_record if "task" in specs else None
     try:
         prompts = load_prompts(args.data, tokenizer, seq_len - args.max_new_tokens, report, check)
     except DataFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     left_out: dict[str, int] = {}
-    if args.reward == ["task"]:
+    if specs == ["task"] and reward_model is None:
         # The task reward alone cannot score a task without a scorer (the demo's `chat` prompts): no reward at
         # all would apply to them, so they are left out, counted by task.
         from matelike.eval.scoring import TASKS
@@ -453,7 +519,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     if len(prompts) == 0:
         print("error: no usable prompts in " + ", ".join(map(str, args.data)), file=sys.stderr)
         return 1
-    hacks = hack_references(prompts.prompts, prompts.fields) if "task" in args.reward else {}
+    hacks = hack_references(prompts.prompts, prompts.fields) if "task" in specs else {}
     if info.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
         summary = {"prompts": len(prompts), "tasks": {t: sum(f.get("task") == t for f in prompts.fields)
@@ -465,24 +531,35 @@ def _cmd_rl(args: argparse.Namespace) -> int:
             print("task reward of the known hacks on these prompts (the learned reward should beat them): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in hacks.items()), file=sys.stderr)
     precision = Precision.create(config.dtype, info.device)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta else None
+    kl_to_ref = ppo_settings["kl_coef"] if ppo else args.beta
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if kl_to_ref else None
+    common: dict[str, Any] = dict(
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), stop_ids=default_stop_ids(tokenizer),
+        pad_id=tokenizer.pad_id, reward_weights=weights, reward_names=names, batch_size=config.batch_size,
+        grad_accum=config.grad_accum, group=group, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, loss_type=args.loss,
+        epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta, ref_model=ref_model,
+        scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated, updates_per_rollout=updates,
+        seed=config.seed, autocast=precision.autocast, generation_batch=args.generation_batch,
+        dynamic_sampling=args.dynamic_sampling,
+        aux_loss_coef=model.config.aux_loss_coef if model.config.is_moe else 0.0)
+    trained: "nn.Module" = model
+    export: Any = "default"
     try:
-        task = GRPOTask(
-            model, prompts, rewards, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            stop_ids=default_stop_ids(tokenizer), pad_id=tokenizer.pad_id, reward_weights=weights,
-            reward_names=[reward_name(f, s) for f, s in zip(rewards, args.reward)], batch_size=config.batch_size,
-            grad_accum=config.grad_accum, group=args.group, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, loss_type=args.loss,
-            epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta, ref_model=ref_model,
-            scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated,
-            updates_per_rollout=args.updates_per_rollout, seed=config.seed, autocast=precision.autocast,
-            generation_batch=args.generation_batch, dynamic_sampling=args.dynamic_sampling,
-            aux_loss_coef=model.config.aux_loss_coef if model.config.is_moe else 0.0,
-        )
+        if ppo:
+            from matelike.rl.ppo import PolicyAndValue, PPOTask, policy_export, value_model_from_policy
+
+            if reward_model is not None and value_init == "reward":
+                value = copy.deepcopy(reward_model).train().requires_grad_(True)
+            else:
+                value = value_model_from_policy(model)
+            trained, export = PolicyAndValue(model, value), policy_export(tokenizer)
+            task: GRPOTask = PPOTask(trained, prompts, rewards, **ppo_settings, **common)  # type: ignore[arg-type]
+        else:
+            task = GRPOTask(model, prompts, rewards, **common)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = Trainer(config, model, tokenizer, task).fit()
+        return fail(str(e))
+    result = Trainer(config, trained, tokenizer, task, export=export).fit()
     if info.is_main:
         print(json.dumps({"out": str(config.out), "step": result.step, "tokens": result.tokens,
                           **{k: v for k, v in result.last_metrics.items() if k not in ("step", "tokens")}}))
@@ -492,19 +569,24 @@ def _cmd_rl(args: argparse.Namespace) -> int:
 def add_cli(table: "CommandTable") -> None:
     from matelike.train import add_engine_args
 
-    p = table.command("rl", "reinforcement learning: GRPO on task rewards or your own reward functions", _cmd_rl)
+    p = table.command("rl", "reinforcement learning: GRPO or PPO on task rewards, your own reward functions or a "
+                            "reward model", _cmd_rl)
     p.add_argument("--init", required=True, type=Path, help="model directory to start from (the SFT or DPO model)")
     p.add_argument("--data", required=True, nargs="+",
                    help="{prompt, ...} jsonl/parquet/csv files or dirs (the demo's tasks_train.jsonl: prompt, "
                         "task, answer), or one file packed by `matelike data pack --format prompts`; the other "
                         "fields go to the reward functions")
     p.add_argument("--algo", choices=ALGOS, default="grpo", help="the RL algorithm")
-    p.add_argument("--reward", nargs="+", default=["task"],
+    p.add_argument("--reward", nargs="+", default=None,
                    help="`task` (the demo tasks' scorers, by each record's task and answer) and/or module:function "
                         "of an importable module (installed or on PYTHONPATH), in TRL's reward_funcs convention: "
-                        "f(prompts, completions, **fields) -> list of float or None")
+                        "f(prompts, completions, **fields) -> list of float or None (default: task for grpo, "
+                        "none for ppo)")
     p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward (all 1)")
-    p.add_argument("--group", type=int, default=8, help="completions sampled per prompt")
+    p.add_argument("--reward-model", type=Path, default=None,
+                   help="a `matelike reward train` directory whose score is added to the rewards with weight 1 "
+                        "(PPO's reward; also usable with grpo)")
+    p.add_argument("--group", type=int, default=None, help="completions sampled per prompt (grpo 8, ppo 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per completion at most")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts (> 0)")
     p.add_argument("--top-k", type=int, default=None, help="rollouts sample from the k likeliest tokens")
@@ -518,12 +600,25 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--epsilon-high", type=float, default=None, help="clip range above 1 (DAPO's clip-higher: 0.28)")
     p.add_argument("--beta", type=float, default=0.0,
                    help="weight of the k3 KL to the initial model; 0 keeps no reference model in memory")
-    p.add_argument("--updates-per-rollout", type=int, default=1,
-                   help="optimiser steps on each batch of rollouts (above 1 the ratio and the clip matter)")
+    p.add_argument("--updates-per-rollout", "--ppo-epochs", dest="updates_per_rollout", type=int, default=None,
+                   help="optimiser steps on each batch of rollouts, PPO's epochs (grpo 1, ppo 4; above 1 the ratio "
+                        "and the clip matter)")
     p.add_argument("--mask-truncated", action="store_true",
                    help="leave completions that hit --max-new-tokens out of the loss")
     p.add_argument("--dynamic-sampling", type=int, default=0, metavar="ROUNDS",
                    help="set aside groups whose rewards are all equal (no signal) and draw more prompts, up to "
                         "ROUNDS rounds of sampling per step (DAPO's dynamic sampling); 0 = off")
     p.add_argument("--generation-batch", type=int, default=64, help="completions decoded together at most")
+    ppo = p.add_argument_group("ppo (TRL's PPOTrainer defaults)")
+    ppo.add_argument("--value-init", choices=("reward", "policy"), default=None,
+                     help="start the value model from the reward model (default with --reward-model) or from the "
+                          "policy with a zero head")
+    ppo.add_argument("--kl-coef", type=float, default=None,
+                     help="weight of the per-token k1 KL to the initial model in the reward (0.05; 0 keeps no "
+                          "reference model)")
+    ppo.add_argument("--gamma", type=float, default=None, help="GAE discount (1.0)")
+    ppo.add_argument("--lam", type=float, default=None, help="GAE lambda (0.95)")
+    ppo.add_argument("--cliprange-value", type=float, default=None,
+                     help="values move at most this far from the rollout's in the value loss (0.2)")
+    ppo.add_argument("--vf-coef", type=float, default=None, help="weight of the value loss (0.1)")
     add_engine_args(p, RL_DEFAULTS)

@@ -1,4 +1,5 @@
-"""The GRPO objective: group-relative advantages, the clipped surrogate, the k3 KL, and the sampling log-probs.
+"""The RL objectives: GRPO's group-relative advantages, the clipped surrogate, the k3 KL, the sampling
+log-probs, and PPO's per-token rewards, GAE, advantage whitening and clipped value loss.
 
 Notation (per completion token t of completion i of a group): ratio r = π(y_t) / π_old(y_t), A_i the advantage,
 ε and ε_high the clip range (clip-higher, DAPO). The per-token loss is
@@ -19,6 +20,13 @@ The log-probabilities are those of the distribution the rollouts were *sampled* 
 temperature, cut to top-k / top-p, as `matelike.model.generation.sample_next` does. Computing them at
 temperature 1 over the full vocabulary (a mistake seen in peers) makes the importance ratio compare two
 different policies.
+
+PPO (Schulman et al. 2017, as TRL's PPOTrainer runs it on language models): each completion token t is an
+action, the per-token reward is r_t = -kl_coef·(logπ_old(y_t) - logπ_ref(y_t)) (k1, the KL folded into the
+reward) plus, on the completion's last token (its stop token, or the last sampled one when it hit the length
+limit), the sequence's score. GAE (γ, λ) turns rewards and the value model's V_t into advantages A_t and
+returns A_t + V_t; advantages are whitened over every trained token of the rollout. The surrogate above takes
+the per-token A_t; the value loss is ½·max((V - R)², (clip(V, V_old ± c) - R)²), a token mean.
 
 torch is imported inside the functions so that `matelike --help` does not load it.
 """
@@ -130,7 +138,8 @@ def grpo_loss(
     ref_logps: "torch.Tensor | None" = None, max_completion_len: int | None = None,
 ) -> GRPOLoss:
     """The clipped surrogate over (B, T) per-token log-probs (policy, the policy that sampled, reference),
-    (B,) advantages and a (B, T) mask of the tokens trained on (completion tokens, the stop token included).
+    (B,) advantages (one per completion: GRPO) or (B, T) (one per token: PPO) and a (B, T) mask of the tokens
+    trained on (completion tokens, the stop token included).
 
     `max_completion_len` is Dr. GRPO's constant (default: T). The clip fraction counts the tokens whose
     gradient the clip removed: ratio below 1-ε with a negative advantage, above 1+ε_high with a positive one.
@@ -141,7 +150,8 @@ def grpo_loss(
         raise ValueError(f"unknown --loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
     eps_high = epsilon if epsilon_high is None else epsilon_high
     m = mask.to(logps.dtype)
-    adv = advantages.to(logps.dtype)[:, None]
+    adv = advantages.to(logps.dtype)
+    adv = adv[:, None] if adv.dim() == 1 else adv
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
@@ -167,3 +177,91 @@ def grpo_loss(
         low_f, high_f, ratio_mean, kl_mean = stats.tolist()
     return GRPOLoss(loss=loss, clip_fraction=low_f + high_f, clip_low=low_f, clip_high=high_f,
                     kl=kl_mean if kl is not None else None, ratio_mean=ratio_mean)
+
+
+# ---- PPO ------------------------------------------------------------------------------------------------------
+
+def last_token_index(mask: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(rows that have a trained token, the column of each such row's last one) of a (B, T) mask."""
+    import torch
+
+    rows = torch.nonzero(mask.any(dim=1)).squeeze(1)
+    last = mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)
+    return rows, last[rows]
+
+
+def ppo_token_rewards(scores: "torch.Tensor", logps: "torch.Tensor", ref_logps: "torch.Tensor | None",
+                      mask: "torch.Tensor", kl_coef: float) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(B, T) per-token rewards and (B, T) k1 KL: -kl_coef·(logps - ref_logps) on every trained token, and each
+    row's score (B,) added on its last trained token (the stop token, or the last sampled one). Zero outside
+    `mask`; a row without trained tokens gets nothing. Without a reference (kl_coef 0) the KL is 0."""
+    import torch
+
+    m = mask.to(logps.dtype)
+    kl = (logps - ref_logps) * m if ref_logps is not None else torch.zeros_like(logps)
+    rewards = -kl_coef * kl
+    rows, last = last_token_index(mask)
+    rewards[rows, last] += scores.to(rewards.dtype)[rows]
+    return rewards, kl
+
+
+def gae(rewards: "torch.Tensor", values: "torch.Tensor", mask: "torch.Tensor", gamma: float = 1.0,
+        lam: float = 0.95) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Generalised advantage estimation over (B, T) rows whose trained tokens (`mask`) are contiguous: returns
+    (advantages, returns), 0 outside the mask.
+
+    δ_t = r_t + γ·V_{t+1} - V_t with V after the last trained token 0 (the episode ends there), and
+    A_t = δ_t + γλ·A_{t+1}; returns are A_t + V_t, the value loss's targets.
+    """
+    import torch
+
+    m = mask.to(values.dtype)
+    adv = torch.zeros_like(values)
+    cols = torch.nonzero(mask.any(dim=0)).squeeze(1)
+    if cols.numel() == 0:
+        return adv, adv.clone()
+    first, end = int(cols[0]), int(cols[-1]) + 1
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(first, end)):  # only the columns that hold completion tokens
+        nxt_m = m[:, t + 1] if t + 1 < m.shape[1] else torch.zeros_like(running)
+        nxt_v = values[:, t + 1] * nxt_m if t + 1 < m.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * nxt_v - values[:, t]
+        running = (delta + gamma * lam * nxt_m * running) * m[:, t]
+        adv[:, t] = running
+    return adv, (adv + values) * m
+
+
+def whiten(x: "torch.Tensor", mask: "torch.Tensor", mean: float, var: float, eps: float = 1e-8) -> "torch.Tensor":
+    """(x - mean) / sqrt(var + eps) on the mask, 0 elsewhere; mean and (unbiased) variance come from the caller,
+    who computes them over every micro-batch and process of a rollout (`masked_moments`)."""
+    return (x - mean) * (var + eps) ** -0.5 * mask.to(x.dtype)
+
+
+def masked_moments(parts: list[tuple["torch.Tensor", "torch.Tensor"]]) -> list[float]:
+    """[count, sum, sum of squares] of the (values, mask) pairs' masked values, in float64, for whitening."""
+    n = s = s2 = 0.0
+    for x, mask in parts:
+        v = x.double()[mask]
+        n, s, s2 = n + v.numel(), s + float(v.sum()), s2 + float((v * v).sum())
+    return [n, s, s2]
+
+
+@dataclass
+class ValueLoss:
+    loss: "torch.Tensor"
+    clip_fraction: float  # share of tokens where the clipped prediction gave the larger loss
+
+
+def clipped_value_loss(values: "torch.Tensor", old_values: "torch.Tensor", returns: "torch.Tensor",
+                       mask: "torch.Tensor", clip: float) -> ValueLoss:
+    """½·max((V - R)², (V_old + clamp(V - V_old, ±clip) - R)²), the mean over the (B, T) mask's tokens."""
+    import torch
+
+    m = mask.to(values.dtype)
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    l1, l2 = (values - returns) ** 2, (clipped - returns) ** 2
+    n = m.sum().clamp(min=1)
+    loss = 0.5 * (torch.max(l1, l2) * m).sum() / n
+    with torch.no_grad():
+        frac = float(((l2 > l1).to(m.dtype) * m).sum() / n)
+    return ValueLoss(loss=loss, clip_fraction=frac)
