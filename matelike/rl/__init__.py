@@ -468,7 +468,8 @@ def _cmd_rl(args: argparse.Namespace) -> int:
         try:
             reward_model, rm_tokenizer = load_reward_model(args.reward_model, info.device, torch.float32)
         except ModelDirError as e:
-            return fail(f"--reward-model: {' '.join(str(e).splitlines())}")
+            return fail(f"--reward-model: {' '.join(str(e).splitlines())} (expected a `matelike reward train` "
+                        f"directory)")
         if rm_tokenizer is None:
             return fail(f"--reward-model: {args.reward_model / 'tokenizer.json'}: not found; a reward model needs "
                         f"its tokenizer")

@@ -232,6 +232,21 @@ def test_command_line_errors_are_one_line(make_chat_model, tmp_path: Path, capsy
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_grpo_takes_the_reward_model_as_one_more_reward(make_chat_model, tmp_path: Path) -> None:
+    from matelike.cli import main
+
+    init = make_chat_model(max_seq_len=128)
+    rm = _reward_model_dir(init, tmp_path / "rm")
+    data = _write_jsonl(tmp_path / "p.jsonl", TASK_RECORDS)
+    out = tmp_path / "out"
+    assert main(_run_args(init, data, out, "--max-steps", "1", "--group", "2", "--reward-model", str(rm),
+                          "--reward", "task", "--reward-weights", "0.5")) == 0
+    (line,) = _metrics(out)
+    assert "reward_fn_reward_model" in line and "reward_fn_task" in line and "value_loss" not in line
+    # the total is the reward model's score (weight 1) plus half the task reward
+    assert line["reward"] == pytest.approx(line["reward_fn_reward_model"] + 0.5 * line["reward_fn_task"], abs=1e-6)
+
+
 @pytest.mark.slow
 def test_resume_continues_exactly_and_saves_the_policy_alone(make_chat_model, tmp_path: Path, monkeypatch) -> None:
     """Interrupted between two PPO epochs of a rollout (the cursor holds the rollout, values and advantages) and
