@@ -120,10 +120,13 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_MAX_SIZE = 2**31 - 1  # past this a size overflows torch's int64 shape arithmetic before any check can run
+
+
 def _check_int(value: Any, key: str, path: Path, minimum: int = 1) -> int:
-    """A size from the config: a JSON integer (not a bool, not 32.0, not "32") of at least `minimum`."""
-    if type(value) is not int or value < minimum:
-        raise ModelDirError(f"{path}: {key} must be an integer >= {minimum}, not {_short(value)}")
+    """A size from the config: a JSON integer (not a bool, not 32.0, not "32") in minimum..2^31-1."""
+    if type(value) is not int or not minimum <= value <= _MAX_SIZE:
+        raise ModelDirError(f"{path}: {key} must be an integer in {minimum}..{_MAX_SIZE}, not {_short(value)}")
     return value
 
 

@@ -130,6 +130,7 @@ def test_absurd_expert_count_is_refused_before_allocating(tmp_path: Path, no_all
     ("vocab_size", 0), ("num_hidden_layers", 0), ("intermediate_size", -48), ("max_position_embeddings", 0),
     ("hidden_size", "32"), ("hidden_size", 32.0), ("hidden_size", 32.5), ("hidden_size", True),
     ("hidden_size", [32]), ("num_attention_heads", {"n": 4}), ("head_dim", -8),
+    pytest.param("hidden_size", 2**63, id="hidden_size-2^63"), ("vocab_size", 2**31), ("num_hidden_layers", 2**70),
     pytest.param("rope_theta", 10**400, id="rope_theta-1e400"), ("rope_theta", "fast"), ("rope_theta", 0),
     ("rope_theta", math.nan),
     ("rms_norm_eps", "x"), ("rms_norm_eps", math.inf), ("initializer_range", [0.1]),
