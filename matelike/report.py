@@ -1,4 +1,4 @@
-"""`matelike report DIR`: the report card of a `matelike run` folder (DIR/report.md plus loss-curve PNGs)."""
+"""`matelike report DIR`: the report card of a `matelike run` folder (DIR/report.md plus loss and reward PNGs)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from matelike.run import STAGES, TRAINED
+
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
-
-TRAIN_STAGES = ("pretrain", "sft", "dpo")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -62,11 +62,12 @@ def _params(model_dir: Path) -> int | None:
     return total
 
 
-def plot_curves(run: Path, stage: str, rows: list[dict[str, Any]]) -> Path | None:
-    """PNG of train (and validation) loss against step; None when there is nothing to plot."""
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "step" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None and "step" in r]
-    if not train and not val:
+def plot_curves(run: Path, stage: str, rows: list[dict[str, Any]], keys: tuple[str, ...] = ("loss", "val_loss"),
+                ylabel: str = "loss") -> Path | None:
+    """PNG `run/{ylabel}_{stage}.png` of the metrics `keys` against step; None when none of them was logged."""
+    series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None and "step" in r] for k in keys}
+    series = {k: points for k, points in series.items() if points}
+    if not series:
         return None
     import matplotlib
 
@@ -74,20 +75,49 @@ def plot_curves(run: Path, stage: str, rows: list[dict[str, Any]]) -> Path | Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation loss")
+    for k, points in series.items():
+        sparse = len(points) < 20  # evaluations are a few points: show them as markers
+        ax.plot(*zip(*points), marker="o" if sparse else None, label=k.replace("_", " "))
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{stage} loss")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{stage} {ylabel}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = run / f"loss_{stage}.png"
+    path = run / f"{ylabel}_{stage}.png"
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _reward_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-task (`reward_<task>`) and per-function (`reward_fn_<name>`) rewards an rl metrics.jsonl logs."""
+    return sorted({k for r in rows for k in r if k.startswith("reward_") and k != "reward_std"})
+
+
+def _rl_lines(run: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The RL stage in words: the reward at the start and the end, per task, beside the known cheap answers."""
+    if not rows:
+        return []
+    k = max(1, min(10, len(rows) // 4))  # a window of steps: one step's reward is a noisy mean of a few groups
+    tasks = sorted({key[len("reward_"):] for key in _reward_keys(rows) if not key.startswith("reward_fn_")})
+
+    def mean(part: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in part if isinstance(r.get(key), (int, float))]
+        return sum(values) / len(values) if values else None
+
+    parts = [f"reward {_num(mean(rows[:k], 'reward'), '{:.3f}')} → {_num(mean(rows[-k:], 'reward'), '{:.3f}')}"]
+    parts += [f"{t} {_num(mean(rows[:k], 'reward_' + t), '{:.3f}')} → {_num(mean(rows[-k:], 'reward_' + t), '{:.3f}')}"
+              for t in tasks]
+    lines = ["", f"RL (GRPO) training reward, mean of the first and the last {k} steps: " + ", ".join(parts) + "."]
+    info_path = run / "rl" / "rl_data.json"
+    hacks = json.loads(info_path.read_text(encoding="utf-8")).get("reward_hack_references") if info_path.is_file() else None
+    if hacks:
+        lines += ["", "What the known cheap answers earn on the RL prompts under the guarded task reward (and under "
+                      "the plain per-item score): " + ", ".join(
+                          f"{name.replace('_', ' ')} {hacks[name]:.3f} ({_num(hacks.get(name + '_unguarded'), '{:.3f}')})"
+                          for name in hacks if not name.endswith("_unguarded")) + "."]
+    return lines
 
 
 def _with_ci(value: Any, ci: Any) -> str:
@@ -145,8 +175,6 @@ def build_report(run: Path) -> str:
     """Writes run/report.md (and the PNGs) and returns its text."""
     run = Path(run)
     lines = [f"# Matelike run report: `{run}`", ""]
-    from matelike.run import STAGES
-
     order = {name: i for i, name in enumerate(STAGES)}  # pipeline order, so the commands run top to bottom
     paths = sorted((run / ".stages").glob("*.json"), key=lambda p: (order.get(p.stem, len(order)), p.stem))
     markers = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in paths}
@@ -154,7 +182,7 @@ def build_report(run: Path) -> str:
     lines += ["## Stages", "", "| stage | parameters | dtype | tokens seen | wall time | tokens/s | final train loss | "
               "final val loss |", "|---|---|---|---|---|---|---|---|"]
     curves: list[tuple[str, Path]] = []
-    for stage in TRAIN_STAGES:
+    for stage in TRAINED:
         rows = read_metrics(run / stage / "metrics.jsonl")
         params = _params(run / stage)
         wall = markers.get(stage, {}).get("wall_s")
@@ -164,25 +192,30 @@ def build_report(run: Path) -> str:
                      f"{_num(_last(rows, 'loss'))} | {_num(_last(rows, 'val_loss'))} |")
         png = plot_curves(run, stage, rows)
         if png is not None:
-            curves.append((stage, png))
+            curves.append((f"{stage} loss", png))
     dpo_rows = read_metrics(run / "dpo" / "metrics.jsonl")
     if _last(dpo_rows, "val_reward_accuracy") is not None:
         lines += ["", f"DPO on held-out pairs: reward accuracy {_num(_last(dpo_rows, 'val_reward_accuracy'))}, "
                       f"reward margin {_num(_last(dpo_rows, 'val_reward_margin'))}."]
-    other = [s for s in markers if s not in TRAIN_STAGES]
+    rl_rows = read_metrics(run / "rl" / "metrics.jsonl")
+    lines += _rl_lines(run, rl_rows)
+    reward_png = plot_curves(run, "rl", rl_rows, ("reward", *_reward_keys(rl_rows)), ylabel="reward")
+    if reward_png is not None:
+        curves.append(("rl reward", reward_png))
+    other = [s for s in markers if s not in TRAINED]
     if other:
         lines += ["", "Other stages: " + ", ".join(f"{s} {markers[s].get('wall_s', 0):.0f} s" for s in other)]
 
     if curves:
-        lines += ["", "## Loss curves", ""]
-        lines += [f"![{stage} loss]({png.name})" for stage, png in curves]
+        lines += ["", "## Curves", ""]
+        lines += [f"![{name}]({png.name})" for name, png in curves]
 
     evals = {name: json.loads((run / "eval" / f"{name}.json").read_text(encoding="utf-8"))
-             for name in TRAIN_STAGES if (run / "eval" / f"{name}.json").is_file()}
+             for name in TRAINED if (run / "eval" / f"{name}.json").is_file()}
     if evals:
         flat = {name: _eval_metrics(r) for name, r in evals.items()}
         # Every model is scored on the same items, so one set of rule-based baselines serves the whole table.
-        final_eval = evals.get("dpo") or evals.get("sft") or next(iter(evals.values()))
+        final_eval = list(evals.values())[-1]  # the last stage's model
         if final_eval.get("baselines"):
             flat["rule baseline"] = _baseline_metrics(final_eval)
         keys = list(dict.fromkeys(k for f in flat.values() for k in f))

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
 
-STAGES: tuple[str, ...] = ("data", "tokenizer", "pack", "pretrain", "sft", "pairs", "dpo", "eval", "report")
+STAGES: tuple[str, ...] = ("data", "tokenizer", "pack", "pretrain", "sft", "pairs", "dpo", "rl", "eval", "report")
+TRAINED: tuple[str, ...] = ("pretrain", "sft", "dpo", "rl")  # the stages that save a model, in pipeline order
 MARKERS = ".stages"
 
 
@@ -42,6 +43,10 @@ class Budget:
     pair_prompts: int
     dpo_steps: int
     dpo_batch: int
+    rl_steps: int
+    rl_batch: int  # prompts per step, each sampled `rl_group` times
+    rl_group: int
+    rl_max_new_tokens: int
     eval_limit: int
     dtype: str
     tokenizer_chars: int  # characters sampled to train the tokenizer
@@ -55,24 +60,28 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     "micro": Budget(model_size="约100万",
                     vocab_size=2048, pretrain_steps=30, pretrain_batch=4, seq_len=256, sft_steps=20, sft_batch=8,
-                    sft_per_task=60, pair_prompts=40, dpo_steps=6, dpo_batch=4, eval_limit=6, dtype="auto",
+                    sft_per_task=60, pair_prompts=40, dpo_steps=6, dpo_batch=4, eval_limit=6,
+                    rl_steps=4, rl_batch=2, rl_group=4, rl_max_new_tokens=16, dtype="auto",
                     optimizer="muon", tokenizer_chars=300_000, eval_tokens=4096,
-                    expected_s=(8, 10, 8, 15, 12, 10, 10, 15, 5)),
+                    expected_s=(8, 10, 8, 15, 12, 10, 10, 15, 15, 5)),
     "tiny": Budget(model_size="约160万",
                    vocab_size=6400, pretrain_steps=2400, pretrain_batch=8, seq_len=256, sft_steps=1100,
                    sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=300,
+                   rl_steps=200, rl_batch=4, rl_group=8, rl_max_new_tokens=64,
                    dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
-                   expected_s=(5, 12, 2, 440, 230, 35, 22, 50, 2)),
+                   expected_s=(5, 12, 2, 360, 250, 20, 22, 150, 30, 2)),
     "26m": Budget(model_size="约2700万",
                   vocab_size=6400, pretrain_steps=20000, pretrain_batch=32, seq_len=512, sft_steps=4000,
                   sft_batch=32, sft_per_task=4000, pair_prompts=2000, dpo_steps=1000, dpo_batch=16,
-                  eval_limit=300, dtype="auto", optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
-                  expected_s=(10, 60, 30, 3600, 900, 600, 600, 300, 10)),
+                  rl_steps=500, rl_batch=16, rl_group=8, rl_max_new_tokens=128, eval_limit=300, dtype="auto",
+                  optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
+                  expected_s=(10, 60, 30, 3600, 900, 600, 600, 1200, 300, 10)),
     "0.2b": Budget(model_size="约2亿",
                    vocab_size=6400, pretrain_steps=40000, pretrain_batch=32, seq_len=512, sft_steps=6000,
                    sft_batch=32, sft_per_task=4000, pair_prompts=4000, dpo_steps=2000, dpo_batch=16,
-                   eval_limit=300, dtype="auto", optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
-                   expected_s=(10, 60, 30, 14400, 3600, 1200, 1200, 600, 10)),
+                   rl_steps=1000, rl_batch=32, rl_group=8, rl_max_new_tokens=128, eval_limit=300, dtype="auto",
+                   optimizer="adamw", tokenizer_chars=8_000_000, eval_tokens=1 << 17,
+                   expected_s=(10, 60, 30, 14400, 3600, 1200, 1200, 2400, 600, 10)),
 }
 MODEL_PRESET = {"micro": "tiny", "tiny": "tiny", "26m": "26m", "0.2b": "0.2b"}
 
@@ -87,7 +96,7 @@ def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
          "--chat-file", str(data / "chat_test.jsonl"),
          "--limit", str(b.eval_limit), "--out", str(out / "eval" / f"{name}.json"),
          "--predictions", str(out / "eval" / f"{name}_predictions.jsonl")]
-        for name in ("pretrain", "sft", "dpo")
+        for name in TRAINED
     ]
     return {
         "data": [["data", "demo", "--out", str(data), "--sft-per-task", str(b.sft_per_task),
@@ -118,6 +127,13 @@ def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
                  "--max-steps", str(b.dpo_steps), "--batch-size", str(b.dpo_batch),
                  "--warmup-steps", str(max(1, b.dpo_steps // 10)), "--lr", "3e-5", "--min-lr", "3e-6", "--rpo-alpha", "1.0",
                  "--eval-every", str(max(1, b.dpo_steps // 4)), *common]],
+        # GRPO on the task rewards (with their reward-hack guards) from the DPO model, on the prompts of the
+        # tasks with the most room (rl_train.jsonl).
+        "rl": [["rl", "--init", str(out / "dpo"), "--data", str(data / "rl_train.jsonl"), "--out", str(out / "rl"),
+                "--algo", "grpo", "--reward", "task", "--group", str(b.rl_group),
+                "--max-new-tokens", str(b.rl_max_new_tokens), "--temperature", "0.7",
+                "--max-steps", str(b.rl_steps), "--batch-size", str(b.rl_batch),
+                "--warmup-steps", str(max(1, b.rl_steps // 20)), "--lr", "3e-5", "--min-lr", "3e-6", *common]],
         "eval": evals,
         "report": [["report", str(out)]],
     }
@@ -173,7 +189,7 @@ class Pipeline:
     def _stage_dirs(self, stage: str) -> list[Path]:
         return {"data": [self.out / "data"], "tokenizer": [self.out / "tokenizer"], "pack": [self.out / "pack"],
                 "pretrain": [self.out / "pretrain"], "sft": [self.out / "sft"], "pairs": [self.out / "pairs"],
-                "dpo": [self.out / "dpo"], "eval": [self.out / "eval"], "report": []}[stage]
+                "dpo": [self.out / "dpo"], "rl": [self.out / "rl"], "eval": [self.out / "eval"], "report": []}[stage]
 
     def _eta(self, index: int, started: float, done_s: dict[str, float]) -> str:
         exp = dict(zip(STAGES, self.budget.expected_s))
@@ -225,7 +241,7 @@ class Pipeline:
                                                        encoding="utf-8")
             print(f"{head}: done in {_fmt_s(wall)}", flush=True)
         print(f"all stages complete in {_fmt_s(time.time() - started)}; report: {self.out / 'report.md'}; "
-              f"chat with: matelike chat --model {self.out / 'dpo'}", flush=True)
+              f"chat with: matelike chat --model {self.out / TRAINED[-1]}", flush=True)
         return 0
 
 

@@ -81,3 +81,24 @@ def test_report_leaves_out_a_rate_with_no_items(tmp_path: Path) -> None:
         result["chat"]["open"]["identity"] = {"rate": 0.0, "n": 0, "ci95": [0.0, 1.0]}
         f.write_text(json.dumps(result), encoding="utf-8")
     assert "identity questions" not in build_report(tmp_path)
+
+
+def test_report_has_the_rl_stage_reward_curve_and_hack_references(tmp_path: Path) -> None:
+    _write_run(tmp_path)
+    (tmp_path / "rl").mkdir()
+    rows = [{"step": s, "tokens": 100 * s, "loss": 0.01, "dtype": "bf16", "reward": 0.1 * s,
+             "reward_segmentation": 0.2 * s, "reward_entities": 0.05 * s, "reward_std": 0.3} for s in range(1, 41)]
+    (tmp_path / "rl" / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    (tmp_path / "rl" / "rl_data.json").write_text(json.dumps({"reward_hack_references": {
+        "entities_always_none": 0.0, "entities_always_none_unguarded": 0.53}}))
+    (tmp_path / "eval" / "rl.json").write_text((tmp_path / "eval" / "dpo.json").read_text().replace("0.9", "0.95"))
+    text = build_report(tmp_path)
+    assert "| rl | – | bf16 | 4,000 |" in text
+    # the means of steps 1-10 and 31-40
+    assert ("mean of the first and the last 10 steps: reward 0.550 → 3.550, entities 0.275 → 1.775, "
+            "segmentation 1.100 → 7.100.") in text
+    assert "entities always none 0.000 (0.530)" in text
+    png = tmp_path / "reward_rl.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(reward_rl.png)" in text
+    assert "| metric | pretrain | sft | dpo | rl | rule baseline |" in text
+    assert "| sentiment accuracy (n=10) | 0.50 [0.30, 0.60] | 0.85 [0.65, 0.95] | 0.90 [0.70, 1.00] | 0.95" in text

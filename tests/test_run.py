@@ -35,8 +35,8 @@ def test_runs_every_stage_in_order_then_skips_completed(tmp_path: Path) -> None:
     firsts = [c[0] if c[0] not in ("data", "tokenizer", "dpo") else " ".join(c[:2]) for c in runner.calls]
     assert firsts[:6] == ["data demo", "tokenizer train", "data pack", "pretrain", "data pack", "sft"]
     assert "--format" in runner.calls[4] and runner.calls[5][runner.calls[5].index("--data") + 1].endswith("sft.bin")
-    assert firsts[6] == "dpo make-pairs" and firsts[7].startswith("dpo")
-    assert [c[0] for c in runner.calls[8:11]] == ["eval"] * 3 and runner.calls[-1][0] == "report"
+    assert firsts[6] == "dpo make-pairs" and firsts[7].startswith("dpo") and firsts[8] == "rl"
+    assert [c[0] for c in runner.calls[9:13]] == ["eval"] * 4 and runner.calls[-1][0] == "report"
     for stage in STAGES:
         marker = json.loads((tmp_path / ".stages" / f"{stage}.json").read_text())
         assert marker["stage"] == stage and marker["commands"][0][0] == "matelike"
@@ -70,8 +70,12 @@ def test_training_commands_resume_and_chain_models(tmp_path: Path) -> None:
     assert sft[sft.index("--init") + 1] == str(tmp_path / "pretrain")
     dpo = cmds["dpo"][0]
     assert dpo[dpo.index("--init") + 1] == str(tmp_path / "sft")
-    assert all("--resume" in cmds[s][-1] for s in ("pretrain", "sft", "dpo"))
-    assert [c[c.index("--model") + 1] for c in cmds["eval"]] == [str(tmp_path / n) for n in ("pretrain", "sft", "dpo")]
+    rl = cmds["rl"][0]
+    assert rl[rl.index("--init") + 1] == str(tmp_path / "dpo")
+    assert rl[rl.index("--data") + 1] == str(tmp_path / "data" / "rl_train.jsonl")
+    assert all("--resume" in cmds[s][-1] for s in ("pretrain", "sft", "dpo", "rl"))
+    assert [c[c.index("--model") + 1] for c in cmds["eval"]] == [str(tmp_path / n)
+                                                                 for n in ("pretrain", "sft", "dpo", "rl")]
 
 
 def test_split_pairs_holds_out_every_tenth(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ def test_every_stage_writes_its_outputs(run_dir: tuple[Path, str]) -> None:
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     meta = json.loads((out / "pack" / "pretrain.bin.json").read_text())
     assert meta["tokens"] * 2 == (out / "pack" / "pretrain.bin").stat().st_size  # uint16 tokens
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in ("pretrain", "sft", "dpo", "rl"):
         for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                      "tokenizer_config.json"):
             assert (out / stage / name).is_file(), f"{stage}/{name}"
@@ -44,12 +44,14 @@ def test_every_stage_writes_its_outputs(run_dir: tuple[Path, str]) -> None:
         assert any((out / stage / "checkpoints").glob("step-*"))
     pairs = (out / "pairs" / "pairs.jsonl").read_text().splitlines()
     assert pairs and set(json.loads(pairs[0])) == {"prompt", "chosen", "rejected"}
-    assert stdout.count(": done in") == 9
+    assert stdout.count(": done in") == 10
+    rl = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward_segmentation" in r and "reward_entities" in r for r in rl)
 
 
 def test_eval_scores_each_saved_model(run_dir: tuple[Path, str]) -> None:
     out, _ = run_dir
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in ("pretrain", "sft", "dpo", "rl"):
         result = json.loads((out / "eval" / f"{stage}.json").read_text())
         assert set(result["tasks"]) == {"sentiment", "segmentation", "entities", "continuation"}
         assert 0.0 <= result["tasks"]["sentiment"]["accuracy"] <= 1.0
@@ -60,8 +62,9 @@ def test_eval_scores_each_saved_model(run_dir: tuple[Path, str]) -> None:
 def test_report_card_has_every_section(run_dir: tuple[Path, str]) -> None:
     out, _ = run_dir
     report = (out / "report.md").read_text(encoding="utf-8")
-    for needed in ("## Stages", "| pretrain |", "| sft |", "| dpo |", "## Loss curves", "loss_pretrain.png",
-                   "## Evaluation (held-out)", "| metric | pretrain | sft | dpo |", "sentiment accuracy",
+    for needed in ("## Stages", "| pretrain |", "| sft |", "| dpo |", "| rl |", "## Curves", "loss_pretrain.png",
+                   "reward_rl.png", "RL (GRPO) training reward", "entities always none",
+                   "## Evaluation (held-out)", "| metric | pretrain | sft | dpo | rl |", "sentiment accuracy",
                    "## Sample answers", "## Machine", "## Commands to reproduce", "matelike pretrain --preset tiny"):
         assert needed in report, needed
     assert (out / "loss_sft.png").read_bytes()[:4] == b"\x89PNG"
@@ -70,10 +73,10 @@ def test_report_card_has_every_section(run_dir: tuple[Path, str]) -> None:
 def test_rerun_skips_completed_and_resumes_an_interrupted_stage(run_dir: tuple[Path, str]) -> None:
     out, _ = run_dir
     again = _run(out)
-    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 9
+    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 10
 
     # An interrupted DPO stage: its marker is gone but its checkpoints are there, so it resumes from them.
-    for stage in ("dpo", "eval", "report"):
+    for stage in ("dpo", "rl", "eval", "report"):
         (out / ".stages" / f"{stage}.json").unlink()
     resumed = _run(out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 NEWS_RESOURCE = ("tag", "199801.txt")
 POS_RESOURCE = ("sentiment", "pos.txt")
 NEG_RESOURCE = ("sentiment", "neg.txt")
+RL_TASKS: tuple[str, ...] = ("segmentation", "entities")  # the prompts of rl_train.jsonl
 
 SENTENCE_END = frozenset("。！？")
 # Closing marks that stay with the sentence they follow (`他说：“好。”` ends after the quote).
@@ -601,6 +602,10 @@ def write_demo(out: Path, docs: list[Document], counts: dict[str, SourceCounts],
     streams = [*task_records, [{"task": "chat", "prompt": q, "answer": a, "input": ""} for q, a in chat_prompts]]
     _write_jsonl(out / "tasks_train.jsonl", (rec for group in itertools.zip_longest(*streams) for rec in group
                                              if rec is not None))
+    # The RL prompts: the same training items of the tasks RL is run on, interleaved so every batch has both.
+    rl_streams = [task_records[TASKS.index(t)] for t in RL_TASKS]
+    _write_jsonl(out / "rl_train.jsonl", (rec for group in itertools.zip_longest(*rl_streams) for rec in group
+                                          if rec is not None))
     rng = random.Random(f"{cfg.seed}-phrasing-test")
     _write_jsonl(out / "tasks_test.jsonl", (_task_record(it, rng) for task in TASKS for it in split.test[task]))
     rng = random.Random(f"{cfg.seed}-phrasing-chat-test")
@@ -664,6 +669,9 @@ seed {cfg.seed}. Rebuilding gives byte-identical files.
 - `tasks_train.jsonl`: `{{task, prompt, answer, input}}` from the training split, disjoint from the SFT items,
   for preference pairs (`matelike dpo make-pairs`); open prompts from the training conversations join them
   as task `chat` (the reference reply is the answer).
+- `rl_train.jsonl`: the {" and ".join(RL_TASKS)} items of `tasks_train.jsonl`, interleaved: the prompts of
+  `matelike rl` (the tasks whose scores leave the most room; sentiment is near its ceiling, and continuation's
+  ROUGE-L reward is the easiest to game).
 - `tasks_test.jsonl`: `{{task, prompt, answer, input}}` held out for `matelike eval`.
 - `tasks_dev.jsonl`, `chat_dev.jsonl`: a development split held out the same way as the test files (its
   own documents and dialogue groups; no identity or out-of-scope questions, whose held-out phrasings are

@@ -249,6 +249,15 @@ def test_package_data_with_invalid_utf8_names_file_and_line(tmp_path: Path, monk
         _read_resource(("a.txt",), package="no_such_pkg_xyz")
 
 
+def test_rl_prompts_are_the_rl_tasks_training_items_interleaved(demo_dir: Path) -> None:
+    from matelike.data.demo import RL_TASKS
+
+    rl = _jsonl(demo_dir / "rl_train.jsonl")
+    train = _jsonl(demo_dir / "tasks_train.jsonl")
+    assert [r["task"] for r in rl[: 2 * len(RL_TASKS)]] == [*RL_TASKS, *RL_TASKS]
+    assert sorted(map(json.dumps, rl)) == sorted(json.dumps(r) for r in train if r["task"] in RL_TASKS)
+
+
 def test_tasks_train_interleaves_tasks_so_a_limit_covers_all(demo_dir: Path) -> None:
     from matelike.eval.scoring import TASKS
 
