@@ -171,6 +171,44 @@ def _baseline_metrics(result: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
+def _task_predictions(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """An eval predictions file's task items (not the chat ones), by task, in file order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in read_metrics(path):
+        if "kind" not in row and isinstance(row.get("task"), str):
+            out.setdefault(row["task"], []).append(row)
+    return out
+
+
+def _differences(run: Path, names: list[str]) -> list[str]:
+    """Each model's main metric per task minus the previous model's, on the same items, with the paired
+    bootstrap interval (`eval.intervals.task_difference`); [] when fewer than two models have predictions."""
+    from matelike.eval.intervals import task_difference
+    from matelike.eval.scoring import MAIN_METRIC
+
+    preds = {n: _task_predictions(run / "eval" / f"{n}_predictions.jsonl") for n in names}
+    names = [n for n in names if preds[n]]
+    columns: dict[str, dict[str, str]] = {}
+    for a, b in zip(names, names[1:]):
+        col = columns.setdefault(f"{b} − {a}", {})
+        for task, rows_b in preds[b].items():
+            rows_a = preds[a].get(task, [])
+            if [(r["prompt"], r["answer"]) for r in rows_a] != [(r["prompt"], r["answer"]) for r in rows_b]:
+                continue  # not the same items: no paired comparison
+            diff, (lo, hi) = task_difference(task, [r["answer"] for r in rows_b], [r["prediction"] for r in rows_a],
+                                             [r["prediction"] for r in rows_b])
+            col[f"{task} {MAIN_METRIC[task]} (n={len(rows_b)})"] = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    keys = list(dict.fromkeys(k for c in columns.values() for k in c))
+    if not keys:
+        return []
+    lines = ["", "## Differences between consecutive models (held-out)", "",
+             "Each model minus the one before it on the same items, with the 95% paired bootstrap interval (both "
+             "models' answers to an item resampled together): a difference is real where its interval excludes 0.",
+             "", "| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {k} | " + " | ".join(c.get(k, "–") for c in columns.values()) + " |" for k in keys]
+    return lines
+
+
 def build_report(run: Path) -> str:
     """Writes run/report.md (and the PNGs) and returns its text."""
     run = Path(run)
@@ -226,6 +264,7 @@ def build_report(run: Path) -> str:
                   "|---|" + "---|" * len(flat)]
         for k in keys:
             lines.append(f"| {k} | " + " | ".join(flat[n].get(k, "–") for n in flat) + " |")
+        lines += _differences(run, list(evals))
         samples = [s for s in (final_eval.get("samples") or {}).values() if s]
         if samples:
             lines += ["", "## Sample answers (final model)", ""]

@@ -102,3 +102,22 @@ def test_report_has_the_rl_stage_reward_curve_and_hack_references(tmp_path: Path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(reward_rl.png)" in text
     assert "| metric | pretrain | sft | dpo | rl | rule baseline |" in text
     assert "| sentiment accuracy (n=10) | 0.50 [0.30, 0.60] | 0.85 [0.65, 0.95] | 0.90 [0.70, 1.00] | 0.95" in text
+
+
+def test_report_has_paired_differences_between_consecutive_models(tmp_path: Path) -> None:
+    _write_run(tmp_path)
+    golds = ["正面", "负面"] * 50
+    right = {"pretrain": 50, "sft": 80, "dpo": 82}  # the first k items right, the rest wrong
+    flip = {"正面": "负面", "负面": "正面"}
+    for name, k in right.items():
+        rows = [{"task": "sentiment", "prompt": f"p{i}", "answer": g, "prediction": g if i < k else flip[g]}
+                for i, g in enumerate(golds)]
+        rows.append({"task": "chat", "kind": "open", "prompt": "你好", "answer": "你好", "prediction": "你好"})
+        (tmp_path / "eval" / f"{name}_predictions.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    text = build_report(tmp_path)
+    assert "| metric | sft − pretrain | dpo − sft |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| sentiment accuracy (n=100) | +0.300 ["))
+    sft_minus_pretrain, dpo_minus_sft = row.split(" | ")[1:3]
+    lo, hi = (float(x) for x in sft_minus_pretrain.split("[")[1].rstrip("]").split(", "))
+    assert 0 < lo < 0.3 < hi  # 30 more right of 100: excludes 0
+    assert dpo_minus_sft.startswith("+0.020 [+0.000, +0.0")  # only 2 items differ: never below 0

@@ -38,17 +38,11 @@ def bootstrap(items: Sequence[T], statistic: Callable[[Sequence[T]], float], *, 
     return (lo, hi)
 
 
-def task_interval(task: str, golds: Sequence[str], preds: Sequence[str]) -> tuple[float, float]:
-    """95% interval of a task's main metric (`scoring.MAIN_METRIC`) on these items.
-
-    Accuracy: Wilson. Micro-averaged F1: bootstrap over items of the summed (correct, predicted, gold)
-    counts. ROUGE-L: bootstrap of the per-item mean.
-    """
+def _item_rows(task: str, golds: Sequence[str], preds: Sequence[str]) -> tuple[list, Callable[[Sequence], float]]:
+    """Per-item rows of a task's main metric (`scoring.MAIN_METRIC`) and the statistic that turns rows into it:
+    (correct, predicted, gold) counts summed into micro-F1, or per-item scores averaged."""
     from matelike.eval import scoring
 
-    if task == "sentiment":
-        correct = sum(scoring.score_item(task, g, p) for g, p in zip(golds, preds))
-        return wilson(int(correct), len(golds))
     if task in ("segmentation", "entities"):
         parse = scoring.segmentation_spans if task == "segmentation" else scoring.parse_entities
         counts = []
@@ -60,8 +54,39 @@ def task_interval(task: str, golds: Sequence[str], preds: Sequence[str]) -> tupl
             c, pr, go = (sum(x) for x in zip(*rows))
             return 2 * c / (pr + go) if pr + go else 0.0
 
-        return bootstrap(counts, micro_f1)
-    if task == "continuation":
-        values = [scoring.rouge_l_f1(g, p) for g, p in zip(golds, preds)]
-        return bootstrap(values, lambda xs: sum(xs) / len(xs))
+        return counts, micro_f1
+    if task in ("sentiment", "continuation"):  # accuracy, ROUGE-L: per-item means
+        return [scoring.score_item(task, g, p) for g, p in zip(golds, preds)], lambda xs: sum(xs) / len(xs)
     raise ValueError(f"unknown task {task!r}")
+
+
+def task_interval(task: str, golds: Sequence[str], preds: Sequence[str]) -> tuple[float, float]:
+    """95% interval of a task's main metric (`scoring.MAIN_METRIC`) on these items.
+
+    Accuracy: Wilson. Micro-averaged F1: bootstrap over items of the summed (correct, predicted, gold)
+    counts. ROUGE-L: bootstrap of the per-item mean.
+    """
+    rows, statistic = _item_rows(task, golds, preds)
+    if task == "sentiment":
+        return wilson(int(sum(rows)), len(golds))
+    return bootstrap(rows, statistic)
+
+
+def task_difference(task: str, golds: Sequence[str], preds_a: Sequence[str],
+                    preds_b: Sequence[str]) -> tuple[float, tuple[float, float]]:
+    """Model B's main metric minus model A's on the same items, with its paired 95% bootstrap interval.
+
+    Both models' rows of one item are resampled together, so what the two models share (an item both get
+    right or both get wrong) cancels: the interval of the difference is narrower than the two intervals side
+    by side suggest, and an improvement is real when it excludes 0.
+    """
+    if not len(golds) == len(preds_a) == len(preds_b):
+        raise ValueError(f"{len(golds)} gold answers but {len(preds_a)} and {len(preds_b)} predictions")
+    rows_a, statistic = _item_rows(task, golds, preds_a)
+    rows_b, _ = _item_rows(task, golds, preds_b)
+    pairs = list(zip(rows_a, rows_b))
+
+    def diff(sample: Sequence[tuple]) -> float:
+        return statistic([b for _, b in sample]) - statistic([a for a, _ in sample])
+
+    return diff(pairs), bootstrap(pairs, diff)

@@ -35,3 +35,30 @@ def test_task_intervals_hold_the_metric() -> None:
     assert lo <= 0.75 <= hi  # micro F1 = 2*5/(6+7) ~ 0.77 on every resample of this repeating set
     lo, hi = task_interval("continuation", ["一二三四"] * 20, ["一二三四", "五六"] * 10)
     assert lo <= 0.5 <= hi
+
+
+def test_paired_difference_is_the_metric_difference_and_cancels_what_both_models_share() -> None:
+    from matelike.eval.intervals import task_difference
+    from matelike.eval.scoring import score_task
+
+    golds = ["正面", "负面"] * 100
+    a = list(golds)
+    for i in range(0, 200, 4):  # A wrong on a quarter of the items
+        a[i] = "负面" if golds[i] == "正面" else "正面"
+    b = list(a)
+    for i in range(0, 200, 20):  # B fixes 10 of them and breaks nothing
+        b[i] = golds[i]
+    diff, (lo, hi) = task_difference("sentiment", golds, a, b)
+    assert diff == pytest.approx(score_task("sentiment", golds, b)["accuracy"]
+                                 - score_task("sentiment", golds, a)["accuracy"]) == pytest.approx(0.05)
+    # Only the 10 changed items vary between resamples: the paired interval excludes 0, while the two
+    # models' own intervals overlap.
+    assert 0 < lo <= diff <= hi < 0.1
+    assert task_interval("sentiment", golds, b)[0] < task_interval("sentiment", golds, a)[1]
+    assert task_difference("sentiment", golds, a, a) == (0.0, (0.0, 0.0))
+
+    seg_gold, seg_a, seg_b = ["我们 明天 去 北京"] * 30, ["我们 明天 去北京"] * 30, ["我们 明天 去 北京"] * 30
+    diff, (lo, hi) = task_difference("segmentation", seg_gold, seg_a, seg_b)
+    assert diff == pytest.approx(1.0 - score_task("segmentation", seg_gold, seg_a)["f1"]) and lo == hi == diff
+    with pytest.raises(ValueError, match="predictions"):
+        task_difference("entities", ["无"], ["无"], [])
