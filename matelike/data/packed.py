@@ -435,6 +435,21 @@ class PackedFile:
             return np.zeros(0, dtype=np.dtype(s["dtype"]))
         return np.memmap(self.path, dtype=np.dtype(s["dtype"]), mode="r", offset=s["offset"], shape=(s["count"],))
 
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of a section, read with a plain file read: a pass over a whole section goes
+        through the page cache without growing the process's resident memory, as touching a map would."""
+        s = self.meta["sections"][name]
+        dtype = np.dtype(s["dtype"])
+        start, stop = max(0, start), min(stop, s["count"])
+        if stop <= start:
+            return np.zeros(0, dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(s["offset"] + start * dtype.itemsize)
+            raw = f.read((stop - start) * dtype.itemsize)
+        if len(raw) != (stop - start) * dtype.itemsize:
+            raise PackMismatchError(f"{self.path}: section {name!r} ends early (a partial copy?)")
+        return np.frombuffer(raw, dtype=dtype)
+
     def check(self, kind: str, tokenizer: "Tokenizer | None" = None, seq_len: int | None = None) -> None:
         """Refuse, with a message saying what to do, a file of another kind, tokenizer or a larger seq-len."""
         if self.kind != kind:
@@ -473,11 +488,25 @@ def open_pairs(path: str | Path, tokenizer: "Tokenizer", seq_len: int) -> tuple[
 
 
 class PackedPrompts:
-    """RL prompts of a packed file: prompt i's token ids (chat template + generation prompt) and its fields."""
+    """RL prompts of a packed file: prompt i's token ids (chat template + generation prompt) and its fields.
+
+    Random access reads from the memory maps; `scan` streams the lengths and fields in chunks with plain reads
+    and checks the offsets on the way, so a damaged file is refused by the pass that reads it."""
+
+    SCAN_CHUNK = 4096  # records per read of a scan
 
     def __init__(self, path: str | Path, tokenizer: "Tokenizer | None" = None, seq_len: int | None = None) -> None:
         self.file = PackedFile(path)
         self.file.check("prompts", tokenizer, seq_len)
+        sections, n = self.file.meta["sections"], len(self.file)
+        for offsets, data in (("offsets", "ids"), ("field_offsets", "fields")):
+            if sections[offsets]["count"] != n + 1:
+                raise PackMismatchError(f"{self.file.path}: {sections[offsets]['count']} {offsets} for {n} prompts; "
+                                        f"the file is damaged: re-pack it")
+            first, last = self.file.read(offsets, 0, 1)[0], self.file.read(offsets, n, n + 1)[0]
+            if first != 0 or last != sections[data]["count"]:
+                raise PackMismatchError(f"{self.file.path}: {offsets} run from {first} to {last} over "
+                                        f"{sections[data]['count']} {data}; the file is damaged: re-pack it")
         self._ids, self._offsets = self.file.array("ids"), self.file.array("offsets")
         self._fields, self._field_offsets = self.file.array("fields"), self.file.array("field_offsets")
 
@@ -489,5 +518,31 @@ class PackedPrompts:
 
     def fields(self, i: int) -> dict:
         raw = self._fields[self._field_offsets[i]:self._field_offsets[i + 1]]
-        return json.loads(bytes(raw).decode("utf-8"))
+        return self._parse(i, bytes(raw))
 
+    def _parse(self, i: int, raw: bytes) -> dict:
+        try:
+            fields = json.loads(raw)
+        except ValueError as e:  # UnicodeDecodeError included
+            raise PackMismatchError(f"{self.file.path}: record {i + 1}: its fields are not JSON ({e}); the file is "
+                                    f"damaged: re-pack it") from None
+        if not isinstance(fields, dict):
+            raise PackMismatchError(f"{self.file.path}: record {i + 1}: its fields are not a JSON object; the file "
+                                    f"is damaged: re-pack it")
+        return fields
+
+    def scan(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, dict]]:
+        """(record, prompt length in tokens, fields) of records [start, stop), read a chunk at a time."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        for a in range(start, stop, self.SCAN_CHUNK):
+            b = min(a + self.SCAN_CHUNK, stop)
+            offsets, field_offsets = self.file.read("offsets", a, b + 1), self.file.read("field_offsets", a, b + 1)
+            lengths, sizes = np.diff(offsets), np.diff(field_offsets)
+            if (lengths < 0).any() or (sizes < 0).any():
+                bad = a + int(np.flatnonzero((lengths < 0) | (sizes < 0))[0])
+                raise PackMismatchError(f"{self.file.path}: record {bad + 1}: offsets run backwards; the file is "
+                                        f"damaged: re-pack it")
+            blob = self.file.read("fields", int(field_offsets[0]), int(field_offsets[-1])).tobytes()
+            ends = (field_offsets - field_offsets[0]).tolist()
+            for j, n in enumerate(lengths.tolist()):
+                yield a + j, n, self._parse(a + j, blob[ends[j]:ends[j + 1]])

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from matelike.cli import CommandTable
     from matelike.rl.rewards import RewardFn
-    from matelike.rl.rollout import Prompts
+    from matelike.rl.rollout import PromptSet
 
 ALGOS = ("grpo", "ppo")
 
@@ -65,7 +65,7 @@ class GRPOTask:
     group_why = " (advantages compare a prompt's samples)"
 
     def __init__(
-        self, policy: "nn.Module", prompts: "Prompts", rewards: Sequence["RewardFn"], *,
+        self, policy: "nn.Module", prompts: "PromptSet", rewards: Sequence["RewardFn"], *,
         decode: Callable[[Sequence[int]], str], stop_ids: Sequence[int], pad_id: int,
         reward_weights: Sequence[float] | None = None, reward_names: Sequence[str] | None = None,
         batch_size: int = 4, grad_accum: int = 1, group: int = 8, max_new_tokens: int = 64,
@@ -505,13 +505,12 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     if specs == ["task"] and reward_model is None:
         # The task reward alone cannot score a task without a scorer (the demo's `chat` prompts): no reward at
         # all would apply to them, so they are left out, counted by task.
+        # (check_task_record has refused the records without a string task)
         from matelike.eval.scoring import TASKS
 
-        keep = [i for i, f in enumerate(prompts.fields) if f.get("task") in TASKS]
-        for f in prompts.fields:
-            if f.get("task") not in TASKS:
-                left_out[str(f.get("task"))] = left_out.get(str(f.get("task")), 0) + 1
-        prompts = prompts.subset(keep)
+        left_out = {t: n for t, n in prompts.task_counts().items() if t not in TASKS}
+        if left_out:
+            prompts = prompts.keep_if(lambda f: f.get("task") in TASKS)
     if info.is_main:
         print(f"rl prompts: {len(prompts)} usable, {report.summary()}", file=sys.stderr)
         if left_out:
@@ -523,8 +522,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     hacks = hack_references(prompts.prompts, prompts.fields) if "task" in specs else {}
     if info.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
-        summary = {"prompts": len(prompts), "tasks": {t: sum(f.get("task") == t for f in prompts.fields)
-                                                       for t in prompts.tasks()},
+        summary = {"prompts": len(prompts), "tasks": prompts.task_counts(),
                    "bad_records": report.summary(), "left_out_by_task": left_out,
                    "reward_hack_references": hacks}
         (config.out / "rl_data.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8")

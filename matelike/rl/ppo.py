@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from matelike.model.transformer import Transformer
     from matelike.reward.model import RewardModel
     from matelike.rl.rewards import RewardFn
-    from matelike.rl.rollout import Prompts
+    from matelike.rl.rollout import PromptSet
     from matelike.tokenizer import Tokenizer
 
 
@@ -123,7 +123,7 @@ class PPOTask(GRPOTask):
     min_group = 1
     group_why = ""
 
-    def __init__(self, model: PolicyAndValue, prompts: "Prompts", rewards: Sequence["RewardFn"], *,
+    def __init__(self, model: PolicyAndValue, prompts: "PromptSet", rewards: Sequence["RewardFn"], *,
                  ref_model: nn.Module | None = None, kl_coef: float = PPO_DEFAULTS["kl_coef"],
                  gamma: float = PPO_DEFAULTS["gamma"], lam: float = PPO_DEFAULTS["lam"],
                  cliprange_value: float = PPO_DEFAULTS["cliprange_value"], vf_coef: float = PPO_DEFAULTS["vf_coef"],

@@ -210,19 +210,30 @@ def _takes_var_keywords(fn: Callable) -> bool:
 def hack_references(prompts: Sequence[Any], fields: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The task reward that the known cheap answers earn on these items, to print beside the learned reward:
     always `无` on the entity items, the prompt's own text on the continuation items, and the per-item metric
-    the unguarded reward would have given them."""
+    the unguarded reward would have given them. One pass over `fields`; a prompt is read only for a
+    continuation item (a packed set decodes it from the file)."""
+    # sums: guarded and unguarded reward, and items, per hack
+    ent, ent_plain, n_ent, cont, cont_plain, n_cont = 0.0, 0.0, 0, 0.0, 0.0, 0
+    for i, f in enumerate(fields):
+        task, gold = f.get("task"), f.get("answer")
+        if not isinstance(gold, str):
+            continue
+        if task == "entities":
+            ent += entity_reward(gold, NO_ENTITY)
+            ent_plain += score_item("entities", gold, NO_ENTITY)
+            n_ent += 1
+        elif task == "continuation":
+            text = prompt_text(prompts[i])
+            cont += continuation_reward(gold, _head(text), text)
+            cont_plain += rouge_l_f1(gold, _head(text))
+            n_cont += 1
     out: dict[str, float] = {}
-    ent = [(p, f) for p, f in zip(prompts, fields) if f.get("task") == "entities" and isinstance(f.get("answer"), str)]
-    if ent:
-        out["entities_always_none"] = sum(entity_reward(f["answer"], NO_ENTITY) for _, f in ent) / len(ent)
-        out["entities_always_none_unguarded"] = sum(score_item("entities", f["answer"], NO_ENTITY)
-                                                     for _, f in ent) / len(ent)
-    cont = [(p, f) for p, f in zip(prompts, fields)
-            if f.get("task") == "continuation" and isinstance(f.get("answer"), str)]
-    if cont:
-        copies = [(prompt_text(p), f["answer"]) for p, f in cont]
-        out["continuation_copy_prompt"] = sum(continuation_reward(g, _head(t), t) for t, g in copies) / len(cont)
-        out["continuation_copy_prompt_unguarded"] = sum(rouge_l_f1(g, _head(t)) for t, g in copies) / len(cont)
+    if n_ent:
+        out["entities_always_none"] = ent / n_ent
+        out["entities_always_none_unguarded"] = ent_plain / n_ent
+    if n_cont:
+        out["continuation_copy_prompt"] = cont / n_cont
+        out["continuation_copy_prompt_unguarded"] = cont_plain / n_cont
     return out
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -21,8 +22,42 @@ from matelike.data.formats import RecordError
 if TYPE_CHECKING:
     import torch
 
+    from matelike.data.packed import PackedPrompts
     from matelike.data.records import BadRecordReport
     from matelike.tokenizer import Tokenizer
+
+
+class PromptSet(Protocol):
+    """What the RL tasks read of their prompts: prompt i's rendered ids, the prompt as the rewards see it, its
+    other fields and where it came from, by index; `Prompts` holds them in lists, `PackedPromptSet` reads them
+    from a packed file when asked."""
+
+    ids: Sequence[list[int]]
+    prompts: Sequence[Any]
+    fields: Sequence[dict]
+    sources: Sequence[str]
+
+    def __len__(self) -> int: ...
+
+    def task_counts(self) -> dict[str, int]: ...
+
+    def tasks(self) -> list[str]: ...
+
+    def keep_if(self, keep: Callable[[dict], bool]) -> "PromptSet": ...
+
+
+def _add_task(counts: dict[str, int], fields: dict) -> None:
+    t = fields.get("task")
+    if isinstance(t, str):
+        counts[t] = counts.get(t, 0) + 1
+
+
+def _count_tasks(fields: Iterable[dict]) -> dict[str, int]:
+    """Records per `task` value (string ones), sorted by task."""
+    counts: dict[str, int] = {}
+    for f in fields:
+        _add_task(counts, f)
+    return dict(sorted(counts.items()))
 
 
 @dataclass
@@ -42,18 +77,126 @@ class Prompts:
         return Prompts([self.ids[i] for i in keep], [self.prompts[i] for i in keep],
                        [self.fields[i] for i in keep], [self.sources[i] for i in keep])
 
+    def keep_if(self, keep: Callable[[dict], bool]) -> "Prompts":
+        """The prompts whose fields `keep` accepts, in order."""
+        return self.subset([i for i, f in enumerate(self.fields) if keep(f)])
+
+    def task_counts(self) -> dict[str, int]:
+        """Records per `task` value (string ones), sorted by task."""
+        return _count_tasks(self.fields)
+
     def tasks(self) -> list[str]:
         """The `task` values of the records, sorted (for per-task metrics)."""
-        return sorted({str(f["task"]) for f in self.fields if isinstance(f.get("task"), str)})
+        return list(self.task_counts())
+
+
+class _Column(Sequence):
+    """One field of a PackedPromptSet as a sequence: item k is read from the file when it is asked for."""
+
+    def __init__(self, owner: "PackedPromptSet", read: Callable[[int], Any]) -> None:
+        self.owner, self.read = owner, read
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __getitem__(self, k: int) -> Any:  # type: ignore[override]
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        return self.read(self.owner.record(k))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a list (or column) with equal items, as the lists of `Prompts` compare."""
+        if not isinstance(other, (list, tuple, _Column)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _FieldsColumn(_Column):
+    """The fields column: iterating it streams the file in chunks instead of reading record by record."""
+
+    def __iter__(self) -> Iterator[dict]:
+        for _, _, fields in self.owner.scan():
+            yield fields
+
+
+class PackedPromptSet:
+    """The prompts of a file packed by `matelike data pack --format prompts`, read from it on demand.
+
+    What a process holds does not grow with the file: the memory maps, the sorted record numbers left out
+    (bad records, prompts too long for the run, records filtered out) and the per-task counts. Prompt k of the
+    set is record `record(k)` of the file. The prompt as written is not stored in the file: the rewards
+    receive the rendered prompt's text (its special tokens left out) instead."""
+
+    def __init__(self, packed: "PackedPrompts", tokenizer: "Tokenizer", excluded: np.ndarray,
+                 task_counts: dict[str, int]) -> None:
+        self.packed, self.tokenizer = packed, tokenizer
+        self.excluded = np.asarray(excluded, dtype=np.int64)
+        # prompt k is record k + (records left out before it): with shift[j] = excluded[j] - j, that count is
+        # the number of shift values <= k
+        self._shift = self.excluded - np.arange(len(self.excluded), dtype=np.int64)
+        self._task_counts = dict(task_counts)
+        path = str(packed.file.path)
+        self.ids: Sequence[list[int]] = _Column(self, lambda r: packed.prompt_ids(r).tolist())
+        self.prompts: Sequence[Any] = _Column(
+            self, lambda r: tokenizer.decode(packed.prompt_ids(r).tolist(), skip_special_tokens=True))
+        self.fields: Sequence[dict] = _FieldsColumn(self, packed.fields)
+        self.sources: Sequence[str] = _Column(self, lambda r: f"{path}:{r + 1}")
+
+    def __len__(self) -> int:
+        return len(self.packed) - len(self.excluded)
+
+    def record(self, k: int) -> int:
+        """The file's record number of prompt k."""
+        n = len(self)
+        if k < 0:
+            k += n
+        if not 0 <= k < n:
+            raise IndexError(f"prompt {k} of {n}")
+        return k + int(np.searchsorted(self._shift, k, side="right"))
+
+    def scan(self) -> Iterator[tuple[int, int, dict]]:
+        """(record, prompt length, fields) of the prompts of the set, in order, streamed from the file."""
+        skip = iter(self.excluded)
+        nxt = next(skip, None)
+        for r, n, fields in self.packed.scan():
+            if r == nxt:
+                nxt = next(skip, None)
+                continue
+            yield r, n, fields
+
+    def keep_if(self, keep: Callable[[dict], bool]) -> "PackedPromptSet":
+        """The prompts whose fields `keep` accepts, in order (one pass over the file)."""
+        out: list[int] = []
+        counts: dict[str, int] = {}
+        for r, _, f in self.scan():
+            if keep(f):
+                _add_task(counts, f)
+            else:
+                out.append(r)
+        if not out:
+            return self
+        excluded = np.union1d(self.excluded, np.asarray(out, dtype=np.int64))
+        return PackedPromptSet(self.packed, self.tokenizer, excluded, dict(sorted(counts.items())))
+
+    def task_counts(self) -> dict[str, int]:
+        """Prompts per `task` value (string ones), sorted by task; counted when the set was made."""
+        return dict(self._task_counts)
+
+    def tasks(self) -> list[str]:
+        """The `task` values of the prompts, sorted (for per-task metrics)."""
+        return list(self._task_counts)
 
 
 def load_prompts(paths: Sequence[str], tokenizer: "Tokenizer", max_prompt_len: int, report: "BadRecordReport",
-                 check: Callable[[dict], str | None] | None = None) -> Prompts:
-    """Read `{prompt | messages | conversations, ...}` records (jsonl/parquet/csv), or one file packed by
-    `matelike data pack --format prompts`. A record whose prompt does not parse, is longer than
-    `max_prompt_len` tokens, or that `check(fields)` rejects goes to `report` as `PATH:LINE: reason` (for a
-    packed file, LINE is the record's number in it). Raises DataFileError for a file that cannot be read or a
-    packed file that does not fit (another kind or tokenizer)."""
+                 check: Callable[[dict], str | None] | None = None) -> PromptSet:
+    """Read `{prompt | messages | conversations, ...}` records (jsonl/parquet/csv) into a `Prompts`, or one file
+    packed by `matelike data pack --format prompts` as a `PackedPromptSet` (nothing loaded: one streamed pass
+    checks the records). A record whose prompt does not parse, is longer than `max_prompt_len` tokens, or that
+    `check(fields)` rejects goes to `report` as `PATH:LINE: reason` (for a packed file, LINE is the record's
+    number in it). Raises DataFileError for a file that cannot be read or a packed file that does not fit
+    (another kind or tokenizer) or is damaged."""
     from matelike.data.packed import packed_kind, prompt_record
     from matelike.data.records import read_converted
 
@@ -85,34 +228,31 @@ def _too_long(n: int, limit: int) -> str:
 
 
 def _load_packed(paths: Sequence[str], tokenizer: "Tokenizer", max_prompt_len: int, report: "BadRecordReport",
-                 check: Callable[[dict], str | None] | None) -> Prompts:
-    """Prompts of a packed file. The prompt as written is not stored there: rewards receive the rendered
-    prompt's text (its special tokens left out) instead."""
+                 check: Callable[[dict], str | None] | None) -> PackedPromptSet:
+    """The prompts of a packed file as a PackedPromptSet: one streamed pass reports the records `check` or the
+    length refuses (they are left out) and counts the tasks."""
     from matelike.data.packed import PackedPrompts, PackMismatchError, packed_kind
     from matelike.data.records import BadRecord, DataFileError
 
     if len(paths) != 1 or packed_kind(paths[0]) != "prompts":
         raise DataFileError("a packed file must be the only --data file, packed by `matelike data pack --format "
                             "prompts`")
+    excluded: list[int] = []
+    counts: dict[str, int] = {}
     try:
         packed = PackedPrompts(paths[0], tokenizer)
+        for r, n, fields in packed.scan():
+            reason = check(fields) if check is not None else None
+            if not reason and n > max_prompt_len:
+                reason = _too_long(n, max_prompt_len)
+            if reason:
+                report.add(BadRecord(str(paths[0]), r + 1, reason))
+                excluded.append(r)
+                continue
+            _add_task(counts, fields)
     except PackMismatchError as e:
         raise DataFileError(str(e)) from None
-    out = Prompts()
-    for i in range(len(packed)):
-        ids = packed.prompt_ids(i).tolist()
-        fields = packed.fields(i)
-        reason = check(fields) if check is not None else None
-        if not reason and len(ids) > max_prompt_len:
-            reason = _too_long(len(ids), max_prompt_len)
-        if reason:
-            report.add(BadRecord(str(paths[0]), i + 1, reason))
-            continue
-        out.ids.append(ids)
-        out.prompts.append(tokenizer.decode(ids, skip_special_tokens=True))
-        out.fields.append(fields)
-        out.sources.append(f"{paths[0]}:{i + 1}")
-    return out
+    return PackedPromptSet(packed, tokenizer, np.asarray(excluded, dtype=np.int64), dict(sorted(counts.items())))
 
 
 def sample_seed(seed: int, position: int, sample: int) -> int:
