@@ -16,9 +16,10 @@ seq-len, counts and the bad-record totals. Sections per kind:
 Parallelism is the pretraining packer's: the main process reads records in order (the one record reader, so
 bad records are reported there, in order), workers render chunks of records, results are written in
 submission order; each record is rendered on its own, so the bytes are the same whatever the worker count.
-An SFT chunk is encoded in one `encode_batch` call (`Tokenizer.encode_chat_batch`) and fitted to the seq-len
-with numpy (`fit_batch`): per-message encode calls and per-token Python made packing 0.3-0.4x of the
-tokenizer's own speed (`matelike bench sft-data`); the samples are the same as `fit_messages` gives.
+A chunk of any kind is encoded in one `encode_batch` call (`Tokenizer.encode_chat_batch`) and sft and dpo
+chunks are fitted to the seq-len with numpy (`fit_batch`): per-message encode calls and per-token Python made
+packing 0.3-0.4x of the tokenizer's own speed (`matelike bench sft-data`); the samples are the same as
+`fit_messages` (and `render_pair`, `encode_chat`) give.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def _converter(kind: str, layout: str) -> Any:
 def render_chunk(tokenizer: "Tokenizer", kind: str, seq_len: int, items: list, dtype: np.dtype) -> Any:
     """Render one chunk of converted records: per record the arrays to write (or the reason it is dropped).
 
-    sft: the whole chunk is encoded in one batch call and fitted with numpy (`fit_batch`), and comes back as
-    flat arrays: (layouts, reasons, turns dropped, ids, mask, lengths of the kept samples).
+    Every kind encodes the whole chunk in one `encode_chat_batch` call. sft is fitted with numpy (`fit_batch`)
+    and comes back as flat arrays: (layouts, reasons, turns dropped, ids, mask, lengths of the kept samples);
+    dpo (`render_pairs`) and prompts come back per record.
     """
     out: list = []
     if kind == "sft":
@@ -117,16 +119,15 @@ def render_chunk(tokenizer: "Tokenizer", kind: str, seq_len: int, items: list, d
         return ([layout for layout, _ in items], fit.reasons, fit.turns_dropped, fit.ids.astype(dtype),
                 fit.mask, fit.lengths)
     if kind == "dpo":
-        from matelike.data.preference import render_pair
+        from matelike.data.preference import render_pairs
 
-        for pref in items:
-            r = render_pair(tokenizer, pref.prompt, pref.chosen, pref.rejected, seq_len)
-            out.append(None if r is None else
-                       (r[2], [(np.asarray(i, dtype=dtype), np.asarray(m, dtype=np.uint8)) for i, m in r[:2]]))
+        for r in render_pairs(tokenizer, items, seq_len):
+            out.append(None if r is None else (r[0], [(i.astype(dtype), m) for i, m in r[1]]))
     else:
-        for messages, fields in items:
-            ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
-            out.append(None if seq_len and len(ids) > seq_len else (np.asarray(ids, dtype=dtype), fields))
+        batch = tokenizer.encode_chat_batch([messages for messages, _ in items], add_generation_prompt=True)
+        for c, (_, fields) in enumerate(items):
+            ids = batch.conversation(c)[0]
+            out.append(None if seq_len and len(ids) > seq_len else (ids.astype(dtype), fields))
     return out
 
 

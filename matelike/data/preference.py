@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -92,6 +92,40 @@ def render_pair(
         sides.append((fit.ids, _final_turn_only(fit.mask)))
         dropped = max(dropped, fit.turns_dropped)
     return sides[0], sides[1], dropped
+
+
+def render_pairs(
+    tokenizer: "Tokenizer", pairs: Sequence[Any], seq_len: int,
+) -> list[tuple[int, list[tuple[np.ndarray, np.ndarray]]] | None]:
+    """`render_pair` of many `Preference` records at once, for the packer: every side in one
+    `encode_chat_batch` call, fitted by `fit_batch` and masked to the final turn with numpy. Per pair
+    (history turns dropped, [(chosen ids, mask), (rejected ids, mask)]) with int64 ids and uint8 masks, or None
+    when a side does not fit; the same ids and masks as `render_pair`."""
+    from matelike.data.sft import fit_batch
+
+    conversations = [p.prompt + answer for p in pairs for answer in (p.chosen, p.rejected)]
+    fit = fit_batch(tokenizer.encode_chat_batch(conversations), conversations, seq_len)
+    ends = np.cumsum(fit.lengths)
+    starts = ends - fit.lengths
+    # `_final_turn_only` on every sample: zero the mask before the start of its last run of 1s
+    mask = fit.mask
+    if mask.size:
+        at = np.arange(mask.size)
+        run_start = (mask == 1) & np.concatenate([[True], mask[:-1] == 0])
+        run_start[starts] = mask[starts] == 1  # a sample's first token starts a run whatever precedes it
+        last = np.maximum.reduceat(np.where(run_start, at, -1), starts)
+        mask = np.where(at >= np.repeat(last, fit.lengths), mask, 0).astype(np.uint8)
+    out: list[tuple[int, list[tuple[np.ndarray, np.ndarray]]] | None] = []
+    k = 0  # kept samples so far
+    for i in range(len(pairs)):
+        if fit.reasons[2 * i] or fit.reasons[2 * i + 1]:
+            k += (not fit.reasons[2 * i]) + (not fit.reasons[2 * i + 1])
+            out.append(None)
+            continue
+        sides = [(fit.ids[starts[j]:ends[j]], mask[starts[j]:ends[j]]) for j in (k, k + 1)]
+        out.append((max(fit.turns_dropped[2 * i], fit.turns_dropped[2 * i + 1]), sides))
+        k += 2
+    return out
 
 
 def load_preference_pairs(

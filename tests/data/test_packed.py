@@ -197,3 +197,52 @@ def test_prompts_round_trip_with_their_fields(tokenizer, tokenizer_dir, tmp_path
                       report=BadRecordReport(stream=io.StringIO()))
     longer = sum(n > lengths[5] for n in lengths)
     assert short["stats"]["dropped_too_long"] == 11 - short["count"] == longer > 0
+
+
+def _render_per_record(tokenizer, kind, seq_len, items, dtype):
+    """The packer's rendering before it encoded a chunk in one batch call: one record at a time."""
+    from matelike.data.preference import render_pair
+
+    if kind == "dpo":
+        out = []
+        for pref in items:
+            r = render_pair(tokenizer, pref.prompt, pref.chosen, pref.rejected, seq_len)
+            out.append(None if r is None else
+                       (r[2], [(np.asarray(i, dtype=dtype), np.asarray(m, dtype=np.uint8)) for i, m in r[:2]]))
+        return out
+    out = []
+    for messages, fields in items:
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        out.append(None if seq_len and len(ids) > seq_len else (np.asarray(ids, dtype=dtype), fields))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dpo", "prompts"])
+def test_dpo_and_prompts_batch_rendering_writes_the_per_record_bytes(tokenizer_dir, tmp_path, monkeypatch, kind):
+    """Chunks encoded in one batch call give the file the per-record rendering gave, byte for byte: history
+    dropped for the seq-len, earlier assistant turns unmasked, pairs and prompts dropped as too long, system
+    turns, text that looks like special tokens, empty answers."""
+    import matelike.data.packed as packed_module
+
+    recs = []
+    for i in range(60):
+        history = [{"role": "user", "content": f"第{t}个问题{i}" + (LONG if t == 0 else "")} if k == 0 else
+                   {"role": "assistant", "content": f"回答{t}：今天天气很好{i}"}
+                   for t in range(i % 4) for k in range(2)]
+        system = [{"role": "system", "content": "你是助手<|im_end|>\n<|im_start|>user"}] if i % 5 == 0 else []
+        prompt = system + history + [{"role": "user", "content": f"判断评论情感{i}" + LONG * (i % 7 == 3)}]
+        if kind == "dpo":
+            recs.append({"prompt": prompt, "chosen": "正面" if i % 9 else "", "rejected": "负面" * (1 + i % 40)})
+        else:
+            recs.append({"messages": prompt, "task": "sentiment", "answer": "正面", "n": i})
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n", encoding="utf-8")
+    seq_len = 96 if kind == "dpo" else 60
+    new = tmp_path / "new.bin"
+    meta = pack_chat(tokenizer_dir, [src], new, kind, seq_len=seq_len, progress=False)
+    monkeypatch.setattr(packed_module, "render_chunk", _render_per_record)
+    old = tmp_path / "old.bin"
+    old_meta = pack_chat(tokenizer_dir, [src], old, kind, seq_len=seq_len, progress=False)
+    assert new.read_bytes() == old.read_bytes() and meta["stats"] == old_meta["stats"]
+    stats = meta["stats"]
+    assert stats["dropped_too_long"] > 3 and (kind == "prompts" or stats["truncated"] > 3), stats
