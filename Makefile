@@ -14,9 +14,10 @@ $(BIN)/python:
 
 # torch is installed first and pinned so that pip takes the local CPU build instead of a multi-GB CUDA
 # download; pyproject's range admits it, so the package install adds nothing on top.
+# The `classical` extra (jieba, a few seconds to install) gives the report its classical-tools column.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[classical]"
 	touch $@
 
 # The GGUF export tests run the real llama.cpp: .ci/llama-cpp.sh compiles llama-cpp-python once into a wheel

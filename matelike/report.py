@@ -256,11 +256,17 @@ def build_report(run: Path) -> str:
         final_eval = list(evals.values())[-1]  # the last stage's model
         if final_eval.get("baselines"):
             flat["rule baseline"] = _baseline_metrics(final_eval)
+        classical = final_eval.get("classical") or {}
+        if classical:
+            flat["classical"] = _eval_metrics({"tasks": classical})
         keys = list(dict.fromkeys(k for f in flat.values() for k in f))
-        lines += ["", "## Evaluation (held-out)", "",
-                  "Each figure with its 95% interval (Wilson for rates, bootstrap over items otherwise); the rule "
-                  "baseline reads no model: the majority label, every character a word, always `无`, another "
-                  "item's real continuation or reply.", "", "| metric | " + " | ".join(flat) + " |",
+        intro = ("Each figure with its 95% interval (Wilson for rates, bootstrap over items otherwise); the rule "
+                 "baseline reads no model: the majority label, every character a word, always `无`, another "
+                 "item's real continuation or reply.")
+        if classical:
+            intro += (" The classical column is what standard tools score on the same items: " + "; ".join(
+                f"{task}: {m.get('method', '?')}" for task, m in classical.items()) + ".")
+        lines += ["", "## Evaluation (held-out)", "", intro, "", "| metric | " + " | ".join(flat) + " |",
                   "|---|" + "---|" * len(flat)]
         for k in keys:
             lines.append(f"| {k} | " + " | ".join(flat[n].get(k, "–") for n in flat) + " |")

@@ -91,11 +91,14 @@ def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
     b = BUDGETS[preset]
     data, tok, pack = out / "data", out / "tokenizer", out / "pack"
     common = ["--dtype", b.dtype, "--seq-len", str(b.seq_len), "--resume"]
+    # The classical baselines (on by default with --data; jieba from `make demo`'s `classical` extra) are
+    # the same for every model, and the report shows the final model's: the earlier evals skip them.
     evals = [
         ["eval", "--model", str(out / name), "--data", str(data), "--val", str(data / "pretrain_val.jsonl"),
          "--chat-file", str(data / "chat_test.jsonl"),
          "--limit", str(b.eval_limit), "--out", str(out / "eval" / f"{name}.json"),
-         "--predictions", str(out / "eval" / f"{name}_predictions.jsonl")]
+         "--predictions", str(out / "eval" / f"{name}_predictions.jsonl"),
+         *(["--no-classical"] if name != TRAINED[-1] else [])]
         for name in TRAINED
     ]
     return {

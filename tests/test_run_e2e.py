@@ -57,6 +57,9 @@ def test_eval_scores_each_saved_model(run_dir: tuple[Path, str]) -> None:
         assert 0.0 <= result["tasks"]["sentiment"]["accuracy"] <= 1.0
         assert 0.0 <= result["tasks"]["segmentation"]["f1"] <= 1.0
         assert result["val"]["loss"] > 0 and result["val"]["bpb"] > 0
+        # The classical tools (jieba from the `test` extra) are scored once, beside the final model.
+        assert ("classical" in result) == (stage == "rl")
+    assert set(result["classical"]) == {"sentiment", "segmentation", "entities"}
 
 
 def test_report_card_has_every_section(run_dir: tuple[Path, str]) -> None:
@@ -64,7 +67,8 @@ def test_report_card_has_every_section(run_dir: tuple[Path, str]) -> None:
     report = (out / "report.md").read_text(encoding="utf-8")
     for needed in ("## Stages", "| pretrain |", "| sft |", "| dpo |", "| rl |", "## Curves", "loss_pretrain.png",
                    "reward_rl.png", "RL (GRPO) training reward", "entities always none",
-                   "## Evaluation (held-out)", "| metric | pretrain | sft | dpo | rl |", "sentiment accuracy",
+                   "## Evaluation (held-out)", "| metric | pretrain | sft | dpo | rl | rule baseline | classical |",
+                   "sentiment accuracy",
                    "## Sample answers", "## Machine", "## Commands to reproduce", "matelike pretrain --preset tiny"):
         assert needed in report, needed
     assert (out / "loss_sft.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,6 +9,8 @@ numbers compare across stages:
   count plus 8 tokens, cut per item after decoding, so an item's budget does not depend on its batch mates.
   `baselines` holds what a rule with no model scores on the same items (`tasks.trivial_answers`: the majority
   label, every character a word, `无`, another item's continuation): the floor to read each score against.
+  `classical` (on by default with `--data`) holds what classical tools score on them (`matelike.eval.classical`:
+  naive Bayes sentiment trained on the SFT reviews, jieba segmentation and entities), in the same shape.
 - Held-out loss (`--val FILE`, pretraining jsonl): documents joined with `<|endoftext|>` as in packing, with one
   more in front so that every text token is predicted (and every byte counted), cut into windows of the model's
   context; every token after the first is predicted exactly once. `loss` is
@@ -33,8 +35,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from matelike.data.records import BadRecord, BadRecordReport, DataFileError, iter_records
 from matelike.data.sft import IGNORE_INDEX
 from matelike.device import add_device_args
-from matelike.eval.intervals import task_interval
-from matelike.eval.scoring import MAIN_METRIC, TASKS, score_task, trivial_answers
+from matelike.eval.classical import INSTALL_HINT, JIEBA_TASKS, classical_baselines, load_jieba
+from matelike.eval.intervals import task_metrics
+from matelike.eval.scoring import MAIN_METRIC, TASKS, trivial_answers
 from matelike.sampling import GREEDY
 
 if TYPE_CHECKING:
@@ -94,7 +97,10 @@ def load_task_items(path: str | Path, tasks: Sequence[str], limit: int | None,
             continue
         bucket = items.get(rec["task"])
         if bucket is not None and (limit is None or len(bucket) < limit):
-            bucket.append({"prompt": rec["prompt"], "answer": rec["answer"]})
+            row = {"prompt": rec["prompt"], "answer": rec["answer"]}
+            if isinstance(rec.get("input"), str):  # the bare text (the demo's files have it): what classical tools read
+                row["input"] = rec["input"]
+            bucket.append(row)
     return items
 
 
@@ -136,9 +142,7 @@ def evaluate_tasks(model: Any, tokenizer: "Tokenizer", items: dict[str, list[dic
         budgets = [answer_budget(tokenizer, r["answer"]) for r in rows]
         with tqdm(total=len(rows), desc=f"eval {task}", unit="item", disable=not progress, leave=False) as bar:
             preds = generate_answers(model, tokenizer, prompts, budgets, batch_size=batch_size, progress=bar.update)
-        golds = [r["answer"] for r in rows]
-        metrics[task] = score_task(task, golds, preds)
-        metrics[task]["ci95"] = list(task_interval(task, golds, preds))
+        metrics[task] = task_metrics(task, [r["answer"] for r in rows], preds)
         predictions += [{"task": task, "prompt": r["prompt"], "answer": r["answer"], "prediction": p}
                         for r, p in zip(rows, preds)]
     return metrics, predictions
@@ -164,7 +168,7 @@ def evaluate_chat(model: Any, tokenizer: "Tokenizer", path: str | Path, report: 
         rows = [(it, r) for it, r in zip(items, replies) if it["kind"] == "task" and it["task"] == task]
         if rows:
             golds, preds = [it["answer"] for it, _ in rows], [r for _, r in rows]
-            later[task] = {**score_task(task, golds, preds), "ci95": list(task_interval(task, golds, preds))}
+            later[task] = task_metrics(task, golds, preds)
     if later:
         out["later_turn_tasks"] = later
     predictions = [{"task": "chat" if it["kind"] == "open" else it["task"], "kind": it["kind"],
@@ -181,8 +185,7 @@ def trivial_baselines(items: dict[str, list[dict[str, str]]]) -> dict[str, dict[
         golds = [r["answer"] for r in rows]
         answers = trivial_answers(task, golds)
         if answers is not None:
-            out[task] = score_task(task, golds, answers)
-            out[task]["ci95"] = list(task_interval(task, golds, answers))
+            out[task] = task_metrics(task, golds, answers)
     return out
 
 
@@ -325,34 +328,44 @@ def _ci(ci: Sequence[float] | None) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
 
 
+def _reference(ref: dict[str, Any], key: str, main: bool) -> str:
+    """A reference's (rule or classical baseline) value of `key` and, for the main metric, its interval."""
+    value = f"{ref[key]:>9.4f}" if isinstance(ref.get(key), (int, float)) else f"{'-':>9}"
+    return f"{value} {_ci(ref.get('ci95')) if main else '':>13}"
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """The printed summary: one line per metric, the 95% interval next to each task's main metric."""
-    lines = [f"{'what':<28} {'metric':<10} {'value':>9} {'95% CI':>13} {'baseline':>9} {'95% CI':>13}  n"]
+    """The printed summary: one line per metric, the 95% interval next to each task's main metric, beside the
+    rule baselines and (when computed) the classical tools' scores on the same items."""
+    classical = result.get("classical") or {}
+    pad = f" {'-':>9} {'':>13}" if classical else ""  # rows with no classical tool keep the n column aligned
+    lines = [f"{'what':<28} {'metric':<10} {'value':>9} {'95% CI':>13} {'baseline':>9} {'95% CI':>13}"
+             + (f" {'classical':>9} {'95% CI':>13}" if classical else "") + "  n"]
     for task, m in result.get("tasks", {}).items():
-        base = result.get("baselines", {}).get(task, {})
+        refs = [result.get("baselines", {}).get(task, {})] + ([classical.get(task, {})] if classical else [])
         for key, value in m.items():
             if key in ("n", "ci95"):
                 continue
             main = key == MAIN_METRIC.get(task)
-            ci, bci = (_ci(m.get("ci95")), _ci(base.get("ci95"))) if main else ("", "")
-            b = f"{base[key]:>9.4f}" if key in base else f"{'-':>9}"
-            lines.append(f"{task:<28} {key:<10} {value:>9.4f} {ci:>13} {b} {bci:>13}  {m['n']}{' *' if main else ''}")
+            ci = _ci(m.get("ci95")) if main else ""
+            cells = " ".join(_reference(ref, key, main) for ref in refs)
+            lines.append(f"{task:<28} {key:<10} {value:>9.4f} {ci:>13} {cells}  {m['n']}{' *' if main else ''}")
     chat = result.get("chat", {})
     if "open" in chat:
         o = chat["open"]
         lines.append(f"{'chat (open prompts)':<28} {'leak':<10} {o['leak']['rate']:>9.4f} {_ci(o['leak']['ci95']):>13}"
-                     f" {'-':>9} {'':>13}  {o['n']}")
+                     f" {'-':>9} {'':>13}{pad}  {o['n']}")
         if o["identity"]["n"]:  # a chat file without identity questions (the demo's dev split) has no such rate
             lines.append(f"{'chat (identity questions)':<28} {'named':<10} {o['identity']['rate']:>9.4f} "
-                         f"{_ci(o['identity']['ci95']):>13} {'-':>9} {'':>13}  {o['identity']['n']}")
+                         f"{_ci(o['identity']['ci95']):>13} {'-':>9} {'':>13}{pad}  {o['identity']['n']}")
         for key in ("char_f1", "rouge_l"):
             b = o["baseline"][key]
             lines.append(f"{'chat (open prompts)':<28} {key:<10} {o[key]['mean']:>9.4f} {_ci(o[key]['ci95']):>13} "
-                         f"{b['mean']:>9.4f} {_ci(b['ci95']):>13}  {o['n']}")
+                         f"{b['mean']:>9.4f} {_ci(b['ci95']):>13}{pad}  {o['n']}")
     for task, m in chat.get("later_turn_tasks", {}).items():
         key = MAIN_METRIC[task]
         lines.append(f"{task + ' (later turn)':<28} {key:<10} {m[key]:>9.4f} {_ci(m['ci95']):>13} {'-':>9} {'':>13}"
-                     f"  {m['n']}")
+                     f"{pad}  {m['n']}")
     if "val" in result:
         v = result["val"]
         lines.append(f"{'held-out text':<28} {'loss':<10} {v['loss']:>9.4f}  {v['tokens']} tokens")
@@ -367,8 +380,14 @@ def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tas
              prompt_format: str = "chat", batch_size: int = 32, device: str = "cpu", dtype: str | None = None,
              val_max_tokens: int | None = None, report: BadRecordReport | None = None,
              chat_file: str | Path | None = None, chat_limit: int | None = None,
-             progress: bool = False) -> dict[str, Any]:
-    """Everything `matelike eval` computes, as the JSON-ready dict (also used by `matelike run`)."""
+             progress: bool = False, classical: bool = False, classical_reviews: str | Path | None = None,
+             notes: list[str] | None = None) -> dict[str, Any]:
+    """Everything `matelike eval` computes, as the JSON-ready dict.
+
+    `classical`: also score the classical tools (`matelike.eval.classical`) on the task items, the naive Bayes
+    trained on `classical_reviews`; what they cannot score (jieba missing, no reviews) is left out, with a
+    one-line reason appended to `notes`.
+    """
     import torch
 
     from matelike.model.io import load_model
@@ -388,6 +407,13 @@ def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tas
             result["tasks"], result["predictions"] = evaluate_tasks(
                 model, tokenizer, items, prompt_format=prompt_format, batch_size=batch_size, progress=progress)
             result["baselines"] = trivial_baselines(items)
+            if classical:
+                section, why = classical_baselines(items, reviews=classical_reviews, report=report,
+                                                   jieba=load_jieba())
+                if section:
+                    result["classical"] = section
+                if notes is not None:
+                    notes.extend(why)
         if chat_file is not None:
             result["chat"], chat_predictions = evaluate_chat(model, tokenizer, chat_file, report, limit=chat_limit,
                                                              batch_size=batch_size)
@@ -431,20 +457,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if tasks_file is None and val is None and chat_file is None and not args.ceval:
         print("error: nothing to evaluate: give --data DIR, --tasks-file, --val or --ceval", file=sys.stderr)
         return 2
+    reviews = args.classical_reviews
+    if reviews is None and args.data is not None and (Path(args.data) / "sft.jsonl").is_file():
+        reviews = Path(args.data) / "sft.jsonl"
+    # On by default with --data: the demo layout, where the reviews are and the references are worth reading.
+    classical = args.classical if args.classical is not None else args.data is not None
+    need_jieba = [t for t in args.tasks if t in JIEBA_TASKS]
+    if args.classical and need_jieba and load_jieba() is None:  # asked for explicitly: not a silent no
+        print(f"error: --classical needs jieba for {' and '.join(need_jieba)}: {INSTALL_HINT}", file=sys.stderr)
+        return 2
     from matelike.model.io import ModelDirError
 
     report = BadRecordReport()
+    notes: list[str] = []
     try:
         result = run_eval(args.model, tasks_file=tasks_file, tasks=args.tasks, limit=args.limit, val=val,
                           ceval=args.ceval or (), prompt_format=args.prompt_format, batch_size=args.batch_size,
                           device=args.device, dtype=args.dtype, val_max_tokens=args.val_max_tokens, report=report,
                           chat_file=chat_file, chat_limit=args.chat_limit,
-                          progress=not args.quiet and sys.stderr.isatty())
+                          progress=not args.quiet and sys.stderr.isatty(), classical=classical,
+                          classical_reviews=reviews, notes=notes)
     except (EvalError, DataFileError, ModelDirError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     predictions = result.pop("predictions", [])
     print(format_table(result))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if report.total:
         print(report.summary(), file=sys.stderr)
     if args.predictions:
@@ -482,6 +521,16 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--ceval", nargs="+", help="C-Eval layout CSV files (question, A, B, C, D, answer)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
                    help="ask as a chat user turn (default) or as bare text")
+    p.add_argument("--classical", action=argparse.BooleanOptionalAction, default=None,
+                   help="also score classical tools on the same task items, beside the rule baselines: a naive "
+                        "Bayes on character uni+bigrams trained on the SFT file's labelled reviews (sentiment), "
+                        "jieba's segmentation and its nr/ns/nt part-of-speech tags (entities). On by default with "
+                        "--data, because they take seconds and are what a model's figures are read against; a "
+                        "tool that cannot run there (jieba not installed: pip install 'matelike[classical]') is "
+                        "left out with a note. --classical asks for them without --data too (and fails without "
+                        "jieba), --no-classical skips them")
+    p.add_argument("--classical-reviews", help="SFT file whose labelled reviews train the classical sentiment "
+                                               "baseline (default: DATA/sft.jsonl)")
     p.add_argument("--batch-size", type=_positive, default=32, help="prompts generated together")
     add_device_args(p)
     p.add_argument("--out", help="write the metrics as JSON here")

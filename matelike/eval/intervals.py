@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 Z95 = 1.959963984540054
@@ -90,3 +90,11 @@ def task_difference(task: str, golds: Sequence[str], preds_a: Sequence[str],
         return statistic([b for _, b in sample]) - statistic([a for a, _ in sample])
 
     return diff(pairs), bootstrap(pairs, diff)
+
+
+def task_metrics(task: str, golds: Sequence[str], preds: Sequence[str]) -> dict[str, Any]:
+    """`scoring.score_task`'s metrics of these answers plus `ci95`, the 95% interval of the main metric: how
+    eval reports every task figure (models, rule and classical baselines alike)."""
+    from matelike.eval import scoring
+
+    return {**scoring.score_task(task, golds, preds), "ci95": list(task_interval(task, golds, preds))}

@@ -81,6 +81,20 @@ def make_prompt(task: str, text: str, rng: random.Random) -> str:
     return rng.choice(PHRASINGS[task]).format(text=text)
 
 
+def prompt_input(task: str, prompt: str) -> str | None:
+    """The text a `make_prompt` prompt of `task` shows (its inverse); None when no phrasing of the task fits."""
+    best: str | None = None
+    for phrasing in PHRASINGS[task]:
+        head, _, tail = phrasing.partition("{text}")
+        if len(prompt) > len(head) + len(tail) and prompt.startswith(head) and prompt.endswith(tail):
+            text = prompt[len(head):len(prompt) - len(tail)]
+            # The phrasing that fits with the most fixed text wins: `{text}\n...` also fits a prompt that
+            # ends the same way but starts with another phrasing's head.
+            if best is None or len(text) < len(best):
+                best = text
+    return best
+
+
 # ---------------------------------------------------------------------------------------------- answers
 
 
