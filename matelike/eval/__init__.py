@@ -460,8 +460,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     reviews = args.classical_reviews
     if reviews is None and args.data is not None and (Path(args.data) / "sft.jsonl").is_file():
         reviews = Path(args.data) / "sft.jsonl"
-    # On by default with --data: the demo layout, where the reviews are and the references are worth reading.
-    classical = args.classical if args.classical is not None else args.data is not None
+    # On by default with --data (the demo layout, where the reviews are) or a reviews file given.
+    classical = args.classical if args.classical is not None else reviews is not None or args.data is not None
     need_jieba = [t for t in args.tasks if t in JIEBA_TASKS]
     if args.classical and need_jieba and load_jieba() is None:  # asked for explicitly: not a silent no
         print(f"error: --classical needs jieba for {' and '.join(need_jieba)}: {INSTALL_HINT}", file=sys.stderr)
@@ -525,12 +525,13 @@ def add_cli(table: "CommandTable") -> None:
                    help="also score classical tools on the same task items, beside the rule baselines: a naive "
                         "Bayes on character uni+bigrams trained on the SFT file's labelled reviews (sentiment), "
                         "jieba's segmentation and its nr/ns/nt part-of-speech tags (entities). On by default with "
-                        "--data, because they take seconds and are what a model's figures are read against; a "
-                        "tool that cannot run there (jieba not installed: pip install 'matelike[classical]') is "
-                        "left out with a note. --classical asks for them without --data too (and fails without "
-                        "jieba), --no-classical skips them")
-    p.add_argument("--classical-reviews", help="SFT file whose labelled reviews train the classical sentiment "
-                                               "baseline (default: DATA/sft.jsonl)")
+                        "--data or --classical-reviews, because they take seconds and are what a model's figures "
+                        "are read against; a tool that cannot run there (jieba not installed: pip install "
+                        "'matelike[classical]') is left out with a note. --classical asks for them in any case "
+                        "(and fails without jieba), --no-classical skips them")
+    p.add_argument("--classical-reviews", metavar="FILE",
+                   help="SFT file whose labelled reviews train the classical sentiment baseline (default: "
+                        "DATA/sft.jsonl)")
     p.add_argument("--batch-size", type=_positive, default=32, help="prompts generated together")
     add_device_args(p)
     p.add_argument("--out", help="write the metrics as JSON here")

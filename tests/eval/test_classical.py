@@ -204,6 +204,14 @@ def test_eval_without_jieba_says_how_to_install_it(model_dir: Path, data_dir: Pa
         f"error: --classical needs jieba for segmentation and entities: {INSTALL_HINT}"]
 
 
+def test_a_reviews_file_turns_the_classical_sentiment_on_without_data(model_dir: Path, data_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(model_dir), "--tasks-file", str(data_dir / "tasks_test.jsonl"), "--tasks",
+                 "sentiment", "--classical-reviews", str(data_dir / "sft.jsonl"), "--out", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["classical"]["sentiment"]["accuracy"] == 1.0
+
+
 def test_eval_with_a_missing_reviews_file_is_a_one_line_error(model_dir: Path, data_dir: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.jsonl"
