@@ -345,3 +345,59 @@ def test_encode_chat_batch_rejects_bad_messages(tokenizer: Tokenizer) -> None:
     with pytest.raises(RecordError, match="invalid Unicode: message 1 content"):
         tokenizer.encode_chat_batch([[{"role": "user", "content": "a"}],
                                      [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\ud800"}]])
+
+
+def _pieces_and_texts(tokenizer: Tokenizer, chats: list, gen: bool):
+    return (tokenizer._encode_chat_pieces(chats, add_generation_prompt=gen),
+            tokenizer._encode_chat_texts(chats, add_generation_prompt=gen))
+
+
+def _same_batch(a, b) -> None:
+    for key in ("ids", "mask", "starts", "conv"):
+        assert getattr(a, key).tolist() == getattr(b, key).tolist(), key
+    assert a.closing == b.closing
+
+
+@SETTINGS
+@given(chats=st.lists(st.lists(MESSAGE, max_size=4), max_size=4), gen=st.booleans())
+def test_whole_texts_give_the_pieces_batch(tokenizer, chats: list[list[dict]], gen: bool) -> None:
+    """One ChatML text per conversation gives the arrays of one piece per message (message starts included,
+    which `fit_batch` reads); it is used whenever no text holds `<|` beyond the template's."""
+    pieces, texts = _pieces_and_texts(tokenizer, chats, gen)
+    if not any("<|" in m["content"] for chat in chats for m in chat):
+        assert texts is not None
+    if texts is not None:
+        _same_batch(texts, pieces)
+
+
+@pytest.mark.parametrize("content", ["末尾<", "|>开头", "<", "|", "\n", " ", "assistant\n", "\n\n回答 ", "🤖"])
+def test_whole_texts_next_to_the_template(tokenizer, content: str) -> None:
+    """Content whose ends touch the template's special tokens ("...<" before <|im_end|>) or its newlines."""
+    chats = [[{"role": "user", "content": content}, {"role": "assistant", "content": content}],
+             [{"role": "system", "content": content}, {"role": "user", "content": "问"},
+              {"role": "assistant", "content": content}, {"role": "user", "content": content}]]
+    for gen in (False, True):
+        pieces, texts = _pieces_and_texts(tokenizer, chats, gen)
+        assert texts is not None
+        _same_batch(texts, pieces)
+        for c, chat in enumerate(chats):
+            ids, mask = texts.conversation(c)
+            assert (ids.tolist(), mask.tolist()) == tokenizer.encode_chat(chat, add_generation_prompt=gen)
+
+
+@pytest.mark.parametrize("strip", ["lstrip", "rstrip"])
+def test_special_tokens_that_strip_spaces_fall_back_to_pieces(tokenizer, strip: str) -> None:
+    """A tokenizer whose <|im_end|> eats the spaces beside it would change the ids of a whole text ("a " before
+    it, the newline after it): such a batch is encoded piece by piece and still gives `encode_chat`'s ids."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    spec = json.loads(tokenizer.backend.to_str())
+    for t in spec["added_tokens"]:
+        if t["content"] == IM_END:
+            t[strip] = True
+    stripping = Tokenizer(HFTokenizer.from_str(json.dumps(spec)))
+    chats = [[{"role": "user", "content": "问 "}, {"role": "assistant", "content": "答 "}]]
+    assert stripping._encode_chat_texts(chats, add_generation_prompt=False) is None
+    assert tokenizer._encode_chat_texts(chats, add_generation_prompt=False) is not None
+    ids, mask = stripping.encode_chat_batch(chats).conversation(0)
+    assert (ids.tolist(), mask.tolist()) == tokenizer.encode_chat(chats[0])

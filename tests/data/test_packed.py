@@ -246,3 +246,58 @@ def test_dpo_and_prompts_batch_rendering_writes_the_per_record_bytes(tokenizer_d
     assert new.read_bytes() == old.read_bytes() and meta["stats"] == old_meta["stats"]
     stats = meta["stats"]
     assert stats["dropped_too_long"] > 3 and (kind == "prompts" or stats["truncated"] > 3), stats
+
+
+def _render_sft_per_record(tokenizer, kind, seq_len, items, dtype):
+    """sft rendering one record at a time (`fit_messages`, which encodes each window with `encode_chat`), in the
+    flat form `render_chunk` gives."""
+    from matelike.data.sft import fit_messages
+
+    reasons, turns, ids, masks, lengths = [], [], [], [], []
+    for _, messages in items:
+        fit = fit_messages(tokenizer, messages, seq_len)
+        reasons.append(fit.reason)
+        turns.append(fit.turns_dropped)
+        if fit.ids is not None:
+            ids += fit.ids
+            masks += fit.mask
+            lengths.append(len(fit.ids))
+    return ([layout for layout, _ in items], reasons, turns, np.asarray(ids, dtype=dtype),
+            np.asarray(masks, dtype=np.uint8), np.asarray(lengths, dtype=np.int64))
+
+
+def test_sft_batch_rendering_writes_the_per_record_bytes(tokenizer_dir, tmp_path, monkeypatch):
+    """sft chunks encoded as whole ChatML texts, and chunks with text that looks like special tokens (encoded
+    piece by piece), give the file that rendering one record at a time gives, byte for byte: oldest turns
+    dropped for the seq-len, samples dropped as too long, system turns, every layout."""
+    import matelike.data.packed as packed_module
+    from matelike.tokenizer import Tokenizer
+
+    recs = []
+    for i in range(80):
+        special = "<|im_end|>\n<|im_start|>user 你好" if i % 23 == 7 else ""
+        if i % 3 == 0:
+            conv = [{"role": "system", "content": "你是助手" + special}] if i % 2 else []
+            for t in range(1 + i % 4):
+                conv += [{"role": "user", "content": f"第{t}个问题{i}" + (LONG if t == 0 else "")},
+                         {"role": "assistant", "content": f"回答{t}：今天天气很好{i} " + LONG * (i % 11 == 3)}]
+            recs.append({"messages": conv})
+        elif i % 3 == 1:
+            recs.append({"instruction": f"判断评论情感{i}", "input": "质量很好" + special, "output": "正面"})
+        else:
+            recs.append({"prompt": f"你好{i}", "response": "你好，我是助手。" * (1 + i % 5) + special})
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n", encoding="utf-8")
+    monkeypatch.setattr(packed_module, "CHUNK_RECORDS", 8)
+    whole = []
+    texts = Tokenizer._encode_chat_texts
+    monkeypatch.setattr(Tokenizer, "_encode_chat_texts", lambda *a: whole.append(texts(*a)) or whole[-1])
+    new = tmp_path / "new.bin"
+    meta = pack_chat(tokenizer_dir, [src], new, "sft", seq_len=96, progress=False)
+    assert len(whole) == 10 and 0 < sum(b is None for b in whole) < 10  # both ways of encoding ran
+    monkeypatch.setattr(packed_module, "render_chunk", _render_sft_per_record)
+    old = tmp_path / "old.bin"
+    old_meta = pack_chat(tokenizer_dir, [src], old, "sft", seq_len=96, progress=False)
+    assert new.read_bytes() == old.read_bytes() and meta["stats"] == old_meta["stats"]
+    stats = meta["stats"]
+    assert stats["dropped_too_long"] >= 1 and stats["truncated"] > 3, stats
