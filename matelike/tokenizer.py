@@ -341,9 +341,11 @@ class Tokenizer:
             texts.append(text)
             conv_pieces.append(len(trained))
         newline = self._tok.encode("\n", add_special_tokens=False).ids
-        id_lists = [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
-        lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-        ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=int(lens.sum()))
+        encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
+        lens = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+        # Each conversation's id list is freed as soon as it is copied: the next one reuses its memory.
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=int(lens.sum()))
+        del encodings
         conv_start = np.zeros(len(texts) + 1, dtype=np.int64)
         np.cumsum(lens, out=conv_start[1:])
         conv = np.asarray(conv_pieces, dtype=np.int64)

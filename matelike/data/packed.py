@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
@@ -341,25 +341,25 @@ def _write_chunk(kind: str, rendered: list, sections: _Sections, ends: dict[str,
 
     if kind == "sft":
         layouts, reasons, turns, ids, mask, lengths = rendered
-        # Counts per record in record order, so the meta's keys come in the order the records first need them.
         stops = np.cumsum(lengths)
         seen = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # loss tokens before each position
-        # Loss positions of a sample: its mask from the second token on (the first token is never a target).
-        loss = (seen[stops] - seen[stops - lengths + 1]).tolist()
-        n = lengths.tolist()
         formats = stats.setdefault("formats", {})
-        k = 0
-        for layout, reason, dropped in zip(layouts, reasons, turns):
-            formats[layout] = formats.get(layout, 0) + 1
+        for layout, n in Counter(layouts).items():
+            formats[layout] = formats.get(layout, 0) + n
+        # Counts of the chunk; a key joins the meta when the first record needs it (`list.index`), so the keys
+        # come in the order the records first need them, whatever the chunks.
+        firsts = {r: reasons.index(r) for r in ("", "no_answer", "too_long") if r in reasons}
+        for reason in sorted(firsts, key=firsts.__getitem__):
             if reason:
-                add("dropped_no_answer" if reason == "no_answer" else "dropped_too_long")
+                add("dropped_no_answer" if reason == "no_answer" else "dropped_too_long", reasons.count(reason))
                 continue
-            add("samples")
-            add("truncated", bool(dropped))
-            add("turns_dropped", dropped)
-            add("tokens", n[k] - 1)
-            add("loss_tokens", loss[k])
-            k += 1
+            kept = np.asarray(turns)[np.asarray(reasons) == ""]
+            add("samples", len(lengths))
+            add("truncated", int(np.count_nonzero(kept)))
+            add("turns_dropped", int(kept.sum()))
+            add("tokens", int(lengths.sum()) - len(lengths))
+            # Loss positions of a sample: its mask from the second token on (the first token is never a target).
+            add("loss_tokens", int((seen[stops] - seen[stops - lengths + 1]).sum()))
         sections.write("ids", ids)
         sections.write("mask", mask)
         sections.write("offsets", ends["offsets"] + stops)

@@ -190,72 +190,50 @@ def fit_batch(batch: "ChatBatch", conversations: Sequence[list[dict[str, str]]],
 
     A conversation's rendering is its messages' pieces laid end to end, and the trimmed length of any window of
     exchanges follows from the piece boundaries (it ends at the last assistant's `<|im_end|>`, the last token
-    with a loss), so the same binary search runs on numbers instead of re-encoding; the samples are then
-    gathered from the batch's arrays in one numpy operation. Same samples, masks and counts as `fit_messages`.
+    with a loss), so the search for the most history that fits runs on numbers instead of re-encoding, for all
+    conversations at once; the samples are then gathered from the batch's arrays in one numpy operation. Same
+    samples, masks and counts as `fit_messages`.
     """
-    starts = batch.starts.tolist()
-    first_msg = batch.conv.tolist()
-    seg_a: list[int] = []
-    seg_b: list[int] = []
-    sample_segs: list[int] = []
-    reasons: list[str] = []
-    dropped: list[int] = []
-    ids, mask = batch.ids, batch.mask
-    for c, messages in enumerate(conversations):
-        base = first_msg[c]
-        roles = [m["role"] for m in messages]
-        h = 0
-        while h < len(roles) and roles[h] == "system":
-            h += 1
-        ex: list[int] = []  # message index where each exchange starts (`_exchanges`)
-        prev = None
-        for i in range(h, len(roles)):
-            if not ex or (roles[i] != "assistant" and prev == "assistant"):
-                ex.append(i)
-            prev = roles[i]
-        last = len(roles) - 1 - roles[::-1].index("assistant") if "assistant" in roles else -1
-        if last < 0:
-            reasons.append("no_answer")
-            dropped.append(0)
-            continue
-        # One past the last assistant's <|im_end|>: the mask's last 1 (what `_trim` cuts after).
-        end = starts[base + last + 1] - batch.closing
-        # Trimmed tokens when exchanges[k:] follow the head: head + (end - start of exchange k), when the
-        # window still holds the last answer (last >= ex[k]), else no sample.
-        head_len = starts[base + h] - starts[base]
-        keep: int | None = None
-        if head_len + end - starts[base + ex[0]] - 1 <= seq_len:
-            keep = 0
-        else:
-            lo, hi = 1, len(ex) - 1
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                if last >= ex[mid] and head_len + end - starts[base + ex[mid]] - 1 <= seq_len:
-                    keep, hi = mid, mid - 1
-                else:
-                    lo = mid + 1
-        if keep is None:
-            reasons.append("too_long")
-            dropped.append(ex[-1] - h)
-            continue
-        reasons.append("")
-        dropped.append(ex[keep] - h)
-        if keep == 0:
-            seg_a.append(starts[base])
-            seg_b.append(end)
-            sample_segs.append(1)
-        else:
-            seg_a += [starts[base], starts[base + ex[keep]]]
-            seg_b += [starts[base + h], end]
-            sample_segs.append(2)
-    a = np.asarray(seg_a, dtype=np.int64)
-    seg_len = np.asarray(seg_b, dtype=np.int64) - a
+    starts, first, after = batch.starts, batch.conv[:-1], batch.conv[1:]  # conversation c: messages first..after
+    roles = [m["role"] for messages in conversations for m in messages]  # message j of the batch is piece j
+    n_msgs = len(roles)
+    answer = np.fromiter((r == "assistant" for r in roles), dtype=bool, count=n_msgs)
+    system = np.fromiter((r == "system" for r in roles), dtype=bool, count=n_msgs)
+    # The head (leading system turns) ends at the first other message (`_exchanges`); an exchange starts there
+    # and at every non-assistant message that follows an answer.
+    others = np.append(np.flatnonzero(~system), n_msgs)
+    head_end = np.minimum(others[np.searchsorted(others, first)], after)
+    starter = ~answer & np.concatenate([[False], answer[:-1]])
+    starter &= np.arange(n_msgs) > np.repeat(head_end, after - first)
+    starter[head_end[head_end < after]] = True
+    ex = np.append(np.flatnonzero(starter), n_msgs)  # each exchange's first message, all conversations in order
+    ex_first, ex_stop = np.searchsorted(ex[:-1], first), np.searchsorted(ex[:-1], after)
+    # The last answer (-1: none), and one past its <|im_end|>: the mask's last 1, what `_trim` cuts after.
+    answers = np.append(np.flatnonzero(answer), -1)
+    last = answers[np.searchsorted(answers[:-1], after) - 1]
+    last[last < first] = -1
+    end = starts[last + 1] - batch.closing
+    # Trimmed tokens with exchanges[k:] after the head: head + (end - start of exchange k). That falls as k grows,
+    # so the first exchange from which it fits is found by a search over the exchanges' starts; the whole
+    # conversation when that is its first exchange. It must hold the last answer (not be the answerless
+    # exchange after it); when none does, the sample is dropped as too long.
+    head_len = starts[head_end] - starts[first]
+    keep = np.searchsorted(starts[ex[:-1]], head_len + end - 1 - seq_len)
+    whole = keep <= ex_first
+    keep = np.maximum(keep, ex_first)
+    fits = (last >= 0) & (keep < ex_stop) & (ex[keep] <= last)
+    dropped = np.where(last < 0, 0, np.where(fits, ex[keep], ex[ex_stop - 1]) - head_end)
+    reasons = np.where(last < 0, "no_answer", np.where(fits, "", "too_long")).tolist()
+    # A kept sample is two segments of the batch: the head, and the exchanges from the kept one to the end
+    # (a whole conversation: all of it, and nothing).
+    a = np.stack([starts[first], np.where(whole, end, starts[ex[keep]])], axis=1)[fits].ravel()
+    b = np.stack([np.where(whole, end, starts[head_end]), end], axis=1)[fits].ravel()
+    seg_len = b - a
     before = np.zeros(len(seg_len) + 1, dtype=np.int64)
     np.cumsum(seg_len, out=before[1:])
     at = np.repeat(a - before[:-1], seg_len) + np.arange(int(before[-1]))
-    sample_end = np.cumsum(np.asarray(sample_segs, dtype=np.int64))
-    lengths = np.diff(np.concatenate([[0], before[sample_end]])) if len(sample_segs) else np.zeros(0, np.int64)
-    return FittedBatch(ids[at], mask[at], lengths, reasons, dropped)
+    lengths = seg_len.reshape(-1, 2).sum(axis=1)
+    return FittedBatch(batch.ids[at], batch.mask[at], lengths, reasons, dropped.tolist())
 
 
 def sft_converter(fmt: str = "auto") -> Callable[[dict], tuple[str, list[dict[str, str]]]]:

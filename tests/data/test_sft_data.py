@@ -428,3 +428,25 @@ def test_fit_batch_equals_fit_messages(tokenizer):
                 k, pos = k + 1, pos + n
         assert k == len(fit.lengths) and pos == len(fit.ids) == len(fit.mask)
     assert seen == {"whole", "truncated", "too_long", "no_answer"}
+
+
+S, U, A = ({"role": r, "content": c} for r, c in (("system", "系统"), ("user", "问题"), ("assistant", "回答")))
+
+
+@pytest.mark.parametrize("convs", [[], [[]], [[S], [], [U, A]], [[U]], [[A], [A, U]], [[S, S, U, A, U]],
+                                   [[S, A, A, U, U, A, U, A]], [[U, A]] * 3])
+def test_fit_batch_edge_conversations(tokenizer, convs):
+    """No conversation, no message, only system turns, answers before any question, several answers in a row,
+    a trailing question, first and last conversation of a chunk: as `fit_messages` at every seq-len."""
+    batch = tokenizer.encode_chat_batch(convs)
+    for seq_len in (1, 5, 9, 14, 20, 100):
+        fit = fit_batch(batch, convs, seq_len)
+        pos = k = 0
+        for c, conv in enumerate(convs):
+            one = fit_messages(tokenizer, conv, seq_len)
+            assert (fit.reasons[c], fit.turns_dropped[c]) == (one.reason, one.turns_dropped), (c, seq_len)
+            if one.ids is not None:
+                n = int(fit.lengths[k])
+                assert fit.ids[pos:pos + n].tolist() == one.ids and fit.mask[pos:pos + n].tolist() == one.mask
+                k, pos = k + 1, pos + n
+        assert (k, pos) == (len(fit.lengths), len(fit.ids)) and len(fit.reasons) == len(convs)
