@@ -67,7 +67,7 @@ BUDGETS: dict[str, Budget] = {
     "tiny": Budget(model_size="约160万",
                    vocab_size=6400, pretrain_steps=2400, pretrain_batch=8, seq_len=256, sft_steps=1100,
                    sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=300,
-                   rl_steps=200, rl_batch=4, rl_group=8, rl_max_new_tokens=64,
+                   rl_steps=100, rl_batch=8, rl_group=8, rl_max_new_tokens=64,
                    dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
                    expected_s=(5, 12, 2, 360, 250, 20, 22, 150, 30, 2)),
     "26m": Budget(model_size="约2700万",
@@ -131,10 +131,12 @@ def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
                  "--warmup-steps", str(max(1, b.dpo_steps // 10)), "--lr", "3e-5", "--min-lr", "3e-6", "--rpo-alpha", "1.0",
                  "--eval-every", str(max(1, b.dpo_steps // 4)), *common]],
         # GRPO on the task rewards (with their reward-hack guards) from the DPO model, on the prompts of the
-        # tasks with the most room (rl_train.jsonl).
+        # tasks with the most room (rl_train.jsonl). Sampling at 0.5: the guarded entity reward charges false
+        # positives, and hotter samples guess worse, so `无` wins their groups and greedy answers drift to it
+        # (the README gives the temperature sweep on the development split).
         "rl": [["rl", "--init", str(out / "dpo"), "--data", str(data / "rl_train.jsonl"), "--out", str(out / "rl"),
                 "--algo", "grpo", "--reward", "task", "--group", str(b.rl_group),
-                "--max-new-tokens", str(b.rl_max_new_tokens), "--temperature", "0.7",
+                "--max-new-tokens", str(b.rl_max_new_tokens), "--temperature", "0.5",
                 "--max-steps", str(b.rl_steps), "--batch-size", str(b.rl_batch),
                 "--warmup-steps", str(max(1, b.rl_steps // 20)), "--lr", "3e-5", "--min-lr", "3e-6", *common]],
         "eval": evals,
