@@ -125,7 +125,11 @@ def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
                  "--optimizer", b.optimizer, *common]],
         "pairs": [["dpo", "make-pairs", "--model", str(out / "sft"), "--data", str(data / "tasks_train.jsonl"),
                    "--out", str(out / "pairs" / "pairs.jsonl"), "--limit", str(b.pair_prompts)]],
-        "dpo": [["dpo", "--init", str(out / "sft"), "--data", str(out / "pairs" / "train.jsonl"),
+        # DPO and RL read their data packed too (`data pack --format dpo|prompts`), as large sets would.
+        "dpo": [["data", "pack", "--format", "dpo", "--tokenizer", str(out / "sft"), "--input",
+                 str(out / "pairs" / "train.jsonl"), "--out", str(pack / "dpo.bin"), "--seq-len", str(b.seq_len),
+                 "--quiet"],
+                ["dpo", "--init", str(out / "sft"), "--data", str(pack / "dpo.bin"),
                  "--val", str(out / "pairs" / "val.jsonl"), "--out", str(out / "dpo"),
                  "--max-steps", str(b.dpo_steps), "--batch-size", str(b.dpo_batch),
                  "--warmup-steps", str(max(1, b.dpo_steps // 10)), "--lr", "3e-5", "--min-lr", "3e-6", "--rpo-alpha", "1.0",
@@ -134,7 +138,9 @@ def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
         # tasks with the most room (rl_train.jsonl). Sampling at 0.5: the guarded entity reward charges false
         # positives, and hotter samples guess worse, so `无` wins their groups and greedy answers drift to it
         # (the README gives the temperature sweep on the development split).
-        "rl": [["rl", "--init", str(out / "dpo"), "--data", str(data / "rl_train.jsonl"), "--out", str(out / "rl"),
+        "rl": [["data", "pack", "--format", "prompts", "--tokenizer", str(out / "dpo"), "--input",
+                str(data / "rl_train.jsonl"), "--out", str(pack / "rl_prompts.bin"), "--quiet"],
+               ["rl", "--init", str(out / "dpo"), "--data", str(pack / "rl_prompts.bin"), "--out", str(out / "rl"),
                 "--algo", "grpo", "--reward", "task", "--group", str(b.rl_group),
                 "--max-new-tokens", str(b.rl_max_new_tokens), "--temperature", "0.5",
                 "--max-steps", str(b.rl_steps), "--batch-size", str(b.rl_batch),

@@ -35,8 +35,8 @@ def test_runs_every_stage_in_order_then_skips_completed(tmp_path: Path) -> None:
     firsts = [c[0] if c[0] not in ("data", "tokenizer", "dpo") else " ".join(c[:2]) for c in runner.calls]
     assert firsts[:6] == ["data demo", "tokenizer train", "data pack", "pretrain", "data pack", "sft"]
     assert "--format" in runner.calls[4] and runner.calls[5][runner.calls[5].index("--data") + 1].endswith("sft.bin")
-    assert firsts[6] == "dpo make-pairs" and firsts[7].startswith("dpo") and firsts[8] == "rl"
-    assert [c[0] for c in runner.calls[9:13]] == ["eval"] * 4 and runner.calls[-1][0] == "report"
+    assert firsts[6:11] == ["dpo make-pairs", "data pack", "dpo --init", "data pack", "rl"]
+    assert [c[0] for c in runner.calls[11:15]] == ["eval"] * 4 and runner.calls[-1][0] == "report"
     for stage in STAGES:
         marker = json.loads((tmp_path / ".stages" / f"{stage}.json").read_text())
         assert marker["stage"] == stage and marker["commands"][0][0] == "matelike"
@@ -68,11 +68,17 @@ def test_training_commands_resume_and_chain_models(tmp_path: Path) -> None:
     cmds = stage_commands(tmp_path, "tiny")
     sft = cmds["sft"][-1]
     assert sft[sft.index("--init") + 1] == str(tmp_path / "pretrain")
-    dpo = cmds["dpo"][0]
+    dpo = cmds["dpo"][-1]
     assert dpo[dpo.index("--init") + 1] == str(tmp_path / "sft")
-    rl = cmds["rl"][0]
+    rl = cmds["rl"][-1]
     assert rl[rl.index("--init") + 1] == str(tmp_path / "dpo")
-    assert rl[rl.index("--data") + 1] == str(tmp_path / "data" / "rl_train.jsonl")
+    # DPO and RL read the files packed just before them, with the tokenizer of the model they start from
+    for stage, fmt, source, packed in (("dpo", "dpo", tmp_path / "pairs" / "train.jsonl", "dpo.bin"),
+                                       ("rl", "prompts", tmp_path / "data" / "rl_train.jsonl", "rl_prompts.bin")):
+        pack, train = cmds[stage]
+        assert pack[:4] == ["data", "pack", "--format", fmt] and pack[pack.index("--input") + 1] == str(source)
+        assert pack[pack.index("--tokenizer") + 1] == train[train.index("--init") + 1]
+        assert pack[pack.index("--out") + 1] == train[train.index("--data") + 1] == str(tmp_path / "pack" / packed)
     assert all("--resume" in cmds[s][-1] for s in ("pretrain", "sft", "dpo", "rl"))
     assert [c[c.index("--model") + 1] for c in cmds["eval"]] == [str(tmp_path / n)
                                                                  for n in ("pretrain", "sft", "dpo", "rl")]
