@@ -57,7 +57,7 @@ def test_every_python_snippet_runs(make_chat_model, tmp_path: Path) -> None:
             time.sleep(0.3)
         for code in snippets:
             # The snippets name the demo's output folder and the default port; point them at the test's.
-            code = code.replace('"runs/demo/dpo"', repr(str(model_dir))).replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+            code = code.replace('"runs/demo/rl"', repr(str(model_dir))).replace("127.0.0.1:8000", f"127.0.0.1:{port}")
             code = code.replace('"runs/demo/reward"', repr(str(reward_dir)))
             script = tmp_path / "snippet.py"
             script.write_text(code, encoding="utf-8")
