@@ -106,17 +106,19 @@ def _rl_lines(run: Path, rows: list[dict[str, Any]]) -> list[str]:
         values = [r[key] for r in part if isinstance(r.get(key), (int, float))]
         return sum(values) / len(values) if values else None
 
-    parts = [f"reward {_num(mean(rows[:k], 'reward'), '{:.3f}')} → {_num(mean(rows[-k:], 'reward'), '{:.3f}')}"]
-    parts += [f"{t} {_num(mean(rows[:k], 'reward_' + t), '{:.3f}')} → {_num(mean(rows[-k:], 'reward_' + t), '{:.3f}')}"
-              for t in tasks]
-    lines = ["", f"RL (GRPO) training reward, mean of the first and the last {k} steps: " + ", ".join(parts) + "."]
+    def change(key: str) -> str:
+        return f"{_num(mean(rows[:k], key), '{:.3f}')} → {_num(mean(rows[-k:], key), '{:.3f}')}"
+
+    parts = [f"reward {change('reward')}"] + [f"{t} {change('reward_' + t)}" for t in tasks]
+    lines = ["", f"RL training reward, mean of the first and the last {k} steps: " + ", ".join(parts) + "."]
     info_path = run / "rl" / "rl_data.json"
-    hacks = json.loads(info_path.read_text(encoding="utf-8")).get("reward_hack_references") if info_path.is_file() else None
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    hacks = info.get("reward_hack_references")
     if hacks:
+        refs = [f"{name.replace('_', ' ')} {hacks[name]:.3f} ({_num(hacks.get(name + '_unguarded'), '{:.3f}')})"
+                for name in hacks if not name.endswith("_unguarded")]
         lines += ["", "What the known cheap answers earn on the RL prompts under the guarded task reward (and under "
-                      "the plain per-item score): " + ", ".join(
-                          f"{name.replace('_', ' ')} {hacks[name]:.3f} ({_num(hacks.get(name + '_unguarded'), '{:.3f}')})"
-                          for name in hacks if not name.endswith("_unguarded")) + "."]
+                      "the plain per-item score): " + ", ".join(refs) + "."]
     return lines
 
 

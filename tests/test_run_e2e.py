@@ -66,7 +66,7 @@ def test_report_card_has_every_section(run_dir: tuple[Path, str]) -> None:
     out, _ = run_dir
     report = (out / "report.md").read_text(encoding="utf-8")
     for needed in ("## Stages", "| pretrain |", "| sft |", "| dpo |", "| rl |", "## Curves", "loss_pretrain.png",
-                   "reward_rl.png", "RL (GRPO) training reward", "entities always none",
+                   "reward_rl.png", "RL training reward", "entities always none",
                    "## Evaluation (held-out)", "| metric | pretrain | sft | dpo | rl | rule baseline | classical |",
                    "sentiment accuracy",
                    "## Sample answers", "## Machine", "## Commands to reproduce", "matelike pretrain --preset tiny"):
