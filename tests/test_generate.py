@@ -125,6 +125,7 @@ def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str])
     assert res["ratio"]["decode_tok_s_b1"] > 0
     # The matrix products alone are part of every decode step, so they bound its speed from above.
     assert res["matmul_floor_tok_s_b1"] > res["ours"]["decode_tok_s_b1"]
+    assert res["matmul_in_step_tok_s_b1"] > res["ours"]["decode_tok_s_b1"]
     assert res["ratio"]["matmul_floor_b1"] == pytest.approx(
         res["matmul_floor_tok_s_b1"] / res["transformers"]["decode_tok_s_b1"], abs=0.01)
     if "skipped" in res["llama_cpp"]:
@@ -140,6 +141,21 @@ def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str])
         assert res["memory"][dtype]["weights_mb"] == pytest.approx(res["memory"]["params"] * 2 / 1e6, abs=0.1)
         assert res["memory"][dtype]["peak_generate_mb"] >= res["memory"][dtype]["peak_load_mb"] >= 0
         assert res["memory"][dtype]["load_anon_mb"] >= 0
+
+
+def test_matmul_in_step_times_only_decode_products_and_removes_its_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import matelike.bench.generate as bench
+    from matelike.model.transformer import Transformer, get_preset
+
+    model = Transformer(get_preset("tiny", vocab_size=64)).eval()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ticks = iter(range(10**6))
+    # Every perf_counter call advances a millisecond: each timed Linear call then lasts exactly 1 ms, so the
+    # figure is (decode steps) / (decode Linear calls x 1 ms) = 1000 / number of Linear modules, whatever the
+    # machine.
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks) / 1000)
+    assert bench.matmul_in_step_tok_s(model, [1, 2, 3, 4], new_tokens=6) == round(1000 / len(linears), 1)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in linears)
 
 
 def test_bench_generate_without_llama_cpp_says_why(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -5,7 +5,8 @@ temporary folder, loads it back with both our loader and `AutoModelForCausalLM`,
 generation of random prompts (no stop tokens, so every run produces exactly the requested length).
 Decode speed = new tokens / (time for prompt + N tokens - time for prompt + 1 token), so prefill is
 excluded. `matmul_floor_tok_s_b1` is the batch-1 speed of the weight matrix products alone, the ceiling
-for any implementation of the model in that dtype; `ratio.matmul_floor_b1` is that ceiling over transformers'
+for any implementation of the model in that dtype (`matmul_in_step_tok_s_b1`: the same products as timed inside
+our decode step, where they run slower when the back-to-back loop found the weights in cache); `ratio.matmul_floor_b1` is that ceiling over transformers'
 decode speed, the largest `ratio.decode_tok_s_b1` any implementation could reach on the machine. It also
 reports the peak resident memory of loading the `0.2b` preset in fp16 and bf16, each measured in a fresh
 subprocess. With llama-cpp-python installed, the `llama_cpp` column times llama.cpp at batch 1 on the same
@@ -85,6 +86,41 @@ def matmul_floor_tok_s(model: Any, repeats: int = 50) -> float:
             step()
         t = _best_time(lambda: [step() for _ in range(10)], repeats // 10 or 1) / 10
     return round(1.0 / t, 1)
+
+
+def matmul_in_step_tok_s(model: Any, prompt: list[int], new_tokens: int) -> float:
+    """Decode tokens/s at batch 1 if a step took only the time its weight products take inside our real
+    decode step (greedy `generate`, eager), timed around every nn.Linear call of one new token.
+
+    The same products as `matmul_floor_tok_s`, but interleaved with the step's other work: on CPUs whose last
+    level cache holds the whole model, back-to-back products find the weights hot and run faster than they do
+    in the step, so this is the ceiling an implementation that keeps the step's layout can reach.
+    """
+    import torch
+
+    from matelike.model.generation import generate
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    state = {"t0": 0.0, "total": 0.0, "calls": 0}
+
+    def before(_module: Any, args: tuple) -> None:
+        state["t0"] = time.perf_counter()
+
+    def after(_module: Any, args: tuple, _out: Any) -> None:
+        if args[0].shape[-2] == 1:  # a decode step's token, not a prefill chunk
+            state["total"] += time.perf_counter() - state["t0"]
+            state["calls"] += 1
+
+    handles = [h for m in linears for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        generate(model, [prompt], max_new_tokens=new_tokens, sampling=GREEDY)  # warm-up
+        state.update(total=0.0, calls=0)
+        generate(model, [prompt], max_new_tokens=new_tokens, sampling=GREEDY)
+    finally:
+        for h in handles:
+            h.remove()
+    steps = state["calls"] / len(linears)
+    return round(steps / state["total"], 1) if state["total"] > 0 else 0.0
 
 
 def _proc_status_kb(field: str) -> int:
@@ -248,6 +284,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         result["ours"] = _speeds(run_ours, batch_sizes, args.prompt_len, args.new_tokens, args.repeats)
         if not ours.config.is_moe:
             result["matmul_floor_tok_s_b1"] = matmul_floor_tok_s(ours)
+            result["matmul_in_step_tok_s_b1"] = matmul_in_step_tok_s(ours, prompts[0].tolist(), args.new_tokens)
         if not args.skip_transformers:
             from transformers import AutoModelForCausalLM
             from transformers.utils import logging as hf_logging
