@@ -69,7 +69,7 @@ BUDGETS: dict[str, Budget] = {
                    sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=300,
                    rl_steps=100, rl_batch=8, rl_group=8, rl_max_new_tokens=64,
                    dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
-                   expected_s=(5, 12, 2, 360, 250, 20, 22, 150, 30, 2)),
+                   expected_s=(5, 14, 2, 400, 270, 20, 25, 75, 40, 3)),
     "26m": Budget(model_size="约2700万",
                   vocab_size=6400, pretrain_steps=20000, pretrain_batch=32, seq_len=512, sft_steps=4000,
                   sft_batch=32, sft_per_task=4000, pair_prompts=2000, dpo_steps=1000, dpo_batch=16,
