@@ -67,7 +67,7 @@ BUDGETS: dict[str, Budget] = {
     "tiny": Budget(model_size="约160万",
                    vocab_size=6400, pretrain_steps=2400, pretrain_batch=8, seq_len=256, sft_steps=1100,
                    sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=300,
-                   rl_steps=100, rl_batch=8, rl_group=8, rl_max_new_tokens=64,
+                   rl_steps=100, rl_batch=4, rl_group=16, rl_max_new_tokens=64,
                    dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
                    expected_s=(5, 14, 2, 400, 270, 20, 25, 75, 40, 3)),
     "26m": Budget(model_size="约2700万",
