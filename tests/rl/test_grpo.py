@@ -10,33 +10,15 @@ import pytest
 import torch
 
 from matelike.rl import GRPOTask
-from matelike.rl.rollout import Prompts, collate_rows, sample_completions
+from matelike.rl.rollout import collate_rows, sample_completions
+
+from rl_common import TASK_RECORDS, chat_model as _model, read_metrics as _metrics, task_prompts as _prompts
+from rl_common import write_jsonl as _write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TASK_RECORDS = [
-    {"prompt": "判断评论情感（正面/负面）：这家店的服务很好", "task": "sentiment", "answer": "正面"},
-    {"prompt": "中文分词：今天天气很好", "task": "segmentation", "answer": "今天 天气 很 好"},
-    {"prompt": "找出句子中的人名、地名、机构名：江泽民在北京", "task": "entities", "answer": "人名：江泽民；地名：北京"},
-    {"prompt": "判断评论情感（正面/负面）：手机的质量太差了", "task": "sentiment", "answer": "负面"},
-]
 
 
-def _model(make_chat_model):
-    from matelike.model.io import load_model
-
-    model, tok = load_model(make_chat_model(max_seq_len=128))
-    return model, tok
-
-
-def _prompts(tok, records=TASK_RECORDS) -> Prompts:
-    p = Prompts()
-    for i, r in enumerate(records):
-        p.ids.append(tok.encode_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0])
-        p.prompts.append(r["prompt"])
-        p.fields.append({k: v for k, v in r.items() if k != "prompt"})
-        p.sources.append(f"mem:{i + 1}")
-    return p
 
 
 def test_the_stop_token_is_trained_and_truncated_completions_can_be_masked(make_chat_model) -> None:
@@ -145,20 +127,12 @@ def test_a_toy_reward_rises_within_a_few_steps(make_chat_model, tmp_path: Path) 
 
 # ---- command line -------------------------------------------------------------------------------------------
 
-def _write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
-                            for r in records), encoding="utf-8")
-    return path
-
 
 def _run_args(init: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["rl", "--init", str(init), "--data", str(data), "--out", str(out), "--batch-size", "2", "--group", "3",
             "--max-new-tokens", "6", "--lr", "1e-3", "--min-lr", "1e-3", "--log-every", "1", "--dtype", "fp32",
             "--no-progress", "--device", "cpu", *extra]
 
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_bad_prompt_records_are_reported_with_file_and_line(make_chat_model, tmp_path: Path, capsys) -> None:
@@ -232,7 +206,7 @@ def test_two_processes_end_with_identical_weights_and_match_one_process(make_cha
     env = {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "OMP_NUM_THREADS": "1"}
 
     def run(nproc: int, batch: int, out: Path, rounds: int = 0) -> list[dict]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, "grpo",
                str(init), str(data), str(out), str(batch), "3", str(rounds)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,16 +11,12 @@ import torch
 
 from matelike.rl.losses import clipped_value_loss, gae, ppo_token_rewards
 from matelike.rl.ppo import PolicyAndValue, PPOTask, value_model_from_policy
-from matelike.rl.rollout import Prompts
+
+from rl_common import TASK_RECORDS, chat_model as _model, read_metrics as _metrics, task_prompts as _prompts
+from rl_common import write_jsonl as _write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TASK_RECORDS = [
-    {"prompt": "判断评论情感（正面/负面）：这家店的服务很好", "task": "sentiment", "answer": "正面"},
-    {"prompt": "中文分词：今天天气很好", "task": "segmentation", "answer": "今天 天气 很 好"},
-    {"prompt": "找出句子中的人名、地名、机构名：江泽民在北京", "task": "entities", "answer": "人名：江泽民；地名：北京"},
-    {"prompt": "判断评论情感（正面/负面）：手机的质量太差了", "task": "sentiment", "answer": "负面"},
-]
 EVEN_REWARD = """
 def even(prompts, completions, completion_ids, **fields):
     return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
@@ -83,20 +79,6 @@ def test_kl_is_folded_into_the_per_token_rewards_and_the_score_sits_on_the_last_
     assert kl0.abs().sum() == 0 and no_ref[0, 2] == 2.0 and no_ref.sum() == 1.0
 
 
-def _model(make_chat_model):
-    from matelike.model.io import load_model
-
-    return load_model(make_chat_model(max_seq_len=128))
-
-
-def _prompts(tok) -> Prompts:
-    p = Prompts()
-    for i, r in enumerate(TASK_RECORDS):
-        p.ids.append(tok.encode_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0])
-        p.prompts.append(r["prompt"])
-        p.fields.append({k: v for k, v in r.items() if k != "prompt"})
-        p.sources.append(f"mem:{i + 1}")
-    return p
 
 
 def _ppo_task(model, tok, reward, **kw) -> tuple[PPOTask, PolicyAndValue]:
@@ -176,10 +158,6 @@ def _reward_model_dir(init: Path, out: Path, tokenizer_from: Path | None = None)
     return save_reward_model(rm, tok, out)
 
 
-def _write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
 
 def _run_args(init: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["rl", "--init", str(init), "--data", str(data), "--out", str(out), "--batch-size", "2",
@@ -190,9 +168,6 @@ def _run_args(init: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def _ppo_args(init: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return _run_args(init, data, out, "--algo", "ppo", *extra)
 
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_command_line_errors_are_one_line(make_chat_model, tmp_path: Path, capsys) -> None:
@@ -297,12 +272,12 @@ def test_two_processes_end_with_identical_weights(make_chat_model, tmp_path: Pat
 
     init = make_chat_model(max_seq_len=128)
     data = _write_jsonl(tmp_path / "p.jsonl", TASK_RECORDS)
-    script = str(Path(__file__).with_name("ddp_ppo.py"))
+    script = str(Path(__file__).with_name("ddp_rl.py"))
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "OMP_NUM_THREADS": "1"}
 
     def run(nproc: int, batch: int, out: Path) -> list[dict]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, "ppo",
                str(init), str(data), str(out), str(batch), "3"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
