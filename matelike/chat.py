@@ -225,7 +225,7 @@ def _stdin_lines(prompt: str) -> Callable[[], str]:
     return read
 
 
-def _model_stream(model: Any, tokenizer: "Tokenizer", sampling: SamplingParams) -> StreamFn:
+def _model_stream(model: Any, tokenizer: "Tokenizer", sampling: SamplingParams, compile: bool = False) -> StreamFn:
     from matelike.model.generation import stream_generate
 
     def stream(prompt_ids: list[int], max_new_tokens: int) -> Iterator[str]:
@@ -234,6 +234,7 @@ def _model_stream(model: Any, tokenizer: "Tokenizer", sampling: SamplingParams) 
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             stop_ids=tokenizer.stop_ids,
+            compile=compile,
         )
 
     return stream
@@ -252,7 +253,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     except (OSError, ValueError) as exc:
         print(f"matelike chat: {exc}", file=sys.stderr)
         return 2
@@ -267,7 +268,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print(f"matelike chat: --max-new-tokens must be between 1 and {context_len - 1} (the context is "
               f"{context_len})", file=sys.stderr)
         return 2
-    session = ChatSession(tokenizer, _model_stream(model, tokenizer, sampling), context_len, max_new,
+    session = ChatSession(tokenizer, _model_stream(model, tokenizer, sampling, args.compile), context_len, max_new,
                           system=args.system)
     if sys.stdin.isatty():
         print(f"matelike chat: {args.model} (context {context_len} tokens). /help for commands.", file=sys.stderr)
@@ -280,6 +281,6 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--system", default=None, help="system prompt (change it later with /system TEXT)")
     # Answer budget per turn: default 256, at most half the context (so that some history always fits).
     add_sampling_args(p, CHAT, max_new_tokens=None)
-    add_device_args(p)
+    add_device_args(p, compile_decode=True)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")

@@ -1,4 +1,4 @@
-"""Where and in what precision a command runs: the one owner of `--device` and `--dtype`.
+"""Where and in what precision a command runs: the one owner of `--device`, `--dtype` and `--quantize`.
 
 Every command takes the same two flags with the same spellings and defaults (`auto`). Training reads
 `--dtype` as the autocast precision (master weights stay fp32, see matelike.train.precision); inference
@@ -16,11 +16,15 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+QUANTIZE: tuple[str, ...] = ("none", "int8")
 DEVICE_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N"
 
 
-def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, training: bool = False) -> None:
-    """Add `--device` and `--dtype`, both defaulting to auto."""
+def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, training: bool = False,
+                    compile_decode: bool = False) -> None:
+    """Add `--device` and `--dtype`, both defaulting to auto, and for inference `--quantize` (default none);
+    `compile_decode`: also `--compile` (decode steps through torch.compile), for the commands that stream
+    answers to a user (generate, chat, serve)."""
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     if training:
         help_ = ("auto: bf16 autocast on bf16 GPUs and on CPUs where bf16 is faster (AMX), fp16 with a gradient "
@@ -29,6 +33,16 @@ def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *
         help_ = ("weights dtype. auto: bf16 on bf16 GPUs and on CPUs where bf16 is faster (AMX), fp16 on older "
                  "GPUs, else fp32")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help=help_)
+    if not training:
+        parser.add_argument("--quantize", choices=QUANTIZE, default="none",
+                            help="int8: weight-only int8 linear layers (one scale per output row) for faster "
+                                 "decoding on CPU; answers can differ slightly from the unquantized model's "
+                                 "(default none; matelike.model.quantize)")
+    if compile_decode:
+        parser.add_argument("--compile", action="store_true",
+                            help="run decode steps through torch.compile: faster steps after a warm-up of tens of "
+                                 "seconds (a recompile or two as the batch size first changes); greedy answers can "
+                                 "differ from eager ones in the last bits")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -43,7 +43,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sampling = sampling_from_args(args)
         if args.system is not None and not args.chat:
             raise ValueError("--system needs --chat (it is the system turn of the chat template)")
-        model, tokenizer = load_model(model_dir, device=args.device, dtype=args.dtype)
+        model, tokenizer = load_model(model_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
     except (ValueError, OSError) as e:
         print(f"matelike generate: {e}", file=sys.stderr)
         return 2 if not isinstance(e, ModelDirError) else 1
@@ -76,6 +76,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=max_new,
         sampling=sampling,
         stop_ids=default_stop_ids(tokenizer),
+        compile=args.compile,
     ):
         out.write(piece)
         out.flush()
@@ -91,4 +92,4 @@ def add_cli(table: CommandTable) -> None:
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     g.add_argument("--system", default=None, help="system turn for --chat")
     add_sampling_args(g, CHAT)
-    add_device_args(g)
+    add_device_args(g, compile_decode=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from matelike.cli import build_parser
-from matelike.device import DEVICE_HELP, DTYPES, cpu_bf16_is_faster, resolve_device, training_dtype, weights_dtype
+from matelike.device import DEVICE_HELP, DTYPES, QUANTIZE, cpu_bf16_is_faster, resolve_device, training_dtype, weights_dtype
 
 CPU = torch.device("cpu")
 
@@ -55,6 +55,10 @@ def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> 
 # path against transformers' and takes --dtype only).
 MODEL_COMMANDS = {"pretrain", "sft", "dpo", "dpo-make-pairs", "generate", "chat", "serve", "eval", "bench serve",
                   "bench train", "rl", "bench rl", "reward train"}
+# Of those, the ones that only run a model (no training) also take --quantize; training never sees int8 weights.
+INFERENCE_COMMANDS = {"dpo-make-pairs", "generate", "chat", "serve", "eval", "bench serve"}
+# Of those, the ones that stream answers to a user can compile their decode steps.
+COMPILE_DECODE = {"generate", "chat", "serve", "bench serve"}
 
 
 def test_every_command_that_runs_a_model_takes_the_same_device_and_dtype_flags(capsys) -> None:
@@ -68,6 +72,12 @@ def test_every_command_that_runs_a_model_takes_the_same_device_and_dtype_flags(c
         if name != "bench train":  # it times every dtype of --dtypes side by side
             assert flags["--dtype"].default == "auto", name
             assert tuple(flags["--dtype"].choices) == DTYPES, name
+        if name in INFERENCE_COMMANDS:
+            assert flags["--quantize"].default == "none" and tuple(flags["--quantize"].choices) == QUANTIZE, name
+        else:
+            assert "--quantize" not in flags, name
+        if name in COMPILE_DECODE:
+            assert flags["--compile"].default is False and "decode steps" in flags["--compile"].help, name
         parser.print_help()
         assert "--device" in capsys.readouterr().out
 

@@ -77,6 +77,20 @@ def test_generate_prints_the_greedy_continuation(model_dir: Path, capsys: pytest
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_generate_compile_flag_runs_the_decode_steps_through_torch_compile(
+    model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The wiring, without paying a compilation: torch.compile is replaced by a recorder that returns the model.
+    args = ["generate", "--model", str(model_dir), "--prompt", "今天天气", "--top-k", "1", "--max-new-tokens", "6",
+            "--dtype", "fp32"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    compiled: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or m)
+    assert main(args + ["--compile"]) == 0
+    assert compiled == [{"dynamic": True}] and capsys.readouterr().out == eager
+
+
 def test_generate_reads_the_prompt_from_stdin(
     model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -128,6 +142,13 @@ def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str])
     assert res["matmul_in_step_tok_s_b1"] > res["ours"]["decode_tok_s_b1"]
     assert res["ratio"]["matmul_floor_b1"] == pytest.approx(
         res["matmul_floor_tok_s_b1"] / res["transformers"]["decode_tok_s_b1"], abs=0.01)
+    # --quantize int8 (on by default here): its own speeds, its own product ceiling, its own ratios.
+    int8 = res["ours_int8"]
+    assert int8["decode_tok_s_b1"] > 0 and int8["prefill_tok_s_b2"] > 0
+    assert int8["matmul_floor_tok_s_b1"] > int8["decode_tok_s_b1"]
+    assert int8["matmul_in_step_tok_s_b1"] > int8["decode_tok_s_b1"]
+    assert res["ratio_int8"]["decode_tok_s_b1"] == pytest.approx(
+        int8["decode_tok_s_b1"] / res["transformers"]["decode_tok_s_b1"], abs=0.01)
     if "skipped" in res["llama_cpp"]:
         assert "llama-cpp-python is not installed" in res["llama_cpp"]["skipped"]
     else:  # the same directory in llama.cpp, exported to GGUF: q8_0 is about a quarter of f32
@@ -137,6 +158,8 @@ def test_bench_generate_prints_one_json_line(capsys: pytest.CaptureFixture[str])
             assert figures["decode_tok_s_b1"] > 0 and figures["prefill_tok_s_b1"] > 0
             assert res["ratio_vs_llama_cpp"][f"decode_tok_s_b1_{outtype}"] == pytest.approx(
                 res["ours"]["decode_tok_s_b1"] / figures["decode_tok_s_b1"], abs=0.01)
+            assert res["ratio_vs_llama_cpp"][f"int8_decode_tok_s_b1_{outtype}"] == pytest.approx(
+                int8["decode_tok_s_b1"] / figures["decode_tok_s_b1"], abs=0.01)
     for dtype in ("float16", "bfloat16"):
         assert res["memory"][dtype]["weights_mb"] == pytest.approx(res["memory"]["params"] * 2 / 1e6, abs=0.1)
         assert res["memory"][dtype]["peak_generate_mb"] >= res["memory"][dtype]["peak_load_mb"] >= 0
@@ -163,9 +186,10 @@ def test_bench_generate_without_llama_cpp_says_why(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(bench, "_import_llama_cpp", lambda: None)
     assert main(["bench", "generate", "--preset", "tiny", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1",
-                 "--batch-sizes", "1", "--memory-preset", "", "--skip-transformers"]) == 0
+                 "--batch-sizes", "1", "--memory-preset", "", "--skip-transformers", "--no-int8"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["llama_cpp"] == {"skipped": bench.LLAMA_CPP_MISSING}
+    assert "ours_int8" not in json.loads(captured.out)
     assert "llama-cpp-python is not installed" in captured.err
     assert main(["bench", "generate", "--preset", "tiny", "--llama-cpp", "f32,q4"]) == 2
     assert "--llama-cpp q4: choose outtypes from" in capsys.readouterr().err

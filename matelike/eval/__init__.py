@@ -378,7 +378,7 @@ def format_table(result: dict[str, Any]) -> str:
 def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tasks: Sequence[str] = TASKS,
              limit: int | None = None, val: str | Path | None = None, ceval: Sequence[str | Path] = (),
              prompt_format: str = "chat", batch_size: int = 32, device: str = "cpu", dtype: str | None = None,
-             val_max_tokens: int | None = None, report: BadRecordReport | None = None,
+             quantize: str = "none", val_max_tokens: int | None = None, report: BadRecordReport | None = None,
              chat_file: str | Path | None = None, chat_limit: int | None = None,
              progress: bool = False, classical: bool = False, classical_reviews: str | Path | None = None,
              notes: list[str] | None = None) -> dict[str, Any]:
@@ -394,10 +394,12 @@ def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tas
 
     report = report if report is not None else BadRecordReport()
     t0 = time.time()
-    model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
+    model, tokenizer = load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
     if tokenizer is None:
         raise EvalError(f"{model_dir}: the model directory has no tokenizer.json")
     result: dict[str, Any] = {"model": str(model_dir), "prompt_format": prompt_format}
+    if quantize != "none":  # the figures are the quantized model's
+        result["quantize"] = quantize
     with torch.inference_mode():
         if tasks_file is not None and tasks:
             items = load_task_items(tasks_file, tasks, limit, report)
@@ -473,7 +475,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         result = run_eval(args.model, tasks_file=tasks_file, tasks=args.tasks, limit=args.limit, val=val,
                           ceval=args.ceval or (), prompt_format=args.prompt_format, batch_size=args.batch_size,
-                          device=args.device, dtype=args.dtype, val_max_tokens=args.val_max_tokens, report=report,
+                          device=args.device, dtype=args.dtype, quantize=args.quantize,
+                          val_max_tokens=args.val_max_tokens, report=report,
                           chat_file=chat_file, chat_limit=args.chat_limit,
                           progress=not args.quiet and sys.stderr.isatty(), classical=classical,
                           classical_reviews=reviews, notes=notes)

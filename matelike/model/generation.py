@@ -475,11 +475,12 @@ def stream_generate(
     max_new_tokens: int = 256,
     sampling: SamplingParams = SamplingParams(),
     stop_ids: Iterable[int] | None = None,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Generate for one prompt and yield text pieces as they come (whole characters only).
 
     stop_ids defaults to the tokenizer's end-of-text and end-of-turn ids. Closing the generator stops
-    generation and frees its cache.
+    generation and frees its cache. compile: see BatchEngine.
     """
 
     def tokens() -> Iterator[int]:
@@ -489,6 +490,7 @@ def stream_generate(
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             stop_ids=default_stop_ids(tokenizer) if stop_ids is None else stop_ids,
+            compile=compile,
         ):
             if step[0] is None:
                 return

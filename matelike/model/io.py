@@ -545,14 +545,18 @@ def _build_checked(config: ModelConfig, cfg_path: Path, weights: str, entries: d
 
 
 def load_model(
-    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+    quantize: str = "none",
 ) -> tuple[Transformer, Tokenizer | None]:
     """Read a model directory written by save_model or by transformers (Llama, Mixtral, Qwen2-MoE).
 
-    See load_model_with_tensors, which this is with no extra tensors.
+    See load_model_with_tensors, which this is with no extra tensors. quantize: `--quantize` (none|int8, see
+    matelike.model.quantize), for inference only.
     """
+    from matelike.model.quantize import apply_quantize
+
     model, tokenizer, _ = load_model_with_tensors(model_dir, device, dtype)
-    return model, tokenizer
+    return apply_quantize(model, quantize), tokenizer
 
 
 def load_model_with_tensors(

@@ -36,7 +36,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         served = load_served_model(args.model, name=args.model_name, device=args.device, dtype=args.dtype,
-                                   max_batch=args.max_batch)
+                                   max_batch=args.max_batch, quantize=args.quantize,
+                                   compile=args.compile)
     except (OSError, ValueError) as exc:
         print(f"matelike serve: {exc}", file=sys.stderr)
         return 2
@@ -69,7 +70,7 @@ def add_cli(table: "CommandTable") -> None:
                         "by DNS rebinding), any name otherwise")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted (default 1048576 = 1 MiB); larger ones get 413")
-    add_device_args(p)
+    add_device_args(p, compile_decode=True)
     p.add_argument("--max-batch", "--max-active", dest="max_batch", type=int, default=8,
                    help="KV-cache slots: requests decoded together in one batched forward per step (default 8)")
     p.add_argument("--max-queue", type=int, default=64,

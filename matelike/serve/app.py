@@ -78,7 +78,7 @@ PREFILL_CHUNK = 128
 
 
 def model_token_source(model: Any, tokenizer: "Tokenizer", *, max_batch: int = 8,
-                       prefill_chunk: int = PREFILL_CHUNK) -> tuple[TokenSource, "BatchEngine"]:
+                       prefill_chunk: int = PREFILL_CHUNK, compile: bool = False) -> tuple[TokenSource, "BatchEngine"]:
     """(token source, its engine): every request is a row of one BatchEngine of `max_batch` KV slots.
 
     The source yields (text piece, tokens generated so far) once per engine step the request takes part in; the
@@ -88,7 +88,7 @@ def model_token_source(model: Any, tokenizer: "Tokenizer", *, max_batch: int = 8
     from matelike.model.generation import BatchEngine, BatchStreams, GenerationRequest, TextDecoder
 
     engine = BatchEngine(model, max_batch=max_batch, max_len=int(model.config.max_seq_len),
-                         prefill_chunk=prefill_chunk, prefill_per_step=prefill_chunk)
+                         prefill_chunk=prefill_chunk, prefill_per_step=prefill_chunk, compile=compile)
     streams = BatchStreams(engine)
     stop_ids = tuple(tokenizer.stop_ids)
 
@@ -111,16 +111,17 @@ def model_token_source(model: Any, tokenizer: "Tokenizer", *, max_batch: int = 8
 
 
 def load_served_model(model_dir: str | Path, name: str | None = None, device: str = "cpu",
-                      dtype: str | None = None, max_batch: int = 8) -> ServedModel:
+                      dtype: str | None = None, max_batch: int = 8, quantize: str = "none",
+                      compile: bool = False) -> ServedModel:
     """Load a model directory for serving, with a batched engine of `max_batch` KV slots (generation runs under
-    torch.inference_mode)."""
+    torch.inference_mode); `quantize` as load_model takes it, `compile` as BatchEngine does."""
     from matelike.model.io import load_model
 
-    model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
+    model, tokenizer = load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
     if tokenizer is None:
         raise ValueError(f"{model_dir}: no tokenizer.json in the model directory; the server needs one")
     model.eval()
-    source, engine = model_token_source(model, tokenizer, max_batch=max_batch)
+    source, engine = model_token_source(model, tokenizer, max_batch=max_batch, compile=compile)
     return ServedModel(
         name=name or Path(model_dir).resolve().name,
         context_len=int(model.config.max_seq_len),

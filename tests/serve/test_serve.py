@@ -16,6 +16,7 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
+import torch
 
 from matelike.sampling import GREEDY
 from matelike.serve.app import BackgroundServer, ServedModel, create_app, free_port, load_served_model
@@ -556,6 +557,23 @@ def test_answers_are_the_same_when_requests_join_a_running_batch_mid_way(served:
     finally:
         worker.close()
     assert max(running) >= 4  # joins happened while others were decoding (a short answer may end before)
+
+
+def test_a_quantized_server_answers_the_same_alone_and_among_requests_that_join(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matelike.model.quantize import Int8Linear
+
+    compiled: list[dict] = []  # the --compile wiring, without paying a compilation
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or m)
+    served = load_served_model(model_dir, quantize="int8", compile=True)
+    assert isinstance(served.engine.model.lm_head, Int8Linear) and compiled == [{"dynamic": True}]
+    worker = GenerationWorker(served.source, max_active=8)
+    try:
+        with BackgroundServer(create_app(served, worker)) as srv:
+            _check_joins_mid_way(srv)
+    finally:
+        worker.close()
 
 
 def _check_joins_mid_way(server: BackgroundServer) -> None:
