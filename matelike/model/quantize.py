@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization for inference on CPU: `--quantize int8` of generate, chat, serve and eval.
+"""Weight-only int8 quantization for inference: `--quantize int8` of generate, chat, serve, eval and make-pairs.
 
 Each `nn.Linear` weight becomes int8 with one scale per output row (symmetric, absmax / 127: the layout of
 llama.cpp's q8_0 at the granularity of torchao's int8 weight-only). A decode step of a small model is bound
@@ -10,7 +10,8 @@ the kernel computes every row independently, so a greedy answer is the same alon
 
 The embedding lookup, the norms and the routed experts of a mixture-of-experts model stay in the loaded
 dtype; the router and the shared expert's gate stay too (a rounding there changes which experts run).
-Training never sees a quantized model: the weights are not parameters any more.
+Training never sees a quantized model: the weights are not parameters any more. The kernel is a CPU one; on a
+GPU every call dequantizes its weight (less memory, no speed).
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from matelike.serve.app import allowed_hosts_for, create_app, is_loopback, load_served_model
+    import torch
+
+    from matelike.serve.app import allowed_hosts_for, create_app, is_loopback, load_served_model, serving_threads
     from matelike.serve.worker import GenerationWorker
 
     if args.max_batch < 1 or args.max_queue < 0:
@@ -30,11 +32,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("matelike serve: --max-body-bytes must be at least 1", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        torch.set_num_threads(serving_threads(args.threads))
         served = load_served_model(args.model, name=args.model_name, device=args.device, dtype=args.dtype,
                                    max_batch=args.max_batch, quantize=args.quantize,
                                    compile=args.compile)
@@ -76,5 +75,5 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; past that a request gets 503 server_overloaded")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for generation (default: torch's choice, one per core)")
+                   help="torch CPU threads for generation (default: one per core but one, which the HTTP side needs)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -110,6 +110,21 @@ def model_token_source(model: Any, tokenizer: "Tokenizer", *, max_batch: int = 8
     return source, engine
 
 
+def serving_threads(requested: int | None) -> int:
+    """torch threads for the server's forward passes: `requested`, else every core torch would use but one.
+
+    The HTTP side (event loop, JSON, detokenising each streamed piece) runs between forwards; with every core
+    in the forward, each token waits for it, and one fewer thread streams faster (`matelike bench serve`).
+    """
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads {requested}: must be at least 1")
+        return requested
+    return max(1, torch.get_num_threads() - 1)
+
+
 def load_served_model(model_dir: str | Path, name: str | None = None, device: str = "cpu",
                       dtype: str | None = None, max_batch: int = 8, quantize: str = "none",
                       compile: bool = False) -> ServedModel:

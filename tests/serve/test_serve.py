@@ -455,6 +455,21 @@ def test_serve_command_line(model_dir: Path) -> None:
         proc.wait(20)
 
 
+def test_the_server_leaves_one_core_to_the_http_side_unless_told(monkeypatch: pytest.MonkeyPatch, model_dir: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    from matelike.cli import main
+    from matelike.serve.app import serving_threads
+
+    for cores, threads in ((16, 15), (2, 1), (1, 1)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda cores=cores: cores)
+        assert serving_threads(None) == threads
+        assert serving_threads(3) == 3  # an explicit --threads is taken as it is
+    with pytest.raises(ValueError, match="--threads 0: must be at least 1"):
+        serving_threads(0)
+    assert main(["serve", "--model", str(model_dir), "--threads", "0"]) == 2
+    assert "matelike serve: --threads 0: must be at least 1" in capsys.readouterr().err
+
+
 def test_max_active_is_an_alias_of_max_batch_and_bad_sizes_are_refused(model_dir: Path, capsys) -> None:
     from matelike.cli import build_parser, main
 
