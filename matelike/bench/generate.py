@@ -4,10 +4,12 @@ The bench builds a randomly initialised model of the preset, saves it as a model
 temporary folder, loads it back with both our loader and `AutoModelForCausalLM`, and times greedy
 generation of random prompts (no stop tokens, so every run produces exactly the requested length).
 Decode speed = new tokens / (time for prompt + N tokens - time for prompt + 1 token), so prefill is
-excluded. `matmul_floor_tok_s_b1` is the batch-1 speed of the weight matrix products alone, the ceiling
-for any implementation of the model in that dtype (`matmul_in_step_tok_s_b1`: the same products as timed inside
-our decode step, where they run slower when the back-to-back loop found the weights in cache); `ratio.matmul_floor_b1` is that ceiling over transformers'
-decode speed, the largest `ratio.decode_tok_s_b1` any implementation could reach on the machine. It also
+excluded. `matmul_floor_tok_s_b1` is the batch-1 speed of the weight matrix products alone (torch's eager
+kernels), the ceiling for an implementation of the model in that dtype that calls them
+(`matmul_in_step_tok_s_b1`: the same products as timed inside our eager decode step, where they run slower
+when the back-to-back loop found the weights in cache; a compiled step with frozen, pre-packed weights calls
+other kernels and can pass it); `ratio.matmul_floor_b1` is that ceiling over transformers' decode speed.
+`ours_int8` is our generate with `--quantize int8`, with the int8 kernel's own two ceilings. It also
 reports the peak resident memory of loading the `0.2b` preset in fp16 and bf16, each measured in a fresh
 subprocess. With llama-cpp-python installed, the `llama_cpp` column times llama.cpp at batch 1 on the same
 directory exported to GGUF (`--llama-cpp` outtypes), with the same method and thread count; the directory then

@@ -112,9 +112,9 @@ class BatchEngine:
                  prefill_chunk: int = 256, prefill_per_step: int | None = None, compile: bool = False) -> None:
         """`prefill_per_step`: prompt tokens prefilled per step at most (None: every waiting prompt that has a
         slot, the offline choice; the server passes one chunk to keep other requests' tokens flowing).
-        `compile`: run decode steps through `torch.compile(model, dynamic=True)` (fused elementwise kernels; the
-        first steps compile for tens of seconds, and greedy answers may differ from eager ones in the last bits
-        of the logits, so it is off by default)."""
+        `compile`: run decode steps through `torch.compile(model, dynamic=True)` with the weights frozen into the
+        graph (fused elementwise kernels, pre-packed weights; the first steps compile for tens of seconds, and
+        greedy answers may differ from eager ones in the last bits of the logits, so it is off by default)."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         self.model = model
@@ -124,7 +124,7 @@ class BatchEngine:
         self.prefill_per_step = prefill_per_step
         self.device = model.embed.weight.device
         # Decode steps only: prefill chunks vary in length and run once per prompt, not worth a compiled graph.
-        self._decode_model: Callable[..., Any] = torch.compile(model, dynamic=True) if compile else model
+        self._decode_model: Callable[..., Any] = _frozen_compile(model) if compile else model
         self.vocab = model.config.vocab_size
         self.cache = KVCache(model.config, max_batch, self.max_len, self.device, model.embed.weight.dtype)
         self._rows: list[_Seq] = []  # decoding, row i in cache row i
@@ -285,6 +285,23 @@ class BatchEngine:
             self._rows.pop()
             if self._filling is not None:
                 self.cache.copy_row(last + 1, last, self._filling.cached)
+
+
+def _frozen_compile(model: Transformer) -> Callable[..., Any]:
+    """`torch.compile(model, dynamic=True)` run with inductor's freezing: the weights become constants of the
+    graph, pre-packed for the CPU's matrix kernels (the bench's decode figures). Freezing is read when a graph
+    compiles, which happens at a call (a first one, or a new batch size), so every call sets it, for that
+    call only; `options={"freezing": True}` of torch.compile did not reach it. A model whose weights change
+    later needs a new engine."""
+    from torch._inductor import config as inductor_config
+
+    compiled = torch.compile(model, dynamic=True)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 def _row_seed(seed: int | None, row: int) -> int | None:

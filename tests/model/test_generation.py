@@ -17,6 +17,7 @@ from matelike.model.generation import (
     stream_generate,
     stream_text,
 )
+from matelike.model.quantize import quantize_int8
 from matelike.model.transformer import ModelConfig, Transformer
 from matelike.sampling import GREEDY, SamplingParams
 
@@ -292,14 +293,18 @@ def test_engine_compile_runs_decode_steps_through_torch_compile_and_prefill_eage
     # The wiring, without paying a compilation: torch.compile is replaced by a recorder that returns the model.
     model = make()
     eager = generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY)
+    from torch._inductor import config as inductor_config
+
     compiled: list[dict] = []
     decode_lengths: list[int] = []
+    frozen: list[bool] = []
 
     def fake_compile(m, **kwargs):
         compiled.append(kwargs)
 
         def run(input_ids, **kw):
             decode_lengths.append(input_ids.shape[1])
+            frozen.append(inductor_config.freezing)  # a graph compiled here freezes the weights
             return m(input_ids, **kw)
 
         return run
@@ -308,11 +313,14 @@ def test_engine_compile_runs_decode_steps_through_torch_compile_and_prefill_eage
     assert generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY, compile=True) == eager
     assert compiled == [{"dynamic": True}]
     assert decode_lengths and set(decode_lengths) == {1}  # prompts are prefilled by the eager model
+    assert set(frozen) == {True} and not inductor_config.freezing  # for the compiled calls only
     assert generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY) == eager and len(compiled) == 1
 
 
 @pytest.mark.slow
-def test_engine_compiled_decode_gives_the_eager_greedy_answers() -> None:
-    model = make()
+@pytest.mark.parametrize("int8", [False, True])
+def test_engine_compiled_decode_gives_the_eager_greedy_answers(int8: bool) -> None:
+    # Compiled with inductor's freezing: the weights (int8 ones too) are constants of the graph.
+    model = quantize_int8(make()) if int8 else make()
     eager = generate(model, PROMPTS, max_new_tokens=8, sampling=GREEDY)
     assert generate(model, PROMPTS, max_new_tokens=8, sampling=GREEDY, compile=True) == eager
