@@ -40,9 +40,10 @@ def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *
                                  "(default none; matelike.model.quantize)")
     if compile_decode:
         parser.add_argument("--compile", action="store_true",
-                            help="run decode steps through torch.compile: faster steps after a warm-up of tens of "
-                                 "seconds (a recompile or two as the batch size first changes); greedy answers can "
-                                 "differ from eager ones in the last bits")
+                            help="run decode steps through torch.compile with the weights frozen into the graph: "
+                                 "faster steps after compiling for tens of seconds (serve compiles every batch "
+                                 "shape before it takes requests); greedy answers can differ from eager ones in the "
+                                 "last bits")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

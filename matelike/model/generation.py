@@ -112,9 +112,10 @@ class BatchEngine:
                  prefill_chunk: int = 256, prefill_per_step: int | None = None, compile: bool = False) -> None:
         """`prefill_per_step`: prompt tokens prefilled per step at most (None: every waiting prompt that has a
         slot, the offline choice; the server passes one chunk to keep other requests' tokens flowing).
-        `compile`: run decode steps through `torch.compile(model, dynamic=True)` with the weights frozen into the
-        graph (fused elementwise kernels, pre-packed weights; the first steps compile for tens of seconds, and
-        greedy answers may differ from eager ones in the last bits of the logits, so it is off by default)."""
+        `compile`: run decode steps of rows in step (one request, or requests at the same position) through
+        `torch.compile(model, dynamic=True)` with the weights frozen into the graph (fused elementwise kernels,
+        pre-packed weights); the first such steps compile for tens of seconds, and greedy answers may differ
+        from eager ones in the last bits of the logits, so it is off by default."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         self.model = model
@@ -203,7 +204,10 @@ class BatchEngine:
         rows = self._rows
         ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long, device=self.device)
         view = CacheRows(self.cache, 0, [s.cached for s in rows], 1, self.device)
-        logits = self._decode_model(ids, cache=view, last_only=True).logits[:, -1].float()
+        # Rows at their own positions write the cache with indexed stores, which a compiled graph turns into
+        # copies of whole cache tensors (slower than eager, measured): only steps of rows in step are compiled.
+        model = self._decode_model if view.same else self.model
+        logits = model(ids, cache=view, last_only=True).logits[:, -1].float()
         for s in rows:
             s.cached += 1
         tokens = self._sample(rows, logits)
@@ -291,14 +295,16 @@ def _frozen_compile(model: Transformer) -> Callable[..., Any]:
     """`torch.compile(model, dynamic=True)` run with inductor's freezing: the weights become constants of the
     graph, pre-packed for the CPU's matrix kernels (the bench's decode figures). Freezing is read when a graph
     compiles, which happens at a call (a first one, or a new batch size), so every call sets it, for that
-    call only; `options={"freezing": True}` of torch.compile did not reach it. A model whose weights change
-    later needs a new engine."""
+    call only; `options={"freezing": True}` of torch.compile did not reach it. Duck shaping is off for the
+    same calls: it would tie the batch size to any other size that happened to equal it while compiling (the
+    number of layers), and recompile when they differ. A model whose weights change later needs a new engine."""
     from torch._inductor import config as inductor_config
+    from torch.fx.experimental import _config as fx_config
 
     compiled = torch.compile(model, dynamic=True)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=True), fx_config.patch(use_duck_shape=False):
             return compiled(*args, **kwargs)
 
     return run

@@ -110,6 +110,25 @@ def model_token_source(model: Any, tokenizer: "Tokenizer", *, max_batch: int = 8
     return source, engine
 
 
+def warm_up(engine: "BatchEngine") -> None:
+    """Decode a few tokens alone, then two requests in step (prompts of one length), before serving: a compiled
+    engine compiles its graphs for one row and for several then, not while clients wait, where a new batch
+    shape would stall every running request for the compilation."""
+    import torch
+
+    from matelike.model.generation import GenerationRequest
+
+    log.info("compiling the decode step for one row and for several (tens of seconds)")
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for prompts in ([[0, 1, 2]], [[0, 1, 2], [3, 4, 5]]):
+            for prompt in prompts:
+                engine.add(GenerationRequest(prompt, 3))
+            while engine.has_work():
+                engine.step()
+    log.info("decode step compiled in %.1f s", time.perf_counter() - started)
+
+
 def serving_threads(requested: int | None) -> int:
     """torch threads for the server's forward passes: `requested`, else every core torch would use but one.
 
@@ -137,6 +156,8 @@ def load_served_model(model_dir: str | Path, name: str | None = None, device: st
         raise ValueError(f"{model_dir}: no tokenizer.json in the model directory; the server needs one")
     model.eval()
     source, engine = model_token_source(model, tokenizer, max_batch=max_batch, compile=compile)
+    if compile:
+        warm_up(engine)
     return ServedModel(
         name=name or Path(model_dir).resolve().name,
         context_len=int(model.config.max_seq_len),

@@ -287,23 +287,25 @@ def test_batch_streams_interleave_requests_and_closing_one_frees_its_slot() -> N
     assert streams.engine.free_slots == 2
 
 
-def test_engine_compile_runs_decode_steps_through_torch_compile_and_prefill_eagerly(
+def test_engine_compile_runs_decode_steps_of_rows_in_step_through_torch_compile_and_the_rest_eagerly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The wiring, without paying a compilation: torch.compile is replaced by a recorder that returns the model.
-    model = make()
-    eager = generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY)
     from torch._inductor import config as inductor_config
 
+    model = make()
+    same_length = [[3, 14, 15, 92], [79, 32, 38, 46]]
+    eager = generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY)
+    eager_same = generate(model, same_length, max_new_tokens=6, sampling=GREEDY)
     compiled: list[dict] = []
-    decode_lengths: list[int] = []
+    calls: list[tuple[int, int]] = []
     frozen: list[bool] = []
 
     def fake_compile(m, **kwargs):
         compiled.append(kwargs)
 
         def run(input_ids, **kw):
-            decode_lengths.append(input_ids.shape[1])
+            calls.append(tuple(input_ids.shape))
             frozen.append(inductor_config.freezing)  # a graph compiled here freezes the weights
             return m(input_ids, **kw)
 
@@ -312,9 +314,11 @@ def test_engine_compile_runs_decode_steps_through_torch_compile_and_prefill_eage
     monkeypatch.setattr(torch, "compile", fake_compile)
     assert generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY, compile=True) == eager
     assert compiled == [{"dynamic": True}]
-    assert decode_lengths and set(decode_lengths) == {1}  # prompts are prefilled by the eager model
+    assert calls == []  # prompts of three lengths decode at their own positions, eagerly; prefill is eager too
+    assert generate(model, same_length, max_new_tokens=6, sampling=GREEDY, compile=True) == eager_same
+    assert calls == [(2, 1)] * 5  # rows in step: every decode step compiled (the first token comes from prefill)
     assert set(frozen) == {True} and not inductor_config.freezing  # for the compiled calls only
-    assert generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY) == eager and len(compiled) == 1
+    assert generate(model, PROMPTS, max_new_tokens=6, sampling=GREEDY) == eager and len(compiled) == 2
 
 
 @pytest.mark.slow
@@ -322,5 +326,6 @@ def test_engine_compile_runs_decode_steps_through_torch_compile_and_prefill_eage
 def test_engine_compiled_decode_gives_the_eager_greedy_answers(int8: bool) -> None:
     # Compiled with inductor's freezing: the weights (int8 ones too) are constants of the graph.
     model = quantize_int8(make()) if int8 else make()
-    eager = generate(model, PROMPTS, max_new_tokens=8, sampling=GREEDY)
-    assert generate(model, PROMPTS, max_new_tokens=8, sampling=GREEDY, compile=True) == eager
+    for prompts in ([p] for p in PROMPTS):  # one row: every decode step compiled
+        eager = generate(model, prompts, max_new_tokens=8, sampling=GREEDY)
+        assert generate(model, prompts, max_new_tokens=8, sampling=GREEDY, compile=True) == eager

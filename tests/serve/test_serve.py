@@ -580,9 +580,23 @@ def test_a_quantized_server_answers_the_same_alone_and_among_requests_that_join(
     from matelike.model.quantize import Int8Linear
 
     compiled: list[dict] = []  # the --compile wiring, without paying a compilation
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or m)
+    decode_rows: list[int] = []
+
+    def fake_compile(m, **kw):
+        compiled.append(kw)
+
+        def run(input_ids, **k):
+            decode_rows.append(input_ids.shape[0])
+            return m(input_ids, **k)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     served = load_served_model(model_dir, quantize="int8", compile=True)
     assert isinstance(served.engine.model.lm_head, Int8Linear) and compiled == [{"dynamic": True}]
+    # Warmed up before serving: decode steps of one row and of two ran, and left every slot free.
+    assert set(decode_rows) == {1, 2} and served.engine.running == 0
+    assert served.engine.free_slots == served.engine.max_batch and not served.engine.has_work()
     worker = GenerationWorker(served.source, max_active=8)
     try:
         with BackgroundServer(create_app(served, worker)) as srv:
