@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -244,3 +244,22 @@ def test_chat_command_in_process(model_dir: Path, monkeypatch: pytest.MonkeyPatc
                  "--max-new-tokens", "6"]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("\n") >= 2 and "[system prompt set: 简短回答。]" in captured.err
+
+
+def test_chat_command_with_quantize_and_compile(model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    # Both flags reach the model: int8 layers, and decode steps through torch.compile (a recorder here, so no
+    # compilation is paid), the same compiled wrapper kind for every turn.
+    import torch
+
+    from matelike.cli import main
+    from matelike.model.quantize import Int8Linear
+
+    compiled: list[Any] = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n你是谁？\n"))
+    assert main(["chat", "--model", str(model_dir), "--top-k", "1", "--max-new-tokens", "4", "--quantize", "int8",
+                 "--compile"]) == 0
+    assert len(compiled) == 2  # one engine per turn
+    assert all(isinstance(m.lm_head, Int8Linear) for m in compiled) and compiled[0] is compiled[1]
+    assert capsys.readouterr().out.count("\n") >= 2
