@@ -41,8 +41,8 @@ def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *
     if compile_decode:
         parser.add_argument("--compile", action="store_true",
                             help="run decode steps through torch.compile with the weights frozen into the graph: "
-                                 "faster steps after compiling for tens of seconds (serve compiles every batch "
-                                 "shape before it takes requests); greedy answers can differ from eager ones in the "
+                                 "faster steps after compiling for tens of seconds (serve compiles before it takes "
+                                 "requests); greedy answers can differ from eager ones in the "
                                  "last bits")
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from matelike.cli import build_parser
-from matelike.device import DEVICE_HELP, DTYPES, QUANTIZE, cpu_bf16_is_faster, resolve_device, training_dtype, weights_dtype
+from matelike.device import (DEVICE_HELP, DTYPES, QUANTIZE, cpu_bf16_is_faster, resolve_device, training_dtype,
+                             weights_dtype)
 
 CPU = torch.device("cpu")
 

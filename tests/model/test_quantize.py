@@ -94,7 +94,8 @@ def test_generate_command_answers_with_the_quantized_model(make_chat_model, caps
     assert isinstance(model.lm_head, Int8Linear)
     ids = tokenizer.encode_chat([{"role": "user", "content": "你好"}], add_generation_prompt=True)[0]
     want = "".join(stream_generate(model, tokenizer, ids, max_new_tokens=6, sampling=GREEDY))
-    args = ["generate", "--model", str(model_dir), "--prompt", "你好", "--chat", "--max-new-tokens", "6", "--top-k", "1"]
+    args = ["generate", "--model", str(model_dir), "--prompt", "你好", "--chat", "--max-new-tokens", "6",
+            "--top-k", "1"]
     assert main(args + ["--quantize", "int8"]) == 0
     assert capsys.readouterr().out == want + "\n"
     with pytest.raises(SystemExit) as exit_:
