@@ -36,7 +36,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = weight.detach().float()
         # The kernel takes its scales in the activation dtype and runs in bf16 (its fp32 path is not vectorised):
-        # rows are rounded with the bf16 scale itself, so each weight is off by at most half a step.
+        # rows are rounded with the bf16 scale itself, so each weight is off by at most half a step (bf16 rounding
+        # lowers a scale by at most 2^-8, so the largest weight stays under 127.5 steps and is never clamped).
         scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         self.register_buffer("weight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))

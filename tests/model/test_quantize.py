@@ -26,13 +26,13 @@ def make(**kw) -> Transformer:
 
 def test_each_weight_is_within_half_a_step_of_its_row_scale() -> None:
     torch.manual_seed(1)
-    w = torch.randn(40, 24) * torch.logspace(-3, 1, 40)[:, None]  # rows of very different sizes
+    w = torch.randn(4000, 24) * torch.logspace(-3, 1, 4000)[:, None]  # rows of very different sizes
     w[7] = 0.0  # an all-zero row must not divide by zero
     q = Int8Linear(w)
     assert q.weight.dtype == torch.int8 and q.scale.dtype == torch.bfloat16 and q.weight.abs().max() <= 127
     error = (q.dequantized(torch.float32) - w).abs()
     step = q.scale.float()[:, None]
-    assert torch.all(error <= step / 2 + 1e-12 * w.abs()), (error / step).max()
+    assert torch.all(error <= step / 2 * (1 + 1e-6)), (error / step).max()
     assert torch.all(q.dequantized(torch.float32)[7] == 0)
     # The largest weight of each row lands on (about) +-127 steps: the row's range is used.
     assert (q.weight.abs().amax(1)[w.abs().amax(1) > 0] >= 126).all()
