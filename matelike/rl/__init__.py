@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Seque
 
 import numpy as np
 
-from matelike.rl.losses import LOSS_TYPES, SCALE_REWARDS
+from matelike.rl.losses import BASELINES, LOSS_TYPES, SCALE_REWARDS
 
 # TRL's PPOConfig defaults for `--algo ppo`
 PPO_DEFAULTS: dict[str, float] = {"kl_coef": 0.05, "gamma": 1.0, "lam": 0.95, "cliprange_value": 0.2, "vf_coef": 0.1}
@@ -74,6 +74,7 @@ class GRPOTask:
         ref_model: "nn.Module | None" = None, scale_rewards: str = "group", mask_truncated: bool = False,
         updates_per_rollout: int = 1, seed: int = 0, autocast: Callable[[], ContextManager] | None = None,
         generation_batch: int = 64, aux_loss_coef: float = 0.0, dynamic_sampling: int = 0,
+        baseline: str = "mean", positive_only: bool = False,
     ) -> None:
         from matelike.rl.rewards import reward_name
         from matelike.sampling import SamplingParams
@@ -82,6 +83,8 @@ class GRPOTask:
             raise ValueError(f"unknown --loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
         if scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"unknown --scale-rewards {scale_rewards!r}; choose one of {', '.join(SCALE_REWARDS)}")
+        if baseline not in BASELINES:
+            raise ValueError(f"unknown --baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
         if group < self.min_group:
             raise ValueError(f"--group must be >= {self.min_group}{self.group_why}, got {group}")
         if not temperature > 0:
@@ -112,6 +115,7 @@ class GRPOTask:
         if dynamic_sampling < 0:
             raise ValueError(f"--dynamic-sampling must be >= 0, got {dynamic_sampling}")
         self.dynamic_sampling = dynamic_sampling
+        self.baseline, self.positive_only = baseline, positive_only
         self.tasks = prompts.tasks()
         # dapo is a mean over every token of the step: micro-batches and ranks weigh by their tokens. grpo and
         # dr_grpo are means over completions, and every micro-batch holds batch_size x group of them.
@@ -195,16 +199,30 @@ class GRPOTask:
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             stop_ids=self.stop_ids, max_batch=self.generation_batch,
         )  # in the weights' dtype, not under autocast: the engine's KV cache holds the weights' dtype
-        self.rollout_log.append((t0, time.perf_counter() - t0, sum(len(c.tokens) for c in comps)))
-        answers = [c.tokens[:-1] if c.stopped else c.tokens for c in comps]
-        fields = [self.prompts.fields[i] for i in idx for _ in range(G)]
+        greedy: list = []
+        if self.baseline == "greedy":  # each prompt's greedy answer, the baseline its samples must beat
+            greedy = sample_completions(
+                self.policy, [self.prompts.ids[i] for i in idx], seeds[::G], max_new_tokens=self.max_new_tokens,
+                temperature=0.0, top_k=None, top_p=None, stop_ids=self.stop_ids, max_batch=self.generation_batch)
+        self.rollout_log.append((t0, time.perf_counter() - t0, sum(len(c.tokens) for c in comps + greedy)))
+        every = comps + greedy
+        answers = [c.tokens[:-1] if c.stopped else c.tokens for c in every]
+        rows = [i for i in idx for _ in range(G)] + (idx if greedy else [])
         # One call per reward function for the whole rollout, before any training forward.
-        total, per_fn = combine_rewards(self.rewards, self.reward_weights,
-                                        [self.prompts.prompts[i] for i in idx for _ in range(G)],
-                                        [self.decode(a) for a in answers], fields, answers)
+        total, per_fn = combine_rewards(self.rewards, self.reward_weights, [self.prompts.prompts[i] for i in rows],
+                                        [self.decode(a) for a in answers], [self.prompts.fields[i] for i in rows],
+                                        answers)
+        n = len(idx) * G
         return [{"prompt": self.prompts.ids[i], "task": self.prompts.fields[i].get("task"),
                  "comps": comps[k * G:(k + 1) * G], "rewards": total[k * G:(k + 1) * G],
+                 "greedy": total[n + k] if greedy else None,
                  "per_fn": [vals[k * G:(k + 1) * G] for vals in per_fn]} for k, i in enumerate(idx)]
+
+    def _has_signal(self, group: dict) -> bool:
+        """Whether a group's advantages can be non-zero: its rewards differ (from the greedy answer's too, with
+        that baseline)."""
+        rewards = group["rewards"] + ([group["greedy"]] if group["greedy"] is not None else [])
+        return max(rewards) != min(rewards)
 
     def _rollout(self, start: int, rank: int, world_size: int) -> tuple[list[dict], int]:
         """Sample, score and lay out this rank's share of the rollout starting at stream position `start`:
@@ -229,7 +247,7 @@ class GRPOTask:
             if not self.dynamic_sampling:
                 used = groups
                 break
-            used += [g for g in groups if max(g["rewards"]) != min(g["rewards"])][: need - len(used)]
+            used += [g for g in groups if self._has_signal(g)][: need - len(used)]
             if len(used) == need:
                 break
         if len(used) < need:  # out of rounds: fill with groups that carry no signal (advantage 0)
@@ -237,7 +255,10 @@ class GRPOTask:
             used += spare[: need - len(used)]
         rewards = torch.tensor([r for g in used for r in g["rewards"]], dtype=torch.float64)
         stats, batch_std, consumed = self._rollout_stats(drawn, used, i)
-        adv = group_advantages(rewards, G, self.scale_rewards, batch_std=batch_std)
+        baseline = torch.tensor([g["greedy"] for g in used], dtype=torch.float64) \
+            if self.baseline == "greedy" else None
+        adv = group_advantages(rewards, G, self.scale_rewards, batch_std=batch_std, baseline=baseline,
+                               positive_only=self.positive_only)
         micro = []
         for mm in range(A):
             batch = self._collate(used[mm * B:(mm + 1) * B])
@@ -295,6 +316,8 @@ class GRPOTask:
             for k in range(len(self.rewards)):
                 got = [v for g in drawn for v in g["per_fn"][k] if v is not None]
                 vals += [float(len(got)), float(sum(got))]
+        if self.baseline == "greedy":
+            vals.append(float(sum(g["greedy"] for g in drawn)))
         vals = sum_over_ranks(vals)
         # ranks may draw different numbers of prompts: the stream moves on by the most any rank drew
         most = _max_over_ranks(consumed) if self.dynamic_sampling else consumed
@@ -319,6 +342,8 @@ class GRPOTask:
                 if count:
                     stats[f"reward_fn_{name}"] = total / count
                 k += 2
+        if self.baseline == "greedy":  # what greedy decoding, the way eval answers, earns on these prompts
+            stats["reward_greedy"] = vals[k] / ngroups
         return stats, std(nt, st, s2t), most
 
     # ---- loss ----------------------------------------------------------------------------------------------
@@ -439,7 +464,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     if ppo:
         from matelike.rl.ppo import grpo_only
 
-        wrong = grpo_only(args.beta, args.dynamic_sampling, args.scale_rewards)
+        wrong = grpo_only(args.beta, args.dynamic_sampling, args.scale_rewards, args.baseline, args.positive_only)
         if wrong:
             return fail(wrong)
     specs = args.reward if args.reward is not None else ([] if ppo else ["task"])
@@ -493,7 +518,8 @@ def _cmd_rl(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, loss=args.loss, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
         beta=args.beta, scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated,
-        updates_per_rollout=updates, dynamic_sampling=args.dynamic_sampling,
+        updates_per_rollout=updates, dynamic_sampling=args.dynamic_sampling, baseline=args.baseline,
+        positive_only=args.positive_only,
         **({"value_init": value_init, **ppo_settings} if ppo else {}))
     report = BadRecordReport() if info.is_main else BadRecordReport(max_shown=0)
     check = check_task_record if "task" in specs else None
@@ -540,7 +566,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
         epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta, ref_model=ref_model,
         scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated, updates_per_rollout=updates,
         seed=config.seed, autocast=precision.autocast, generation_batch=args.generation_batch,
-        dynamic_sampling=args.dynamic_sampling,
+        dynamic_sampling=args.dynamic_sampling, baseline=args.baseline, positive_only=args.positive_only,
         aux_loss_coef=model.config.aux_loss_coef if model.config.is_moe else 0.0)
     trained: "nn.Module" = model
     export: Any = "default"
@@ -595,6 +621,11 @@ def add_cli(table: "CommandTable") -> None:
                         "completions x max-new-tokens), dapo (over every token)")
     p.add_argument("--scale-rewards", choices=SCALE_REWARDS, default="group",
                    help="divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO)")
+    p.add_argument("--baseline", choices=BASELINES, default="mean",
+                   help="what a sample's reward is compared with: its group's mean (GRPO) or the reward of the "
+                        "prompt's greedy answer (ReMax; one greedy answer more per prompt)")
+    p.add_argument("--positive-only", action="store_true",
+                   help="train only on samples with an advantage above 0 (reinforce, never push down)")
     p.add_argument("--epsilon", type=float, default=0.2, help="clip range below 1 (and above, unless --epsilon-high)")
     p.add_argument("--epsilon-high", type=float, default=None, help="clip range above 1 (DAPO's clip-higher: 0.28)")
     p.add_argument("--beta", type=float, default=0.0,

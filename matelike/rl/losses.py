@@ -41,15 +41,23 @@ if TYPE_CHECKING:
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo")
 SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
+BASELINES: tuple[str, ...] = ("mean", "greedy")
 # Added to the standard deviation before dividing: a group whose rewards are all equal has advantages 0, not NaN.
 STD_EPS = 1e-4
 
 
 def group_advantages(rewards: "torch.Tensor", group: int, scale: str = "group",
-                     batch_std: float | None = None) -> "torch.Tensor":
+                     batch_std: float | None = None, baseline: "torch.Tensor | None" = None,
+                     positive_only: bool = False) -> "torch.Tensor":
     """(N·G,) advantages of (N·G,) rewards laid out group after group: reward minus its group's mean, divided
     by the group's standard deviation (`group`), the whole batch's (`batch`; `batch_std` when the batch spans
-    several processes) or by nothing (`none`, Dr. GRPO). Standard deviations are unbiased (n-1), as TRL's."""
+    several processes) or by nothing (`none`, Dr. GRPO). Standard deviations are unbiased (n-1), as TRL's.
+
+    `baseline` (N,), one per group, replaces the group's mean: the reward of the prompt's greedy answer for
+    ReMax (Li et al. 2023), so a sample is pushed up exactly when it beats what greedy decoding answers. The
+    group's standard deviation then takes the baseline in as one more reward, so a group whose samples agree
+    with each other but not with the greedy answer still has a finite scale. `positive_only` keeps only the
+    advantages above 0: samples are reinforced, none is pushed down."""
     import torch
 
     if scale not in SCALE_REWARDS:
@@ -57,13 +65,23 @@ def group_advantages(rewards: "torch.Tensor", group: int, scale: str = "group",
     if group < 1 or rewards.numel() % group:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group}")
     r = rewards.double().view(-1, group)
-    adv = r - r.mean(dim=1, keepdim=True)
+    if baseline is None:
+        adv = r - r.mean(dim=1, keepdim=True)
+        spread = r
+    else:
+        b = baseline.double().view(-1, 1)
+        if b.shape[0] != r.shape[0]:
+            raise ValueError(f"{b.shape[0]} baselines for {r.shape[0]} groups")
+        adv = r - b
+        spread = torch.cat([r, b], dim=1)
     if scale == "group":
-        std = r.std(dim=1, keepdim=True) if group > 1 else torch.zeros_like(r)
+        std = spread.std(dim=1, keepdim=True) if spread.shape[1] > 1 else torch.zeros_like(r)
         adv = adv / (std + STD_EPS)
     elif scale == "batch":
         std = batch_std if batch_std is not None else (float(r.std()) if r.numel() > 1 else 0.0)
         adv = adv / (std + STD_EPS)
+    if positive_only:
+        adv = adv.clamp(min=0)
     return adv.view(-1).float()
 
 

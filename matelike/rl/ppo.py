@@ -97,7 +97,8 @@ def policy_export(tokenizer: "Tokenizer") -> Callable[[nn.Module, Path], None]:
     return export
 
 
-def grpo_only(beta: float, dynamic_sampling: int, scale_rewards: str) -> str | None:
+def grpo_only(beta: float, dynamic_sampling: int, scale_rewards: str, baseline: str = "mean",
+              positive_only: bool = False) -> str | None:
     """What is wrong with GRPO's settings under PPO (None when they are off)."""
     if beta:
         return "--beta is GRPO's KL in the loss; PPO folds the KL into the reward: use --kl-coef"
@@ -105,6 +106,8 @@ def grpo_only(beta: float, dynamic_sampling: int, scale_rewards: str) -> str | N
         return "--dynamic-sampling is GRPO's (it needs groups); PPO takes every rollout"
     if scale_rewards != "group":
         return "--scale-rewards is GRPO's; PPO whitens its GAE advantages"
+    if baseline != "mean" or positive_only:
+        return "--baseline and --positive-only are GRPO's; PPO's baseline is its value model"
     return None
 
 
@@ -129,7 +132,8 @@ class PPOTask(GRPOTask):
                  cliprange_value: float = PPO_DEFAULTS["cliprange_value"], vf_coef: float = PPO_DEFAULTS["vf_coef"],
                  group: int = 1, updates_per_rollout: int = 4, **kwargs: Any) -> None:
         wrong = grpo_only(kwargs.get("beta", 0.0), kwargs.get("dynamic_sampling", 0),
-                          kwargs.get("scale_rewards", "group"))
+                          kwargs.get("scale_rewards", "group"), kwargs.get("baseline", "mean"),
+                          kwargs.get("positive_only", False))
         if wrong:
             raise ValueError(wrong)
         if kl_coef < 0 or not 0 <= gamma <= 1 or not 0 <= lam <= 1 or cliprange_value <= 0 or vf_coef < 0:

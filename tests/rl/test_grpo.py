@@ -100,6 +100,30 @@ def test_dynamic_sampling_trains_only_on_groups_with_signal(make_chat_model) -> 
                  dynamic_sampling=-1)
 
 
+def test_a_greedy_baseline_compares_each_sample_with_the_greedy_answer(make_chat_model) -> None:
+    model, tok = _model(make_chat_model)
+    reward = lambda prompts, completions, completion_ids, **kw: [  # noqa: E731
+        sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+    task = GRPOTask(model, _prompts(tok), [reward], decode=tok.decode, stop_ids=(), pad_id=tok.pad_id,
+                    batch_size=2, group=4, max_new_tokens=5, temperature=1.0, seed=4, baseline="greedy",
+                    scale_rewards="none")
+    batch, _ = next(task.batches(0, 1, None))
+    prompts = [task.prompts.ids[task._prompt_at(p)] for p in range(2)]
+    greedy = sample_completions(model, prompts, [0, 0], max_new_tokens=5, temperature=0.0, top_k=None,
+                                top_p=None, stop_ids=(), max_batch=2)
+    greedy_rewards = reward(None, None, [c.tokens for c in greedy])
+    assert batch["stats"]["reward_greedy"] == pytest.approx(sum(greedy_rewards) / 2)
+    # each advantage is the sample's reward minus its prompt's greedy reward (no scaling)
+    completions = [row[row != -100].tolist() for row in batch["targets"]]
+    expected = [r - greedy_rewards[i // 4] for i, r in enumerate(reward(None, None, completions))]
+    assert batch["advantages"].tolist() == pytest.approx(expected, abs=1e-6)
+    task.positive_only = True
+    clipped, _ = next(task.batches(0, 1, None))
+    assert clipped["advantages"].tolist() == pytest.approx([max(0.0, e) for e in expected], abs=1e-6)
+    with pytest.raises(ValueError, match="--baseline"):
+        GRPOTask(model, _prompts(tok), [reward], decode=tok.decode, stop_ids=(), pad_id=tok.pad_id, baseline="max")
+
+
 def test_a_toy_reward_rises_within_a_few_steps(make_chat_model, tmp_path: Path) -> None:
     """Reward: the share of completion tokens with an even id. Plain GRPO on it must raise the mean reward."""
     from matelike.train import TrainConfig, Trainer
@@ -255,7 +279,9 @@ def test_bad_flags_stop_before_training(make_chat_model, tmp_path: Path, capsys)
                        (("--reward", "task", "--reward-weights", "1", "2"), "1 --reward but 2 --reward-weights"),
                        (("--fsdp",), "without --fsdp"), (("--group", "1"), "--group must be >= 2"),
                        (("--top-k", "0"), "top_k must be an integer >= 1"),
-                       (("--max-new-tokens", "128"), "--max-new-tokens must be between 1 and")]:
+                       (("--max-new-tokens", "128"), "--max-new-tokens must be between 1 and"),
+                       (("--algo", "ppo", "--reward", "task", "--baseline", "greedy"), "--baseline and"),
+                       (("--algo", "ppo", "--reward", "task", "--positive-only"), "--baseline and")]:
         assert main(_run_args(init, data, tmp_path / "out", "--max-steps", "1", *extra)) == 2, extra
         assert msg in capsys.readouterr().err, extra
     assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -29,6 +29,21 @@ def test_group_advantages_two_sample_group_by_hand() -> None:
         group_advantages(r, 2, "max")
 
 
+def test_a_greedy_baseline_replaces_the_group_mean_by_hand() -> None:
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0])  # two groups of two
+    greedy = torch.tensor([0.0, 1.0])  # the first prompt's greedy answer earned 0, the second's 1
+    assert group_advantages(r, 2, "none", baseline=greedy).tolist() == pytest.approx([1.0, 0.0, -1.0, -1.0])
+    # the group scale counts the baseline as one more reward: std of (1, 0, 0) and of (0, 0, 1)
+    std = float(torch.tensor([1.0, 0.0, 0.0]).std())
+    assert group_advantages(r, 2, "group", baseline=greedy).tolist() == pytest.approx(
+        [1 / (std + STD_EPS), 0.0, -1 / (std + STD_EPS), -1 / (std + STD_EPS)])
+    # positive-only: the samples that beat greedy are reinforced, none pushed down
+    assert group_advantages(r, 2, "none", baseline=greedy, positive_only=True).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert group_advantages(r, 2, "none", positive_only=True).tolist() == [0.5, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="3 baselines for 2 groups"):
+        group_advantages(r, 2, baseline=torch.zeros(3))
+
+
 # A two-sample group worked by hand: completion 0 (advantage +1) has two tokens with ratios 1.5 and 0.5,
 # completion 1 (advantage -1) one token with ratio 1.1. ε = 0.2, ε_high = 0.28.
 # token losses: -min(1.5, 1.28) = -1.28 (clipped above), -min(0.5, 0.8) = -0.5, -min(-1.1, -1.1) = 1.1
