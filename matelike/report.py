@@ -9,7 +9,7 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from matelike.run import STAGES, TRAINED
+from matelike.run import STAGES, TIME_PLAN, TRAINED
 
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
@@ -291,6 +291,9 @@ def build_report(run: Path) -> str:
               f"- GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
               f"- Python {platform.python_version()}, torch {torch.__version__}",
               "- dtype: each training stage's column above (what `--dtype auto` chose on this machine)"]
+    plan = run / TIME_PLAN
+    if plan.is_file():
+        lines.append("- " + json.loads(plan.read_text(encoding="utf-8"))["describe"])
     cmds = [" ".join(c) for s in markers.values() for c in s.get("commands", [])]
     if cmds:
         lines += ["", "## Commands to reproduce", "", "```"] + cmds + ["```"]

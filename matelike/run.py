@@ -10,7 +10,9 @@ newest checkpoint (`--resume`), make-pairs continues its file, and the quick sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 STAGES: tuple[str, ...] = ("data", "tokenizer", "pack", "pretrain", "sft", "pairs", "dpo", "rl", "eval", "report")
 TRAINED: tuple[str, ...] = ("pretrain", "sft", "dpo", "rl")  # the stages that save a model, in pipeline order
 MARKERS = ".stages"
+TIME_PLAN = "time_budget.json"  # in the run directory: how the time budget sized the run
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,20 @@ class Budget:
     eval_tokens: int  # held-out tokens scored at each pretraining eval
     expected_s: tuple[float, ...]  # one per stage, in STAGES order
     model_size: str  # the preset's parameter count in words, for the identity answers of the demo data
+    # The wall time the run is sized for, and what the calibration (`calibration_command`) measured on the
+    # machine `expected_s` comes from. On a slower machine pretraining and SFT take fewer steps so the run still
+    # fits (`plan_time`); None: always the preset's steps.
+    minutes: float | None = None
+    reference_tok_s: float | None = None
 
 
-# The tiny budget is sized so that the whole run fits in 15 minutes on a 2-core CPU (measured figures in the
-# README); 26m and 0.2b are the original Matelike project's sizes with budgets meant for one GPU.
+# `calibration_command`'s tokens/s on the 2-core Intel Xeon with AMX (bf16) where the tiny budget's expected_s
+# were measured.
+REF_TOK_S = 15000.0
+
+# The tiny budget's steps fit in 15 minutes on the reference machine (its expected_s are one whole run's stage
+# times there); on slower CPUs its time budget shortens them. 26m and 0.2b are the original Matelike project's
+# sizes with budgets meant for one GPU.
 BUDGETS: dict[str, Budget] = {
     "micro": Budget(model_size="约100万",
                     vocab_size=2048, pretrain_steps=30, pretrain_batch=4, seq_len=256, sft_steps=20, sft_batch=8,
@@ -69,7 +82,7 @@ BUDGETS: dict[str, Budget] = {
                    sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=300,
                    rl_steps=100, rl_batch=4, rl_group=16, rl_max_new_tokens=64,
                    dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
-                   expected_s=(5, 14, 2, 400, 270, 20, 25, 75, 40, 3)),
+                   expected_s=(5, 13, 1, 390, 263, 19, 22, 69, 39, 3), minutes=15.0, reference_tok_s=REF_TOK_S),
     "26m": Budget(model_size="约2700万",
                   vocab_size=6400, pretrain_steps=20000, pretrain_batch=32, seq_len=512, sft_steps=4000,
                   sft_batch=32, sft_per_task=4000, pair_prompts=2000, dpo_steps=1000, dpo_batch=16,
@@ -86,9 +99,69 @@ BUDGETS: dict[str, Budget] = {
 MODEL_PRESET = {"micro": "tiny", "tiny": "tiny", "26m": "26m", "0.2b": "0.2b"}
 
 
-def stage_commands(out: Path, preset: str) -> dict[str, list[list[str]]]:
-    """The `matelike` argument lists of every stage for this run (a stage may run several commands)."""
+# The stages whose steps a time budget shortens: the two long ones, whose cosine schedules end where they stop.
+SCALED: tuple[str, ...] = ("pretrain", "sft")
+MIN_SCALE = 0.25  # below a quarter of its steps the model learns too little to be worth the wait
+CALIBRATION_STEPS = 12
+
+
+def calibration_command(preset: str) -> list[str]:
+    """`matelike bench train` on the preset's model at its pretraining shape and dtype: this machine's pace."""
     b = BUDGETS[preset]
+    return ["bench", "train", "--preset", MODEL_PRESET[preset], "--batch-size", str(b.pretrain_batch),
+            "--seq-len", str(b.seq_len), "--dtypes", b.dtype, "--no-compile", "--losses", "fused",
+            "--memory-preset", "", "--steps", str(CALIBRATION_STEPS), "--warmup", "3", "--peak-seconds", "0.1"]
+
+
+@dataclass(frozen=True)
+class TimePlan:
+    """How a time budget sized this run: the steps of SCALED multiplied by `scale` (1: the preset's)."""
+
+    budget_s: float
+    tokens_per_s: float  # the calibration on this machine
+    reference_tok_s: float
+    predicted_s: float  # the stages still to run, at the preset's steps, at this machine's pace
+    available_s: float  # what the budget leaves them
+    scale: float
+    planned_s: float  # the stages still to run at `scale`
+
+    def describe(self) -> str:
+        pace = f"{self.tokens_per_s:,.0f} training tokens/s here, {self.reference_tok_s:,.0f} on the reference machine"
+        if self.scale >= 1:
+            return (f"time budget {_fmt_s(self.budget_s)}: {pace}; the preset's steps fit "
+                    f"(about {_fmt_s(self.predicted_s)} of {_fmt_s(self.available_s)} left)")
+        over = self.planned_s - self.available_s
+        fits = f"; even so about {_fmt_s(over)} more than the budget holds" if over > 1 else ""
+        return (f"time budget {_fmt_s(self.budget_s)}: {pace}; the preset's steps would take about "
+                f"{_fmt_s(self.predicted_s)} of the {_fmt_s(self.available_s)} left, so pretraining and SFT run "
+                f"{self.scale:.0%} of their steps, about {_fmt_s(self.planned_s)}{fits} (`--time-budget 0` runs "
+                f"them all)")
+
+
+def plan_time(b: Budget, tokens_per_s: float, budget_s: float, elapsed_s: float, stages: list[str]) -> TimePlan:
+    """Scale SCALED's steps so that `stages` (those still to run) fit in what `budget_s` leaves after
+    `elapsed_s`. Every stage is assumed to slow down as the calibration does against the reference machine:
+    generation, tokenization and evaluation are slower on a slower CPU too."""
+    assert b.reference_tok_s
+    slow = b.reference_tok_s / tokens_per_s
+    exp = dict(zip(STAGES, b.expected_s))
+    fixed = sum(exp[s] for s in stages if s not in SCALED) * slow
+    scaled = sum(exp[s] for s in stages if s in SCALED) * slow
+    available = budget_s - elapsed_s
+    scale = 1.0
+    if fixed + scaled > available and scaled:
+        # in whole twentieths, so that machines of about the same pace train the same steps
+        scale = max(MIN_SCALE, math.floor(20 * (available - fixed) / scaled) / 20)
+    return TimePlan(budget_s, tokens_per_s, b.reference_tok_s, fixed + scaled, available, scale, fixed + scaled * scale)
+
+
+def stage_commands(out: Path, preset: str, scale: float = 1.0) -> dict[str, list[list[str]]]:
+    """The `matelike` argument lists of every stage for this run (a stage may run several commands); `scale`
+    multiplies the steps of the SCALED stages (a time budget's plan)."""
+    b = BUDGETS[preset]
+    if scale != 1.0:
+        b = dataclasses.replace(b, pretrain_steps=max(1, round(b.pretrain_steps * scale)),
+                                sft_steps=max(1, round(b.sft_steps * scale)))
     data, tok, pack = out / "data", out / "tokenizer", out / "pack"
     common = ["--dtype", b.dtype, "--seq-len", str(b.seq_len), "--resume"]
     # The classical baselines (on by default with --data; jieba from `make demo`'s `classical` extra) are
@@ -184,15 +257,56 @@ class Pipeline:
     """Runs the stages in order with skip-if-complete, resume and an overall progress line with ETA."""
 
     def __init__(self, out: Path, preset: str, stages: list[str], force: bool,
-                 runner: Callable[[list[str]], int] | None = None) -> None:
+                 runner: Callable[[list[str]], int] | None = None, time_budget_min: float | None = None,
+                 calibrate: Callable[[list[str]], float | None] | None = None) -> None:
+        """`time_budget_min`: None takes the preset's (`Budget.minutes`), 0 turns it off. `calibrate(argv)`
+        runs the calibration command and returns its tokens/s (None when it failed)."""
         self.out, self.preset, self.stages, self.force = out, preset, stages, force
         self.budget = BUDGETS[preset]
         self.runner = runner or self._subprocess
+        self.calibrate = calibrate or self._calibrate_subprocess
         self.markers = out / MARKERS
+        minutes = self.budget.minutes if time_budget_min is None else time_budget_min
+        self.budget_s = minutes * 60 if minutes and self.budget.reference_tok_s else None
+        self.scale = 1.0  # of SCALED's steps, from the time plan
+        self.slow = 1.0  # this machine's pace against the reference machine's, from the time plan
 
     @staticmethod
     def _subprocess(argv: list[str]) -> int:
         return subprocess.call([sys.executable, "-m", "matelike", *argv])
+
+    @staticmethod
+    def _calibrate_subprocess(argv: list[str]) -> float | None:
+        done = subprocess.run([sys.executable, "-m", "matelike", *argv], capture_output=True, text=True)
+        try:
+            return float(json.loads(done.stdout.strip().splitlines()[-1])["runs"][0]["tokens_per_s"])
+        except (IndexError, KeyError, TypeError, ValueError):
+            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+            print(f"time budget: the calibration failed ({tail[0]}); running the preset's steps", file=sys.stderr)
+            return None
+
+    @property
+    def plan_path(self) -> Path:
+        return self.out / TIME_PLAN
+
+    def _plan(self, index: int, started: float) -> None:
+        """Before pretraining: measure this machine's pace and size the run to the time budget. The plan is
+        kept in the run directory, so a resumed run keeps the steps it started with (exact resume)."""
+        if self.plan_path.is_file() and not self.force:
+            return  # run() has read it
+        self.plan_path.unlink(missing_ok=True)
+        self.scale, self.slow = 1.0, 1.0
+        if self.budget_s is None:
+            return
+        print("$ matelike " + " ".join(calibration_command(self.preset)), flush=True)
+        tok_s = self.calibrate(calibration_command(self.preset))
+        if not tok_s:
+            return
+        plan = plan_time(self.budget, tok_s, self.budget_s, time.time() - started, self.stages[index:])
+        self.scale, self.slow = plan.scale, plan.reference_tok_s / plan.tokens_per_s
+        self.plan_path.write_text(json.dumps({**dataclasses.asdict(plan), "describe": plan.describe()},
+                                             indent=1) + "\n", encoding="utf-8")
+        print(plan.describe(), flush=True)
 
     def done(self, stage: str) -> bool:
         return (self.markers / f"{stage}.json").is_file()
@@ -203,25 +317,33 @@ class Pipeline:
                 "dpo": [self.out / "dpo"], "rl": [self.out / "rl"], "eval": [self.out / "eval"], "report": []}[stage]
 
     def _eta(self, index: int, started: float, done_s: dict[str, float]) -> str:
-        exp = dict(zip(STAGES, self.budget.expected_s))
-        # The expected stage times scaled by this machine's pace on the stages it ran. The pace is shrunk
+        planned = STAGES[STAGES.index(SCALED[0]):]
+        exp = {s: e * (self.scale if s in SCALED else 1.0) * (self.slow if s in planned else 1.0)
+               for s, e in zip(STAGES, self.budget.expected_s)}
+        # The expected stage times (from pretraining on, at the pace the time plan's calibration measured, and
+        # with its steps) scaled by this machine's pace on the stages it ran. The pace is shrunk
         # towards 1 by a minute of expected time, so that a few-second stage running 2x slow does not double
         # the estimate; it is printed, so that when the estimate moves the reason is on the line.
         ran_exp = sum(exp[s] for s in done_s)
-        scale = (sum(done_s.values()) + PACE_PRIOR_S) / (ran_exp + PACE_PRIOR_S)
-        remaining = sum(exp[s] for s in self.stages[index:]) * scale
-        return f"elapsed {_fmt_s(time.time() - started)}, ETA {_fmt_s(remaining)} at {scale:.2f}x the expected pace"
+        pace = (sum(done_s.values()) + PACE_PRIOR_S) / (ran_exp + PACE_PRIOR_S)
+        remaining = sum(exp[s] for s in self.stages[index:]) * pace
+        return f"elapsed {_fmt_s(time.time() - started)}, ETA {_fmt_s(remaining)} at {pace:.2f}x the expected pace"
 
     def run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
         self.markers.mkdir(exist_ok=True)
-        cmds = stage_commands(self.out, self.preset)
+        if self.plan_path.is_file() and not self.force:
+            plan = json.loads(self.plan_path.read_text(encoding="utf-8"))
+            self.scale, self.slow = float(plan["scale"]), plan["reference_tok_s"] / plan["tokens_per_s"]
         started, done_s = time.time(), {}
         for i, stage in enumerate(self.stages):
             head = f"[{i + 1}/{len(self.stages)}] {stage}"
             if self.done(stage) and not self.force:
                 print(f"{head}: complete, skipped ({self.markers / (stage + '.json')})", flush=True)
                 continue
+            if stage == SCALED[0]:
+                self._plan(i, started)
+            cmds = stage_commands(self.out, self.preset, self.scale)
             if self.force or stage in ("data", "tokenizer", "pack", "eval"):
                 # Quick stages restart from scratch; training stages and make-pairs resume what they left.
                 for d in self._stage_dirs(stage):
@@ -267,7 +389,10 @@ def _parse_stages(text: str) -> list[str]:
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    return Pipeline(Path(args.out), args.preset, args.stages, args.force).run()
+    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget >= 0):
+        print("error: --time-budget must be >= 0 minutes (0: off)", file=sys.stderr)
+        return 2
+    return Pipeline(Path(args.out), args.preset, args.stages, args.force, time_budget_min=args.time_budget).run()
 
 
 def add_cli(table: "CommandTable") -> None:
@@ -278,4 +403,8 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--stages", type=_parse_stages, default=list(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--force", action="store_true", help="redo stages even if they completed")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="wall time to size the run for: before pretraining a few seconds of `bench train` measure "
+                        "this machine's pace and, if the preset's steps would not fit, pretraining and SFT take "
+                        "fewer (default: the preset's, 15 for tiny; 0 = always the preset's steps)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per stage (default: torch's choice)")

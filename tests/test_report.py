@@ -121,3 +121,15 @@ def test_report_has_paired_differences_between_consecutive_models(tmp_path: Path
     lo, hi = (float(x) for x in sft_minus_pretrain.split("[")[1].rstrip("]").split(", "))
     assert 0 < lo < 0.3 < hi  # 30 more right of 100: excludes 0
     assert dpo_minus_sft.startswith("+0.020 [+0.000, +0.0")  # only 2 items differ: never below 0
+
+
+def test_report_says_how_the_time_budget_sized_the_run(tmp_path: Path) -> None:
+    from matelike.run import BUDGETS, STAGES, TIME_PLAN, plan_time
+
+    _write_run(tmp_path)
+    assert "time budget" not in build_report(tmp_path)
+    b = BUDGETS["tiny"]
+    plan = plan_time(b, b.reference_tok_s / 1.6, 900, 20, list(STAGES[3:]))
+    (tmp_path / TIME_PLAN).write_text(json.dumps({"scale": plan.scale, "describe": plan.describe()}))
+    line = [x for x in build_report(tmp_path).splitlines() if "time budget" in x]
+    assert line == ["- " + plan.describe()] and f"run {plan.scale:.0%} of their steps" in line[0]

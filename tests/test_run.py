@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from matelike.run import STAGES, Pipeline, _parse_stages, split_pairs, stage_commands
+from matelike.run import (BUDGETS, MIN_SCALE, SCALED, STAGES, TIME_PLAN, Pipeline, _fmt_s, _parse_stages,
+                          calibration_command, plan_time, split_pairs, stage_commands)
 
 
 class FakeRunner:
@@ -134,3 +135,102 @@ def test_eta_is_shrunk_towards_the_expected_pace_and_says_it(tmp_path: Path) -> 
     assert f"at {pace:.2f}x the expected pace" in line and pace < 1.15
     fresh = pipe._eta(0, 0.0, {})
     assert "at 1.00x the expected pace" in fresh
+
+
+def _steps(cmds: dict, stage: str) -> int:
+    train = cmds[stage][-1]
+    return int(train[train.index("--max-steps") + 1])
+
+
+def test_a_time_budget_scales_pretraining_and_sft_by_hand() -> None:
+    b = BUDGETS["tiny"]
+    exp = dict(zip(STAGES, b.expected_s))
+    rest = [s for s in STAGES if s not in ("data", "tokenizer", "pack")]
+    fixed, scaled = sum(exp[s] for s in rest if s not in SCALED), sum(exp[s] for s in rest if s in SCALED)
+    # the reference machine's pace: the preset's steps fit
+    same = plan_time(b, b.reference_tok_s, 900, 20, rest)
+    assert same.scale == 1.0 and same.predicted_s == pytest.approx(fixed + scaled)
+    # a machine 1.6x slower: the fixed stages take 1.6x, the scaled ones share what is left
+    slow = plan_time(b, b.reference_tok_s / 1.6, 900, 20, rest)
+    exact = (880 - 1.6 * fixed) / (1.6 * scaled)
+    assert slow.scale == pytest.approx(int(exact * 20) / 20) and exact - 0.05 < slow.scale <= exact
+    assert 0.5 < slow.scale < 1 and "run " in slow.describe() and "--time-budget 0" in slow.describe()
+    # far too slow: never under MIN_SCALE, and the line says the budget will be exceeded
+    crawl = plan_time(b, b.reference_tok_s / 10, 900, 20, rest)
+    assert crawl.scale == MIN_SCALE and "more than the budget holds" in crawl.describe()
+    cmds = stage_commands(Path("o"), "tiny", 0.5)
+    assert _steps(cmds, "pretrain") == b.pretrain_steps // 2 and _steps(cmds, "sft") == b.sft_steps // 2
+    assert _steps(cmds, "dpo") == b.dpo_steps and _steps(cmds, "rl") == b.rl_steps
+    warm = cmds["pretrain"][0]
+    assert warm[warm.index("--warmup-steps") + 1] == str(b.pretrain_steps // 2 // 20)
+
+
+def test_the_pipeline_calibrates_once_before_pretraining_and_keeps_its_plan(tmp_path: Path) -> None:
+    b = BUDGETS["tiny"]
+    asked: list[list[str]] = []
+
+    def slow_machine(argv: list[str]) -> float:
+        asked.append(argv)
+        return b.reference_tok_s / 1.6
+
+    runner = FakeRunner(tmp_path)
+    assert Pipeline(tmp_path, "tiny", list(STAGES), force=False, runner=runner, calibrate=slow_machine).run() == 0
+    assert asked == [calibration_command("tiny")]
+    assert asked[0][:2] == ["bench", "train"] and asked[0][asked[0].index("--dtypes") + 1] == b.dtype
+    plan = json.loads((tmp_path / TIME_PLAN).read_text())
+    assert 0.5 < plan["scale"] < 1
+    by_name = {c[0]: c for c in runner.calls if c[0] in ("pretrain", "sft")}
+    assert _steps({"x": [by_name["pretrain"]]}, "x") == round(b.pretrain_steps * plan["scale"])
+    assert _steps({"x": [by_name["sft"]]}, "x") == round(b.sft_steps * plan["scale"])
+    # the markers (and so the report's commands) hold the steps that ran
+    marker = json.loads((tmp_path / ".stages" / "sft.json").read_text())
+    assert marker["commands"][-1] == ["matelike", *by_name["sft"]]
+
+    # The ETA from pretraining on is the plan's: the calibrated pace and the scaled steps.
+    pipe = Pipeline(tmp_path, "tiny", list(STAGES), force=False, runner=FakeRunner(tmp_path))
+    pipe.scale, pipe.slow = plan["scale"], plan["reference_tok_s"] / plan["tokens_per_s"]
+    assert f"ETA {_fmt_s(plan['planned_s'])} at 1.00x" in pipe._eta(STAGES.index("pretrain"), 0.0, {})
+
+    # A re-run after an interrupted SFT keeps the plan (the checkpoint's schedule) without measuring again.
+    (tmp_path / ".stages" / "sft.json").unlink()
+    again = FakeRunner(tmp_path)
+    assert Pipeline(tmp_path, "tiny", list(STAGES), force=False, runner=again, calibrate=slow_machine).run() == 0
+    assert len(asked) == 1 and [c for c in again.calls if c[0] == "sft"] == [by_name["sft"]]
+
+    # --time-budget 0: the preset's steps, no calibration, and a forced re-run drops the old plan
+    off = FakeRunner(tmp_path)
+    assert Pipeline(tmp_path, "tiny", ["pretrain", "sft"], force=True, runner=off, calibrate=slow_machine,
+                    time_budget_min=0).run() == 0
+    assert len(asked) == 1 and not (tmp_path / TIME_PLAN).exists()
+    assert [_steps({"x": [c]}, "x") for c in off.calls if c[0] in ("pretrain", "sft")] == [b.pretrain_steps,
+                                                                                         b.sft_steps]
+
+
+def test_a_failed_calibration_runs_the_presets_steps(tmp_path: Path) -> None:
+    runner = FakeRunner(tmp_path)
+    assert Pipeline(tmp_path, "tiny", ["pretrain"], force=False, runner=runner, calibrate=lambda argv: None).run() == 0
+    assert _steps({"x": [runner.calls[0]]}, "x") == BUDGETS["tiny"].pretrain_steps
+    assert not (tmp_path / TIME_PLAN).exists()
+    # presets without a budget (micro, the GPU ones) never calibrate
+    never = FakeRunner(tmp_path / "m")
+    assert Pipeline(tmp_path / "m", "micro", ["pretrain"], force=False, runner=never,
+                    calibrate=lambda argv: pytest.fail("calibrated")).run() == 0
+
+
+def test_the_calibration_command_measures_this_machine(one_torch_thread) -> None:
+    tok_s = Pipeline._calibrate_subprocess(calibration_command("tiny"))
+    assert tok_s is not None and tok_s > 100
+
+
+def test_a_calibration_that_fails_says_why(capsys: pytest.CaptureFixture) -> None:
+    assert Pipeline._calibrate_subprocess(["bench", "train", "--preset", "no-such-preset"]) is None
+    assert "the calibration failed" in capsys.readouterr().err
+
+
+def test_a_bad_time_budget_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from matelike.cli import main
+
+    for bad in ("-1", "nan", "inf"):
+        assert main(["run", "--out", str(tmp_path / "r"), "--time-budget", bad]) == 2
+        assert "--time-budget must be >= 0 minutes" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
