@@ -293,7 +293,7 @@ def build_report(run: Path) -> str:
               "- dtype: each training stage's column above (what `--dtype auto` chose on this machine)"]
     plan = run / TIME_PLAN
     if plan.is_file():
-        lines.append("- " + json.loads(plan.read_text(encoding="utf-8"))["describe"])
+        lines += ["- " + decision["describe"] for decision in json.loads(plan.read_text(encoding="utf-8"))]
     cmds = [" ".join(c) for s in markers.values() for c in s.get("commands", [])]
     if cmds:
         lines += ["", "## Commands to reproduce", "", "```"] + cmds + ["```"]

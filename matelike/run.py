@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
@@ -103,6 +103,9 @@ MODEL_PRESET = {"micro": "tiny", "tiny": "tiny", "26m": "26m", "0.2b": "0.2b"}
 SCALED: tuple[str, ...] = ("pretrain", "sft")
 MIN_SCALE = 0.25  # below a quarter of its steps the model learns too little to be worth the wait
 CALIBRATION_STEPS = 12
+# A few seconds of calibration read a few percent off: pretraining is shortened only when the prediction
+# exceeds what is left by more than this, since SFT's plan, made from pretraining's own wall time, corrects it.
+CALIBRATION_TOLERANCE = 0.05
 
 
 def calibration_command(preset: str) -> list[str]:
@@ -115,53 +118,57 @@ def calibration_command(preset: str) -> list[str]:
 
 @dataclass(frozen=True)
 class TimePlan:
-    """How a time budget sized this run: the steps of SCALED multiplied by `scale` (1: the preset's)."""
+    """One decision of a time budget, made before a SCALED stage: the steps of the SCALED stages still to run
+    multiplied by `scale` (1: the preset's)."""
 
+    stage: str  # the stage about to run
     budget_s: float
-    tokens_per_s: float  # the calibration on this machine
-    reference_tok_s: float
-    predicted_s: float  # the stages still to run, at the preset's steps, at this machine's pace
+    slow: float  # this machine's stage times over the reference machine's
+    measured_by: str  # what `slow` comes from
+    predicted_s: float  # the stages still to run, at the preset's steps, at this pace
     available_s: float  # what the budget leaves them
     scale: float
     planned_s: float  # the stages still to run at `scale`
 
     def describe(self) -> str:
-        pace = f"{self.tokens_per_s:,.0f} training tokens/s here, {self.reference_tok_s:,.0f} on the reference machine"
+        head = f"time budget {_fmt_s(self.budget_s)}, before {self.stage}: {self.measured_by}"
         if self.scale >= 1:
-            return (f"time budget {_fmt_s(self.budget_s)}: {pace}; the preset's steps fit "
-                    f"(about {_fmt_s(self.predicted_s)} of {_fmt_s(self.available_s)} left)")
+            return (f"{head}; the preset's steps fit (about {_fmt_s(self.predicted_s)} of the "
+                    f"{_fmt_s(self.available_s)} left)")
+        which = " and ".join(("pretraining", "SFT")[SCALED.index(s)] for s in SCALED[SCALED.index(self.stage):])
         over = self.planned_s - self.available_s
         fits = f"; even so about {_fmt_s(over)} more than the budget holds" if over > 1 else ""
-        return (f"time budget {_fmt_s(self.budget_s)}: {pace}; the preset's steps would take about "
-                f"{_fmt_s(self.predicted_s)} of the {_fmt_s(self.available_s)} left, so pretraining and SFT run "
-                f"{self.scale:.0%} of their steps, about {_fmt_s(self.planned_s)}{fits} (`--time-budget 0` runs "
-                f"them all)")
+        return (f"{head}; the preset's steps would take about {_fmt_s(self.predicted_s)} of the "
+                f"{_fmt_s(self.available_s)} left, so {which} run{'s' if ' and ' not in which else ''} "
+                f"{self.scale:.0%} of the preset's steps, about {_fmt_s(self.planned_s)}{fits} (`--time-budget 0` "
+                f"runs them all)")
 
 
-def plan_time(b: Budget, tokens_per_s: float, budget_s: float, elapsed_s: float, stages: list[str]) -> TimePlan:
-    """Scale SCALED's steps so that `stages` (those still to run) fit in what `budget_s` leaves after
-    `elapsed_s`. Every stage is assumed to slow down as the calibration does against the reference machine:
-    generation, tokenization and evaluation are slower on a slower CPU too."""
-    assert b.reference_tok_s
-    slow = b.reference_tok_s / tokens_per_s
+def plan_time(b: Budget, slow: float, measured_by: str, budget_s: float, elapsed_s: float, stages: list[str],
+              tolerance: float = 0.0) -> TimePlan:
+    """Scale the steps of the SCALED stages among `stages` (those still to run, the first a SCALED one) so that
+    they fit in what `budget_s` leaves after `elapsed_s`, every stage taking `slow` times its expected time
+    (generation, tokenization and evaluation are slower on a slower CPU too). The steps stay the preset's
+    while the prediction exceeds what is left by no more than `tolerance` (a share)."""
     exp = dict(zip(STAGES, b.expected_s))
     fixed = sum(exp[s] for s in stages if s not in SCALED) * slow
     scaled = sum(exp[s] for s in stages if s in SCALED) * slow
     available = budget_s - elapsed_s
     scale = 1.0
-    if fixed + scaled > available and scaled:
+    if fixed + scaled > available * (1 + tolerance) and scaled:
         # in whole twentieths, so that machines of about the same pace train the same steps
-        scale = max(MIN_SCALE, math.floor(20 * (available - fixed) / scaled) / 20)
-    return TimePlan(budget_s, tokens_per_s, b.reference_tok_s, fixed + scaled, available, scale, fixed + scaled * scale)
+        scale = min(1.0, max(MIN_SCALE, math.floor(20 * (available - fixed) / scaled) / 20))
+    return TimePlan(stages[0], budget_s, slow, measured_by, fixed + scaled, available, scale,
+                    fixed + scaled * scale)
 
 
-def stage_commands(out: Path, preset: str, scale: float = 1.0) -> dict[str, list[list[str]]]:
-    """The `matelike` argument lists of every stage for this run (a stage may run several commands); `scale`
-    multiplies the steps of the SCALED stages (a time budget's plan)."""
+def stage_commands(out: Path, preset: str, scales: dict[str, float] | None = None) -> dict[str, list[list[str]]]:
+    """The `matelike` argument lists of every stage for this run (a stage may run several commands); `scales`
+    multiply the steps of SCALED stages (a time budget's plan)."""
     b = BUDGETS[preset]
-    if scale != 1.0:
-        b = dataclasses.replace(b, pretrain_steps=max(1, round(b.pretrain_steps * scale)),
-                                sft_steps=max(1, round(b.sft_steps * scale)))
+    if scales:
+        b = dataclasses.replace(b, pretrain_steps=max(1, round(b.pretrain_steps * scales.get("pretrain", 1.0))),
+                                sft_steps=max(1, round(b.sft_steps * scales.get("sft", 1.0))))
     data, tok, pack = out / "data", out / "tokenizer", out / "pack"
     common = ["--dtype", b.dtype, "--seq-len", str(b.seq_len), "--resume"]
     # The classical baselines (on by default with --data; jieba from `make demo`'s `classical` extra) are
@@ -268,8 +275,7 @@ class Pipeline:
         self.markers = out / MARKERS
         minutes = self.budget.minutes if time_budget_min is None else time_budget_min
         self.budget_s = minutes * 60 if minutes and self.budget.reference_tok_s else None
-        self.scale = 1.0  # of SCALED's steps, from the time plan
-        self.slow = 1.0  # this machine's pace against the reference machine's, from the time plan
+        self.plans: list[dict[str, Any]] = []  # the time budget's decisions, kept in TIME_PLAN
 
     @staticmethod
     def _subprocess(argv: list[str]) -> int:
@@ -289,23 +295,48 @@ class Pipeline:
     def plan_path(self) -> Path:
         return self.out / TIME_PLAN
 
-    def _plan(self, index: int, started: float) -> None:
-        """Before pretraining: measure this machine's pace and size the run to the time budget. The plan is
-        kept in the run directory, so a resumed run keeps the steps it started with (exact resume)."""
-        if self.plan_path.is_file() and not self.force:
-            return  # run() has read it
-        self.plan_path.unlink(missing_ok=True)
-        self.scale, self.slow = 1.0, 1.0
-        if self.budget_s is None:
+    @property
+    def scales(self) -> dict[str, float]:
+        """Each SCALED stage's share of its steps: the last decision made before it or an earlier stage."""
+        out: dict[str, float] = {}
+        for plan in self.plans:
+            for stage in SCALED[SCALED.index(plan["stage"]):]:
+                out[stage] = plan["scale"]
+        return out
+
+    @property
+    def slow(self) -> float:
+        return self.plans[-1]["slow"] if self.plans else 1.0
+
+    def _plan(self, stage: str, index: int, started: float, observed: dict[str, float]) -> None:
+        """Before a SCALED stage: size the stages still to run to the time budget. Before pretraining the pace
+        is a few seconds of `bench train`; before SFT it is pretraining's own wall time when this invocation
+        ran it from its start. Decisions are kept in the run directory, so a resumed run keeps the steps it
+        started with (exact resume)."""
+        if any(p["stage"] == stage for p in self.plans) or self.budget_s is None:
             return
-        print("$ matelike " + " ".join(calibration_command(self.preset)), flush=True)
-        tok_s = self.calibrate(calibration_command(self.preset))
-        if not tok_s:
-            return
-        plan = plan_time(self.budget, tok_s, self.budget_s, time.time() - started, self.stages[index:])
-        self.scale, self.slow = plan.scale, plan.reference_tok_s / plan.tokens_per_s
-        self.plan_path.write_text(json.dumps({**dataclasses.asdict(plan), "describe": plan.describe()},
-                                             indent=1) + "\n", encoding="utf-8")
+        exp = dict(zip(STAGES, self.budget.expected_s))
+        if stage == SCALED[0]:
+            print("$ matelike " + " ".join(calibration_command(self.preset)), flush=True)
+            tok_s = self.calibrate(calibration_command(self.preset))
+            if not tok_s:
+                return
+            assert self.budget.reference_tok_s
+            slow = self.budget.reference_tok_s / tok_s
+            how = f"{tok_s:,.0f} training tokens/s here, {self.budget.reference_tok_s:,.0f} on the reference machine"
+            tolerance = CALIBRATION_TOLERANCE
+        else:
+            before = SCALED[SCALED.index(stage) - 1]
+            if before not in observed:
+                return
+            share = self.scales.get(before, 1.0)
+            slow = observed[before] / (exp[before] * share)
+            how = f"{before} took {_fmt_s(observed[before])}, {slow:.2f}x the reference machine's time"
+            tolerance = 0.0
+        plan = plan_time(self.budget, slow, how, self.budget_s, time.time() - started, self.stages[index:],
+                         tolerance)
+        self.plans.append({**dataclasses.asdict(plan), "describe": plan.describe()})
+        self.plan_path.write_text(json.dumps(self.plans, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         print(plan.describe(), flush=True)
 
     def done(self, stage: str) -> bool:
@@ -318,10 +349,11 @@ class Pipeline:
 
     def _eta(self, index: int, started: float, done_s: dict[str, float]) -> str:
         planned = STAGES[STAGES.index(SCALED[0]):]
-        exp = {s: e * (self.scale if s in SCALED else 1.0) * (self.slow if s in planned else 1.0)
+        scales, slow = self.scales, self.slow
+        exp = {s: e * scales.get(s, 1.0) * (slow if s in planned else 1.0)
                for s, e in zip(STAGES, self.budget.expected_s)}
-        # The expected stage times (from pretraining on, at the pace the time plan's calibration measured, and
-        # with its steps) scaled by this machine's pace on the stages it ran. The pace is shrunk
+        # The expected stage times (from pretraining on, at the pace the time budget measured, with its steps)
+        # scaled by this machine's pace on the stages it ran. The pace is shrunk
         # towards 1 by a minute of expected time, so that a few-second stage running 2x slow does not double
         # the estimate; it is printed, so that when the estimate moves the reason is on the line.
         ran_exp = sum(exp[s] for s in done_s)
@@ -332,18 +364,21 @@ class Pipeline:
     def run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
         self.markers.mkdir(exist_ok=True)
-        if self.plan_path.is_file() and not self.force:
-            plan = json.loads(self.plan_path.read_text(encoding="utf-8"))
-            self.scale, self.slow = float(plan["scale"]), plan["reference_tok_s"] / plan["tokens_per_s"]
+        if self.force and SCALED[0] in self.stages:
+            self.plan_path.unlink(missing_ok=True)  # pretraining starts over: so does the plan
+        if self.plan_path.is_file():
+            self.plans = json.loads(self.plan_path.read_text(encoding="utf-8"))
         started, done_s = time.time(), {}
+        from_scratch: dict[str, float] = {}  # wall time of the SCALED stages this invocation ran from their start
         for i, stage in enumerate(self.stages):
             head = f"[{i + 1}/{len(self.stages)}] {stage}"
             if self.done(stage) and not self.force:
                 print(f"{head}: complete, skipped ({self.markers / (stage + '.json')})", flush=True)
                 continue
-            if stage == SCALED[0]:
-                self._plan(i, started)
-            cmds = stage_commands(self.out, self.preset, self.scale)
+            if stage in SCALED:
+                self._plan(stage, i, started, from_scratch)
+            fresh = self.force or not (self.out / stage).exists()
+            cmds = stage_commands(self.out, self.preset, self.scales)
             if self.force or stage in ("data", "tokenizer", "pack", "eval"):
                 # Quick stages restart from scratch; training stages and make-pairs resume what they left.
                 for d in self._stage_dirs(stage):
@@ -368,6 +403,8 @@ class Pipeline:
                     return rc
             wall = time.time() - t0
             done_s[stage] = wall
+            if stage in SCALED and fresh:
+                from_scratch[stage] = wall
             marker = {"stage": stage, "preset": self.preset, "wall_s": round(wall, 2),
                       "commands": [["matelike", *a] for a in cmds[stage]], "finished": time.time()}
             (self.markers / f"{stage}.json").write_text(json.dumps(marker, ensure_ascii=False, indent=2) + "\n",

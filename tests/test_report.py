@@ -128,8 +128,9 @@ def test_report_says_how_the_time_budget_sized_the_run(tmp_path: Path) -> None:
 
     _write_run(tmp_path)
     assert "time budget" not in build_report(tmp_path)
-    b = BUDGETS["tiny"]
-    plan = plan_time(b, b.reference_tok_s / 1.6, 900, 20, list(STAGES[3:]))
-    (tmp_path / TIME_PLAN).write_text(json.dumps({"scale": plan.scale, "describe": plan.describe()}))
-    line = [x for x in build_report(tmp_path).splitlines() if "time budget" in x]
-    assert line == ["- " + plan.describe()] and f"run {plan.scale:.0%} of their steps" in line[0]
+    plans = [plan_time(BUDGETS["tiny"], 1.6, "calibration", 900, 20, list(STAGES[3:])),
+             plan_time(BUDGETS["tiny"], 1.7, "pretraining's time", 900, 400, list(STAGES[4:]))]
+    (tmp_path / TIME_PLAN).write_text(json.dumps([{"stage": p.stage, "describe": p.describe()} for p in plans]))
+    lines = [x for x in build_report(tmp_path).splitlines() if "time budget" in x]
+    assert lines == ["- " + p.describe() for p in plans]
+    assert f"pretraining and SFT run {plans[0].scale:.0%}" in lines[0] and "before sft" in lines[1]

@@ -148,50 +148,88 @@ def test_a_time_budget_scales_pretraining_and_sft_by_hand() -> None:
     rest = [s for s in STAGES if s not in ("data", "tokenizer", "pack")]
     fixed, scaled = sum(exp[s] for s in rest if s not in SCALED), sum(exp[s] for s in rest if s in SCALED)
     # the reference machine's pace: the preset's steps fit
-    same = plan_time(b, b.reference_tok_s, 900, 20, rest)
-    assert same.scale == 1.0 and same.predicted_s == pytest.approx(fixed + scaled)
-    # a machine 1.6x slower: the fixed stages take 1.6x, the scaled ones share what is left
-    slow = plan_time(b, b.reference_tok_s / 1.6, 900, 20, rest)
+    same = plan_time(b, 1.0, "calibration", 900, 20, rest)
+    assert same.scale == 1.0 and same.predicted_s == pytest.approx(fixed + scaled) and "steps fit" in same.describe()
+    # a machine 1.6x slower: the fixed stages take 1.6x, the scaled ones share what is left, in twentieths
+    slow = plan_time(b, 1.6, "calibration", 900, 20, rest)
     exact = (880 - 1.6 * fixed) / (1.6 * scaled)
     assert slow.scale == pytest.approx(int(exact * 20) / 20) and exact - 0.05 < slow.scale <= exact
-    assert 0.5 < slow.scale < 1 and "run " in slow.describe() and "--time-budget 0" in slow.describe()
+    assert slow.planned_s == pytest.approx(1.6 * (fixed + scaled * slow.scale))
+    assert f"pretraining and SFT run {slow.scale:.0%} of the preset's steps" in slow.describe()
+    # within the tolerance the preset's steps stay; past it they shrink
+    just_over = 880 / (fixed + scaled) * 1.03  # predicted 3% over what is left
+    assert plan_time(b, just_over, "c", 900, 20, rest, tolerance=0.05).scale == 1.0
+    assert plan_time(b, just_over, "c", 900, 20, rest).scale < 1.0
     # far too slow: never under MIN_SCALE, and the line says the budget will be exceeded
-    crawl = plan_time(b, b.reference_tok_s / 10, 900, 20, rest)
+    crawl = plan_time(b, 10, "calibration", 900, 20, rest)
     assert crawl.scale == MIN_SCALE and "more than the budget holds" in crawl.describe()
-    cmds = stage_commands(Path("o"), "tiny", 0.5)
-    assert _steps(cmds, "pretrain") == b.pretrain_steps // 2 and _steps(cmds, "sft") == b.sft_steps // 2
+    # before SFT only SFT is left to scale
+    sft = plan_time(b, 1.6, "pretraining took 10m", 900, 500, rest[1:])
+    assert "so SFT runs" in sft.describe() and sft.stage == "sft"
+    cmds = stage_commands(Path("o"), "tiny", {"pretrain": 0.5, "sft": 0.25})
+    assert _steps(cmds, "pretrain") == b.pretrain_steps // 2 and _steps(cmds, "sft") == b.sft_steps // 4
     assert _steps(cmds, "dpo") == b.dpo_steps and _steps(cmds, "rl") == b.rl_steps
     warm = cmds["pretrain"][0]
     assert warm[warm.index("--warmup-steps") + 1] == str(b.pretrain_steps // 2 // 20)
 
 
-def test_the_pipeline_calibrates_once_before_pretraining_and_keeps_its_plan(tmp_path: Path) -> None:
+class SlowRunner(FakeRunner):
+    """Each pretraining command takes `pretrain_s` of the pipeline's clock."""
+
+    def __init__(self, out: Path, clock: list[float], pretrain_s: float) -> None:
+        super().__init__(out)
+        self.clock, self.pretrain_s = clock, pretrain_s
+
+    def __call__(self, argv: list[str]) -> int:
+        if argv[0] == "pretrain":
+            self.clock[0] += self.pretrain_s
+        return super().__call__(argv)
+
+
+def test_the_pipeline_plans_before_pretraining_and_again_before_sft(tmp_path: Path, monkeypatch) -> None:
+    import matelike.run as run
+
     b = BUDGETS["tiny"]
+    exp = dict(zip(STAGES, b.expected_s))
+    clock = [1000.0]
+    monkeypatch.setattr(run.time, "time", lambda: clock[0])
     asked: list[list[str]] = []
 
     def slow_machine(argv: list[str]) -> float:
         asked.append(argv)
         return b.reference_tok_s / 1.6
 
-    runner = FakeRunner(tmp_path)
-    assert Pipeline(tmp_path, "tiny", list(STAGES), force=False, runner=runner, calibrate=slow_machine).run() == 0
+    # pretraining then runs slower still than the calibration said (1.8x its share of the reference time)
+    first = {}
+    runner = SlowRunner(tmp_path, clock, 0.0)
+    pipe = Pipeline(tmp_path, "tiny", list(STAGES), force=False, runner=runner, calibrate=slow_machine)
+    real_plan = pipe._plan
+
+    def plan_and_set_pace(stage, index, started, observed):
+        real_plan(stage, index, started, observed)
+        if stage == "pretrain":
+            first.update(pipe.plans[0])
+            runner.pretrain_s = 1.8 * exp["pretrain"] * pipe.plans[0]["scale"]
+
+    pipe._plan = plan_and_set_pace
+    assert pipe.run() == 0
     assert asked == [calibration_command("tiny")]
     assert asked[0][:2] == ["bench", "train"] and asked[0][asked[0].index("--dtypes") + 1] == b.dtype
-    plan = json.loads((tmp_path / TIME_PLAN).read_text())
-    assert 0.5 < plan["scale"] < 1
+    plans = json.loads((tmp_path / TIME_PLAN).read_text())
+    assert [p["stage"] for p in plans] == ["pretrain", "sft"] and plans[0]["slow"] == pytest.approx(1.6)
+    assert plans[1]["slow"] == pytest.approx(1.8) and plans[1]["scale"] < plans[0]["scale"] < 1
     by_name = {c[0]: c for c in runner.calls if c[0] in ("pretrain", "sft")}
-    assert _steps({"x": [by_name["pretrain"]]}, "x") == round(b.pretrain_steps * plan["scale"])
-    assert _steps({"x": [by_name["sft"]]}, "x") == round(b.sft_steps * plan["scale"])
+    assert _steps({"x": [by_name["pretrain"]]}, "x") == round(b.pretrain_steps * plans[0]["scale"])
+    assert _steps({"x": [by_name["sft"]]}, "x") == round(b.sft_steps * plans[1]["scale"])
     # the markers (and so the report's commands) hold the steps that ran
     marker = json.loads((tmp_path / ".stages" / "sft.json").read_text())
     assert marker["commands"][-1] == ["matelike", *by_name["sft"]]
+    # the ETA from SFT on is the last plan's: its pace and steps
+    eta = Pipeline(tmp_path, "tiny", list(STAGES), force=False, runner=FakeRunner(tmp_path))
+    eta.plans = plans
+    assert f"ETA {_fmt_s(plans[1]['planned_s'])} at 1.00x" in eta._eta(STAGES.index("sft"), 0.0, {})
 
-    # The ETA from pretraining on is the plan's: the calibrated pace and the scaled steps.
-    pipe = Pipeline(tmp_path, "tiny", list(STAGES), force=False, runner=FakeRunner(tmp_path))
-    pipe.scale, pipe.slow = plan["scale"], plan["reference_tok_s"] / plan["tokens_per_s"]
-    assert f"ETA {_fmt_s(plan['planned_s'])} at 1.00x" in pipe._eta(STAGES.index("pretrain"), 0.0, {})
-
-    # A re-run after an interrupted SFT keeps the plan (the checkpoint's schedule) without measuring again.
+    # A re-run after an interrupted SFT keeps both decisions without measuring again.
     (tmp_path / ".stages" / "sft.json").unlink()
     again = FakeRunner(tmp_path)
     assert Pipeline(tmp_path, "tiny", list(STAGES), force=False, runner=again, calibrate=slow_machine).run() == 0
