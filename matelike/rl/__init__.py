@@ -9,7 +9,8 @@ group), scored by the rewards (matelike/rl/rewards.py), turned into group-relati
 the clipped surrogate (matelike/rl/losses.py). `--updates-per-rollout U` replays a rollout for U optimiser
 steps: the first sees ratio exactly 1, the later ones the importance ratio against the log-probs the rollout
 was sampled with, which the clip bounds. `--dynamic-sampling ROUNDS` sets aside groups whose rewards are all
-equal (they carry no gradient) and samples more prompts in their place. Precision, accumulation, clipping,
+equal (they carry no gradient) and samples more prompts in their place. `--baseline greedy` (ReMax) decodes
+each prompt greedily too and compares its samples with that answer's reward instead of the group's mean. Precision, accumulation, clipping,
 schedule, checkpoints, resume, DDP and metrics.jsonl are the engine's (matelike/train/).
 
 Resume is exact: a rollout's completions depend only on the weights and on the seeds of its prompts' positions
