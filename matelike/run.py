@@ -132,6 +132,9 @@ class TimePlan:
 
     def describe(self) -> str:
         head = f"time budget {_fmt_s(self.budget_s)}, before {self.stage}: {self.measured_by}"
+        if self.scale >= 1 and self.predicted_s > self.available_s:
+            return (f"{head}; the preset's steps stay (about {_fmt_s(self.predicted_s)} for the "
+                    f"{_fmt_s(self.available_s)} left, within what the estimate may be off; SFT plans again)")
         if self.scale >= 1:
             return (f"{head}; the preset's steps fit (about {_fmt_s(self.predicted_s)} of the "
                     f"{_fmt_s(self.available_s)} left)")

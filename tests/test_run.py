@@ -158,7 +158,8 @@ def test_a_time_budget_scales_pretraining_and_sft_by_hand() -> None:
     assert f"pretraining and SFT run {slow.scale:.0%} of the preset's steps" in slow.describe()
     # within the tolerance the preset's steps stay; past it they shrink
     just_over = 880 / (fixed + scaled) * 1.03  # predicted 3% over what is left
-    assert plan_time(b, just_over, "c", 900, 20, rest, tolerance=0.05).scale == 1.0
+    within = plan_time(b, just_over, "c", 900, 20, rest, tolerance=0.05)
+    assert within.scale == 1.0 and "steps stay" in within.describe() and "SFT plans again" in within.describe()
     assert plan_time(b, just_over, "c", 900, 20, rest).scale < 1.0
     # far too slow: never under MIN_SCALE, and the line says the budget will be exceeded
     crawl = plan_time(b, 10, "calibration", 900, 20, rest)
