@@ -320,8 +320,9 @@ class Pipeline:
             return
         exp = dict(zip(STAGES, self.budget.expected_s))
         if stage == SCALED[0]:
-            print("$ matelike " + " ".join(calibration_command(self.preset)), flush=True)
-            tok_s = self.calibrate(calibration_command(self.preset))
+            argv = calibration_command(self.preset)
+            print("$ matelike " + " ".join(argv), flush=True)
+            tok_s = self.calibrate(argv)
             if not tok_s:
                 return
             assert self.budget.reference_tok_s
@@ -380,7 +381,7 @@ class Pipeline:
                 continue
             if stage in SCALED:
                 self._plan(stage, i, started, from_scratch)
-            fresh = self.force or not (self.out / stage).exists()
+            fresh = self.force or not any(d.exists() for d in self._stage_dirs(stage))
             cmds = stage_commands(self.out, self.preset, self.scales)
             if self.force or stage in ("data", "tokenizer", "pack", "eval"):
                 # Quick stages restart from scratch; training stages and make-pairs resume what they left.

@@ -201,7 +201,6 @@ def test_the_pipeline_plans_before_pretraining_and_again_before_sft(tmp_path: Pa
         return b.reference_tok_s / 1.6
 
     # pretraining then runs slower still than the calibration said (1.8x its share of the reference time)
-    first = {}
     runner = SlowRunner(tmp_path, clock, 0.0)
     pipe = Pipeline(tmp_path, "tiny", list(STAGES), force=False, runner=runner, calibrate=slow_machine)
     real_plan = pipe._plan
@@ -209,7 +208,6 @@ def test_the_pipeline_plans_before_pretraining_and_again_before_sft(tmp_path: Pa
     def plan_and_set_pace(stage, index, started, observed):
         real_plan(stage, index, started, observed)
         if stage == "pretrain":
-            first.update(pipe.plans[0])
             runner.pretrain_s = 1.8 * exp["pretrain"] * pipe.plans[0]["scale"]
 
     pipe._plan = plan_and_set_pace
