@@ -138,6 +138,10 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, str]:
         key = MAIN_METRIC.get(task)
         if isinstance(m, dict) and key in m:
             flat[f"{task} {key} (n={m.get('n')})"] = _with_ci(m[key], m.get("ci95"))
+    for task, m in (result.get("constrained") or {}).items():
+        key = MAIN_METRIC.get(task)
+        if isinstance(m, dict) and key in m:
+            flat[_constrained_row(task, key, m.get("n"))] = _with_ci(m[key], m.get("ci95"))
     chat = result.get("chat") or {}
     if "open" in chat:
         o = chat["open"]
@@ -162,9 +166,20 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
+def _constrained_row(task: str, key: str, n: Any) -> str:
+    return f"{task} {key}, answer held to the sentence's characters (n={n})"
+
+
+def _references(section: dict[str, Any], result: dict[str, Any]) -> dict[str, str]:
+    """A reference's scores (rule or classical) under `_eval_metrics`' row names; its answers already have the
+    shape constrained decoding enforces, so its score stands in the constrained rows too."""
+    return _eval_metrics({"tasks": section,
+                          "constrained": {t: section[t] for t in result.get("constrained") or {} if t in section}})
+
+
 def _baseline_metrics(result: dict[str, Any]) -> dict[str, str]:
     """The rule baselines under the same row names as `_eval_metrics`."""
-    flat = _eval_metrics({"tasks": result.get("baselines") or {}})
+    flat = _references(result.get("baselines") or {}, result)
     o = (result.get("chat") or {}).get("open")
     if o:
         for k in ("char_f1", "rouge_l"):
@@ -173,12 +188,14 @@ def _baseline_metrics(result: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
-def _task_predictions(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """An eval predictions file's task items (not the chat ones), by task, in file order."""
-    out: dict[str, list[dict[str, Any]]] = {}
+def _task_predictions(path: Path) -> dict[Any, list[dict[str, Any]]]:
+    """An eval predictions file's task items (not the chat ones), by task and then the constrained answers by
+    `(task, "constrained")`, in file order."""
+    out: dict[Any, list[dict[str, Any]]] = {}
     for row in read_metrics(path):
-        if "kind" not in row and isinstance(row.get("task"), str):
-            out.setdefault(row["task"], []).append(row)
+        if isinstance(row.get("task"), str) and row.get("kind") in (None, "constrained"):
+            key = row["task"] if row.get("kind") is None else (row["task"], "constrained")
+            out.setdefault(key, []).append(row)
     return out
 
 
@@ -193,13 +210,16 @@ def _differences(run: Path, names: list[str]) -> list[str]:
     columns: dict[str, dict[str, str]] = {}
     for a, b in zip(names, names[1:]):
         col = columns.setdefault(f"{b} − {a}", {})
-        for task, rows_b in preds[b].items():
-            rows_a = preds[a].get(task, [])
+        for which, rows_b in preds[b].items():
+            rows_a = preds[a].get(which, [])
             if [(r["prompt"], r["answer"]) for r in rows_a] != [(r["prompt"], r["answer"]) for r in rows_b]:
                 continue  # not the same items: no paired comparison
+            task = which if isinstance(which, str) else which[0]
             diff, (lo, hi) = task_difference(task, [r["answer"] for r in rows_b], [r["prediction"] for r in rows_a],
                                              [r["prediction"] for r in rows_b])
-            col[f"{task} {MAIN_METRIC[task]} (n={len(rows_b)})"] = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            key, n = MAIN_METRIC[task], len(rows_b)
+            row = f"{task} {key} (n={n})" if isinstance(which, str) else _constrained_row(task, key, n)
+            col[row] = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
     keys = list(dict.fromkeys(k for c in columns.values() for k in c))
     if not keys:
         return []
@@ -260,11 +280,16 @@ def build_report(run: Path) -> str:
             flat["rule baseline"] = _baseline_metrics(final_eval)
         classical = final_eval.get("classical") or {}
         if classical:
-            flat["classical"] = _eval_metrics({"tasks": classical})
+            flat["classical"] = _references(classical, final_eval)
         keys = list(dict.fromkeys(k for f in flat.values() for k in f))
         intro = ("Each figure with its 95% interval (Wilson for rates, bootstrap over items otherwise); the rule "
                  "baseline reads no model: the majority label, every character a word, always `无`, another "
                  "item's real continuation or reply.")
+        if final_eval.get("constrained"):
+            intro += (" A row 'answer held to the sentence's characters' scores the same items answered under "
+                      "constrained decoding: only tokens that go on spelling the sentence, with spaces between its "
+                      "characters, can be chosen, so the model decides where words end and cannot miscopy; the "
+                      "rule's and the classical tool's answers always spell it.")
         if classical:
             intro += (" The classical column is what standard tools score on the same items: " + "; ".join(
                 f"{task}: {m.get('method', '?')}" for task, m in classical.items()) + ".")

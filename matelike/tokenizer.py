@@ -276,6 +276,24 @@ class Tokenizer:
             self._token_bytes_table = table
         return table
 
+    def token_bytes(self) -> list[bytes | None]:
+        """The UTF-8 bytes each id stands for (None for special tokens); ValueError unless the backend is
+        byte-level BPE without a normalizer, the only kind whose tokens are whole bytes. Constrained decoding
+        matches these against the text an answer must spell."""
+        if self._token_bytes() is None:
+            raise ValueError("token bytes need a byte-level BPE tokenizer without a normalizer")
+        # GPT-2's byte-to-character table, which tokenizers' ByteLevel uses: printable bytes stand for
+        # themselves, the others for the characters from U+0100 on, in byte order.
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        extra = [b for b in range(256) if b not in printable]
+        char_to_byte = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(extra)}
+        special = set(self.special_ids)
+        out: list[bytes | None] = [None] * self.vocab_size
+        for token, idx in self._tok.get_vocab(with_added_tokens=True).items():
+            if idx not in special and all(c in char_to_byte for c in token):
+                out[idx] = bytes(char_to_byte[c] for c in token)
+        return out
+
     def encode_chat_batch(self, conversations: Sequence[Sequence[dict]],
                           add_generation_prompt: bool = False) -> "ChatBatch":
         """`encode_chat` of many conversations in one `encode_batch` call, as flat arrays (see `ChatBatch`).

@@ -134,3 +134,30 @@ def test_report_says_how_the_time_budget_sized_the_run(tmp_path: Path) -> None:
     lines = [x for x in build_report(tmp_path).splitlines() if "time budget" in x]
     assert lines == ["- " + p.describe() for p in plans]
     assert f"pretraining and SFT run {plans[0].scale:.0%}" in lines[0] and "before sft" in lines[1]
+
+
+def test_report_has_the_constrained_answers_rows_and_their_differences(tmp_path: Path) -> None:
+    """An eval with constrained segmentation answers adds their row, with the rule's and the classical tool's
+    scores repeated there (their answers already spell the sentence), and its paired difference row."""
+    _write_run(tmp_path)
+    for name, f1 in (("pretrain", 0.1), ("sft", 0.7), ("dpo", 0.8)):
+        f = tmp_path / "eval" / f"{name}.json"
+        result = json.loads(f.read_text(encoding="utf-8"))
+        result["constrained"] = {"segmentation": {"f1": f1, "n": 4, "ci95": [f1 - 0.1, f1 + 0.1]}}
+        result["baselines"]["segmentation"] = {"f1": 0.35, "n": 4, "ci95": [0.3, 0.4]}
+        result["classical"] = {"segmentation": {"f1": 0.81, "n": 4, "ci95": [0.79, 0.84], "method": "jieba"}}
+        f.write_text(json.dumps(result), encoding="utf-8")
+        rows = [{"task": "segmentation", "prompt": f"p{i}", "answer": "我们 去", "prediction": "我们去", **kind}
+                for kind in ({}, {"kind": "constrained"}) for i in range(4)]
+        if name != "pretrain":
+            for r in rows[4:]:
+                r["prediction"] = "我们 去"
+        (tmp_path / "eval" / f"{name}_predictions.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    text = build_report(tmp_path)
+    assert ("| segmentation f1, answer held to the sentence's characters (n=4) | 0.10 [0.00, 0.20] | "
+            "0.70 [0.60, 0.80] | 0.80 [0.70, 0.90] | 0.35 [0.30, 0.40] | 0.81 [0.79, 0.84] |") in text
+    assert "answered under constrained decoding" in text
+    # The free answers are equally wrong in every model; the constrained ones all right after pretraining.
+    assert "| segmentation f1 (n=4) | +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] |" in text
+    assert ("| segmentation f1, answer held to the sentence's characters (n=4) | +1.000 [+1.000, +1.000] | "
+            "+0.000 [+0.000, +0.000] |") in text

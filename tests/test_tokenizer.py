@@ -44,6 +44,18 @@ def test_round_trip(tokenizer: Tokenizer, text: str) -> None:
     assert all(0 <= i < tokenizer.vocab_size for i in ids)
 
 
+@settings(max_examples=50, deadline=None)
+@given(text=st.text(min_size=1, max_size=40))
+def test_token_bytes_spell_the_encoded_text(tokenizer: Tokenizer, text: str) -> None:
+    """Every id's bytes, joined in order, are the text's UTF-8 bytes (what constrained decoding matches);
+    special tokens have none."""
+    table = tokenizer.token_bytes()
+    assert len(table) == tokenizer.vocab_size
+    assert all(table[i] is None for i in tokenizer.special_ids)
+    ids = tokenizer.encode(text.replace("<|", "<"))
+    assert b"".join(table[i] for i in ids) == text.replace("<|", "<").encode("utf-8")
+
+
 def test_special_token_ids(tokenizer: Tokenizer) -> None:
     assert tokenizer.eos_id == 0 == tokenizer.token_to_id(ENDOFTEXT)
     assert tokenizer.pad_id == tokenizer.eos_id

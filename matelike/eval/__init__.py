@@ -11,6 +11,10 @@ numbers compare across stages:
   label, every character a word, `无`, another item's continuation): the floor to read each score against.
   `classical` (on by default with `--data`) holds what classical tools score on them (`matelike.eval.classical`:
   naive Bayes sentiment trained on the SFT reviews, jieba segmentation and entities), in the same shape.
+  `constrained` (on by default) holds the tasks whose answers have a fixed shape answered again with the
+  answer held to it (`matelike.model.constraints`): a segmentation answer must spell the sentence with spaces
+  between characters, so the model decides only where words end (as the rule and jieba, whose answers always
+  spell it).
 - Held-out loss (`--val FILE`, pretraining jsonl): documents joined with `<|endoftext|>` as in packing, with one
   more in front so that every text token is predicted (and every byte counted), cut into windows of the model's
   context; every token after the first is predicted exactly once. `loss` is
@@ -29,6 +33,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -42,9 +47,12 @@ from matelike.sampling import GREEDY
 
 if TYPE_CHECKING:
     from matelike.cli import CommandTable
+    from matelike.model.constraints import Constraint
     from matelike.tokenizer import Tokenizer
 
 PROMPT_FORMATS = ("chat", "plain")
+# Tasks whose answers have a shape constrained decoding can hold them to (`answer_constraints`).
+CONSTRAINED_TASKS = ("segmentation",)
 CHOICES = ("A", "B", "C", "D")
 MC_INSTRUCTION = "以下是单项选择题，请选出其中的正确答案。"
 
@@ -110,42 +118,80 @@ def answer_budget(tokenizer: "Tokenizer", gold: str) -> int:
 
 
 def generate_answers(model: Any, tokenizer: "Tokenizer", prompts: Sequence[list[int]], budgets: Sequence[int],
-                     *, batch_size: int = 32, progress: Callable[[int], None] | None = None) -> list[str]:
+                     *, batch_size: int = 32, progress: Callable[[int], None] | None = None,
+                     constraints: Sequence["Constraint | None"] | None = None) -> list[str]:
     """Greedy answers (decoded text, special tokens dropped, stripped) for token-id prompts.
 
     One batched engine (matelike.model.generation) decodes `batch_size` prompts at a time, each to its own budget;
     an answer that ends frees its slot for the next prompt. A prompt longer than the context minus its budget
-    keeps its end (where the question and answer header are).
+    keeps its end (where the question and answer header are). `constraints`: one per prompt (or None), the
+    shape its answer must have.
     """
     from matelike.model.generation import GenerationRequest, default_stop_ids, generate_requests
 
     ctx = _context_len(model)
     stop = default_stop_ids(tokenizer)
+    constraints = constraints if constraints is not None else [None] * len(prompts)
     requests = []
-    for ids, budget in zip(prompts, budgets):
+    for ids, budget, constraint in zip(prompts, budgets, constraints):
         budget = min(budget, ctx - 1)
-        requests.append(GenerationRequest(list(ids)[-(ctx - budget):], budget, GREEDY, stop))
+        requests.append(GenerationRequest(list(ids)[-(ctx - budget):], budget, GREEDY, stop, constraint))
     new = generate_requests(model, requests, max_batch=batch_size, progress=progress)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
+def answer_constraints(task: str, rows: Sequence[dict[str, str]],
+                       tokenizer: "Tokenizer") -> list["Constraint"] | None:
+    """The shape each item's answer must have under constrained decoding, or None when `task` has none (or an
+    item's text cannot be recovered from its prompt): segmentation answers spell the item's text with spaces
+    between words (`SpacedCopy`)."""
+    if task not in CONSTRAINED_TASKS:
+        return None
+    from matelike.eval.scoring import prompt_input
+    from matelike.model.constraints import SpacedCopy, TokenTrie
+
+    texts = [r.get("input") or prompt_input(task, r["prompt"]) for r in rows]
+    if any(t is None for t in texts):
+        return None
+    trie = TokenTrie.for_tokenizer(tokenizer)
+    return [SpacedCopy(trie, t) for t in texts]  # type: ignore[arg-type]
+
+
+@dataclass
+class TaskScores:
+    """What `evaluate_tasks` returns: metrics per task, the predictions, and the constrained answers' metrics."""
+
+    metrics: dict[str, dict[str, float | int]]
+    predictions: list[dict[str, str]]
+    constrained: dict[str, dict[str, float | int]]
+
+
 def evaluate_tasks(model: Any, tokenizer: "Tokenizer", items: dict[str, list[dict[str, str]]], *,
                    prompt_format: str = "chat", batch_size: int = 32, progress: bool = False,
-                   ) -> tuple[dict[str, dict[str, float | int]], list[dict[str, str]]]:
-    """(metrics per task, predictions) for the loaded test items; `progress` shows a bar per task on stderr."""
+                   constrained: bool = False) -> TaskScores:
+    """Metrics per task and the predictions for the loaded test items; `progress` shows a bar per task on
+    stderr. `constrained`: the tasks of CONSTRAINED_TASKS are answered a second time under their constraint
+    (`answer_constraints`), their predictions marked `"kind": "constrained"`."""
     from tqdm import tqdm
 
-    metrics: dict[str, dict[str, float | int]] = {}
-    predictions: list[dict[str, str]] = []
+    out = TaskScores({}, [], {})
     for task, rows in items.items():
         prompts = [encode_prompt(tokenizer, r["prompt"], prompt_format) for r in rows]
         budgets = [answer_budget(tokenizer, r["answer"]) for r in rows]
-        with tqdm(total=len(rows), desc=f"eval {task}", unit="item", disable=not progress, leave=False) as bar:
-            preds = generate_answers(model, tokenizer, prompts, budgets, batch_size=batch_size, progress=bar.update)
-        metrics[task] = task_metrics(task, [r["answer"] for r in rows], preds)
-        predictions += [{"task": task, "prompt": r["prompt"], "answer": r["answer"], "prediction": p}
-                        for r, p in zip(rows, preds)]
-    return metrics, predictions
+        runs: list[tuple[str | None, Any]] = [(None, None)]
+        if constrained:
+            shapes = answer_constraints(task, rows, tokenizer)
+            if shapes is not None:
+                runs.append(("constrained", shapes))
+        for kind, shapes in runs:
+            desc = f"eval {task}" + (f" ({kind})" if kind else "")
+            with tqdm(total=len(rows), desc=desc, unit="item", disable=not progress, leave=False) as bar:
+                preds = generate_answers(model, tokenizer, prompts, budgets, batch_size=batch_size,
+                                         progress=bar.update, constraints=shapes)
+            (out.constrained if kind else out.metrics)[task] = task_metrics(task, [r["answer"] for r in rows], preds)
+            out.predictions += [{"task": task, "prompt": r["prompt"], "answer": r["answer"], "prediction": p,
+                                 **({"kind": kind} if kind else {})} for r, p in zip(rows, preds)]
+    return out
 
 
 def evaluate_chat(model: Any, tokenizer: "Tokenizer", path: str | Path, report: BadRecordReport, *,
@@ -350,6 +396,13 @@ def format_table(result: dict[str, Any]) -> str:
             ci = _ci(m.get("ci95")) if main else ""
             cells = " ".join(_reference(ref, key, main) for ref in refs)
             lines.append(f"{task:<28} {key:<10} {value:>9.4f} {ci:>13} {cells}  {m['n']}{' *' if main else ''}")
+    for task, m in result.get("constrained", {}).items():
+        # The rule's and the classical tools' answers already have the shape: the same references apply.
+        refs = [result.get("baselines", {}).get(task, {})] + ([classical.get(task, {})] if classical else [])
+        key = MAIN_METRIC[task]
+        cells = " ".join(_reference(ref, key, True) for ref in refs)
+        lines.append(f"{task + ' (constrained)':<28} {key:<10} {m[key]:>9.4f} {_ci(m.get('ci95')):>13} {cells}  "
+                     f"{m['n']}")
     chat = result.get("chat", {})
     if "open" in chat:
         o = chat["open"]
@@ -381,12 +434,13 @@ def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tas
              quantize: str = "none", val_max_tokens: int | None = None, report: BadRecordReport | None = None,
              chat_file: str | Path | None = None, chat_limit: int | None = None,
              progress: bool = False, classical: bool = False, classical_reviews: str | Path | None = None,
-             notes: list[str] | None = None) -> dict[str, Any]:
+             notes: list[str] | None = None, constrained: bool = True) -> dict[str, Any]:
     """Everything `matelike eval` computes, as the JSON-ready dict.
 
     `classical`: also score the classical tools (`matelike.eval.classical`) on the task items, the naive Bayes
     trained on `classical_reviews`; what they cannot score (jieba missing, no reviews) is left out, with a
-    one-line reason appended to `notes`.
+    one-line reason appended to `notes`. `constrained`: also score the tasks that have an answer shape
+    (CONSTRAINED_TASKS) with the answers held to it, under `result["constrained"]`.
     """
     import torch
 
@@ -406,8 +460,11 @@ def run_eval(model_dir: str | Path, *, tasks_file: str | Path | None = None, tas
             empty = [t for t, rows in items.items() if not rows]
             if empty:
                 raise EvalError(f"{tasks_file}: no test items for task(s) {', '.join(empty)}")
-            result["tasks"], result["predictions"] = evaluate_tasks(
-                model, tokenizer, items, prompt_format=prompt_format, batch_size=batch_size, progress=progress)
+            scores = evaluate_tasks(model, tokenizer, items, prompt_format=prompt_format, batch_size=batch_size,
+                                    progress=progress, constrained=constrained)
+            result["tasks"], result["predictions"] = scores.metrics, scores.predictions
+            if scores.constrained:
+                result["constrained"] = scores.constrained
             result["baselines"] = trivial_baselines(items)
             if classical:
                 section, why = classical_baselines(items, reviews=classical_reviews, report=report,
@@ -479,7 +536,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                           val_max_tokens=args.val_max_tokens, report=report,
                           chat_file=chat_file, chat_limit=args.chat_limit,
                           progress=not args.quiet and sys.stderr.isatty(), classical=classical,
-                          classical_reviews=reviews, notes=notes)
+                          classical_reviews=reviews, notes=notes, constrained=args.constrained)
     except (EvalError, DataFileError, ModelDirError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -535,6 +592,11 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--classical-reviews", metavar="FILE",
                    help="SFT file whose labelled reviews train the classical sentiment baseline (default: "
                         "DATA/sft.jsonl)")
+    p.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="also answer the tasks whose answers have a fixed shape with the answer held to it and "
+                        "score them apart (default on): segmentation answers must spell the sentence, character "
+                        "for character, with spaces only between characters, so the figure measures where the "
+                        "model puts word boundaries, not how well it copies")
     p.add_argument("--batch-size", type=_positive, default=32, help="prompts generated together")
     add_device_args(p)
     p.add_argument("--out", help="write the metrics as JSON here")

@@ -28,6 +28,7 @@ from matelike.model.transformer import CacheRows, KVCache, Transformer
 from matelike.sampling import SamplingParams, check_max_new_tokens
 
 if TYPE_CHECKING:
+    from matelike.model.constraints import Constraint
     from matelike.tokenizer import Tokenizer
 
 
@@ -69,12 +70,14 @@ def sample_next(
 @dataclass(frozen=True)
 class GenerationRequest:
     """One sequence to generate: its prompt ids, token budget, sampling parameters (the seed seeds its own
-    generator) and the ids that end it (the stop id is not part of the answer)."""
+    generator), the ids that end it (the stop id is not part of the answer) and optionally a constraint on the
+    answer's shape (`matelike.model.constraints`: only the tokens it allows are sampled)."""
 
     prompt: Sequence[int]
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: tuple[int, ...] = ()
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class _Seq:
     next_token: int = -1  # the token the next decode step feeds
     produced: int = 0
     first_logits: torch.Tensor | None = None  # the prompt's last logits, for requests with the same prompt
+    state: object = None  # the constraint's state, when the request has one
 
 
 class BatchEngine:
@@ -155,7 +159,8 @@ class BatchEngine:
             seen[list(prompt)] = True
         rid = self._next_rid
         self._next_rid += 1
-        self._waiting.append(_Seq(rid, request, prompt, generator, seen))
+        state = request.constraint.start() if request.constraint is not None else None
+        self._waiting.append(_Seq(rid, request, prompt, generator, seen, state=state))
         return rid
 
     def cancel(self, rid: int) -> None:
@@ -256,8 +261,16 @@ class BatchEngine:
             self._remove([len(self._rows) - 1])
 
     def _sample(self, rows: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """Next token per row, each with its own parameters and generator; greedy rows share one argmax."""
+        """Next token per row, each with its own parameters and generator; greedy rows share one argmax. A
+        constrained row's disallowed tokens are masked first, so sampling draws from what the constraint allows."""
         for i, s in enumerate(rows):
+            c = s.request.constraint
+            if c is not None:
+                allowed = c.allowed(s.state, s.request.stop_ids)
+                if allowed:  # nothing allowed (a text no token spells): the model's own choice, scored as it is
+                    keep = torch.full_like(logits[i], float("-inf"))
+                    keep[allowed] = 0.0
+                    logits[i] += keep
             if s.seen is not None:
                 logits[i] = apply_repetition_penalty(logits[i], s.seen, s.request.sampling.repetition_penalty)
         tokens = logits.argmax(dim=-1).tolist()
@@ -273,6 +286,8 @@ class BatchEngine:
             return True
         s.produced += 1
         s.next_token = token
+        if s.request.constraint is not None:
+            s.state = s.request.constraint.advance(s.state, token)
         if s.seen is not None:
             s.seen[token] = True
         finished = s.produced >= s.request.max_new_tokens

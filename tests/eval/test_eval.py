@@ -111,8 +111,13 @@ def test_eval_writes_one_entry_per_task_with_metrics_in_range(model_dir: Path, d
     assert all(m["n"] == 2 for m in result["baselines"].values())
     assert "baseline" in printed
     assert set(result["samples"]) == set(TASKS)
-    lines = preds.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 8 and {"task", "prompt", "answer", "prediction"} <= set(json.loads(lines[0]))
+    rows = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 10 and {"task", "prompt", "answer", "prediction"} <= set(rows[0])
+    # Segmentation answered a second time under its constraint: the answers spell the gold's sentence exactly.
+    constrained = [r for r in rows if r.get("kind") == "constrained"]
+    assert [r["task"] for r in constrained] == ["segmentation"] * 2
+    assert all(r["prediction"].replace(" ", "") == r["answer"].replace(" ", "") for r in constrained)
+    assert result["constrained"]["segmentation"]["n"] == 2 and "segmentation (constrained)" in printed
 
 
 def test_eval_split_dev_reads_the_development_files(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
