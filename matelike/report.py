@@ -167,7 +167,9 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, str]:
 
 
 def _constrained_row(task: str, key: str, n: Any) -> str:
-    return f"{task} {key}, answer held to the sentence's characters (n={n})"
+    from matelike.eval import CONSTRAINED_TASKS
+
+    return f"{task} {key}, {CONSTRAINED_TASKS.get(task, 'answer constrained')} (n={n})"
 
 
 def _references(section: dict[str, Any], result: dict[str, Any]) -> dict[str, str]:
@@ -286,10 +288,11 @@ def build_report(run: Path) -> str:
                  "baseline reads no model: the majority label, every character a word, always `无`, another "
                  "item's real continuation or reply.")
         if final_eval.get("constrained"):
-            intro += (" A row 'answer held to the sentence's characters' scores the same items answered under "
-                      "constrained decoding: only tokens that go on spelling the sentence, with spaces between its "
-                      "characters, can be chosen, so the model decides where words end and cannot miscopy; the "
-                      "rule's and the classical tool's answers always spell it.")
+            intro += (" The rows 'held to' score the same items answered under constrained decoding: for "
+                      "segmentation only tokens that go on spelling the sentence, with spaces between its "
+                      "characters, can be chosen, so the model decides where words end and cannot miscopy; for "
+                      "entities every name must be a span of the sentence. The rule's and the classical tools' "
+                      "answers always have these shapes.")
         if classical:
             intro += (" The classical column is what standard tools score on the same items: " + "; ".join(
                 f"{task}: {m.get('method', '?')}" for task, m in classical.items()) + ".")

@@ -13,8 +13,9 @@ numbers compare across stages:
   naive Bayes sentiment trained on the SFT reviews, jieba segmentation and entities), in the same shape.
   `constrained` (on by default) holds the tasks whose answers have a fixed shape answered again with the
   answer held to it (`matelike.model.constraints`): a segmentation answer must spell the sentence with spaces
-  between characters, so the model decides only where words end (as the rule and jieba, whose answers always
-  spell it).
+  between characters, so the model decides only where words end; an entity answer must be `无` or the answer
+  format with every name a span of the sentence. The rule's and the classical tools' answers always have
+  these shapes.
 - Held-out loss (`--val FILE`, pretraining jsonl): documents joined with `<|endoftext|>` as in packing, with one
   more in front so that every text token is predicted (and every byte counted), cut into windows of the model's
   context; every token after the first is predicted exactly once. `loss` is
@@ -51,8 +52,10 @@ if TYPE_CHECKING:
     from matelike.tokenizer import Tokenizer
 
 PROMPT_FORMATS = ("chat", "plain")
-# Tasks whose answers have a shape constrained decoding can hold them to (`answer_constraints`).
-CONSTRAINED_TASKS = ("segmentation",)
+# Tasks whose answers have a shape constrained decoding can hold them to (`answer_constraints`), and what the
+# shape holds, as the report's rows say it.
+CONSTRAINED_TASKS = {"segmentation": "answer held to the sentence's characters",
+                     "entities": "names held to spans of the sentence"}
 CHOICES = ("A", "B", "C", "D")
 MC_INSTRUCTION = "以下是单项选择题，请选出其中的正确答案。"
 
@@ -144,17 +147,18 @@ def answer_constraints(task: str, rows: Sequence[dict[str, str]],
                        tokenizer: "Tokenizer") -> list["Constraint"] | None:
     """The shape each item's answer must have under constrained decoding, or None when `task` has none (or an
     item's text cannot be recovered from its prompt): segmentation answers spell the item's text with spaces
-    between words (`SpacedCopy`)."""
+    between words (`SpacedCopy`), entity answers list spans of it in the answer format (`EntityList`)."""
     if task not in CONSTRAINED_TASKS:
         return None
     from matelike.eval.scoring import prompt_input
-    from matelike.model.constraints import SpacedCopy, TokenTrie
+    from matelike.model.constraints import EntityList, SpacedCopy, TokenTrie
 
     texts = [r.get("input") or prompt_input(task, r["prompt"]) for r in rows]
     if any(t is None for t in texts):
         return None
     trie = TokenTrie.for_tokenizer(tokenizer)
-    return [SpacedCopy(trie, t) for t in texts]  # type: ignore[arg-type]
+    grammar = SpacedCopy if task == "segmentation" else EntityList
+    return [grammar(trie, t) for t in texts]  # type: ignore[arg-type]
 
 
 @dataclass
@@ -596,7 +600,8 @@ def add_cli(table: "CommandTable") -> None:
                    help="also answer the tasks whose answers have a fixed shape with the answer held to it and "
                         "score them apart (default on): segmentation answers must spell the sentence, character "
                         "for character, with spaces only between characters, so the figure measures where the "
-                        "model puts word boundaries, not how well it copies")
+                        "model puts word boundaries, not how well it copies; entity answers must name spans of "
+                        "the sentence in the answer format")
     p.add_argument("--batch-size", type=_positive, default=32, help="prompts generated together")
     add_device_args(p)
     p.add_argument("--out", help="write the metrics as JSON here")

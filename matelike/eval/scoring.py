@@ -121,10 +121,14 @@ def format_entities(entities: Iterable[tuple[str, str]]) -> str:
             raise ValueError(f"unknown entity tag {tag!r} (expected one of {', '.join(ENTITY_TYPES)})")
         if text not in by_type[tag]:
             by_type[tag].append(text)
-    parts = [f"{ENTITY_TYPES[tag]}：{'、'.join(names)}" for tag, names in by_type.items() if names]
-    return "；".join(parts) if parts else NO_ENTITY
+    parts = [f"{ENTITY_TYPES[tag]}{TYPE_SEP}{NAME_SEP.join(names)}" for tag, names in by_type.items() if names]
+    return PART_SEP.join(parts) if parts else NO_ENTITY
 
 
+# The entity answer's separators (`format_entities`), and the characters no name can hold: the parser below
+# splits or strips there (constrained decoding keeps them out of names, `model.constraints.EntityList`).
+TYPE_SEP, NAME_SEP, PART_SEP = "：", "、", "；"
+NOT_IN_NAMES = frozenset("；;：:、,，。.")
 _ENTITY_NAME_TO_TYPE = {name: name for name in ENTITY_TYPES.values()}
 _PART_SPLIT = re.compile(r"[；;\n]")
 _NAME_SPLIT = re.compile(r"[、,，\s]+")

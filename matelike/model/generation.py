@@ -266,8 +266,10 @@ class BatchEngine:
         for i, s in enumerate(rows):
             c = s.request.constraint
             if c is not None:
-                allowed = c.allowed(s.state, s.request.stop_ids)
-                if allowed:  # nothing allowed (a text no token spells): the model's own choice, scored as it is
+                # Nothing allowed (a text no token spells): the answer ends there, or with no stop ids it goes on
+                # as the model likes, scored as it is.
+                allowed = c.allowed(s.state, s.request.stop_ids) or list(s.request.stop_ids)
+                if allowed:
                     keep = torch.full_like(logits[i], float("-inf"))
                     keep[allowed] = 0.0
                     logits[i] += keep

@@ -25,7 +25,7 @@ from matelike.eval import (
     load_task_items,
     mc_prompt,
 )
-from matelike.eval.scoring import TASKS
+from matelike.eval.scoring import TASKS, parse_entities
 
 TEST_ITEMS = [
     {"task": "sentiment", "prompt": "判断评论情感（正面/负面）：这本书写得很好。", "answer": "正面"},
@@ -112,12 +112,18 @@ def test_eval_writes_one_entry_per_task_with_metrics_in_range(model_dir: Path, d
     assert "baseline" in printed
     assert set(result["samples"]) == set(TASKS)
     rows = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 10 and {"task", "prompt", "answer", "prediction"} <= set(rows[0])
-    # Segmentation answered a second time under its constraint: the answers spell the gold's sentence exactly.
+    assert len(rows) == 12 and {"task", "prompt", "answer", "prediction"} <= set(rows[0])
+    # Segmentation and entities answered a second time under their constraints: the segmentation answers spell
+    # the gold's sentence exactly, every entity named is in the sentence.
     constrained = [r for r in rows if r.get("kind") == "constrained"]
-    assert [r["task"] for r in constrained] == ["segmentation"] * 2
-    assert all(r["prediction"].replace(" ", "") == r["answer"].replace(" ", "") for r in constrained)
-    assert result["constrained"]["segmentation"]["n"] == 2 and "segmentation (constrained)" in printed
+    assert [r["task"] for r in constrained] == ["segmentation"] * 2 + ["entities"] * 2
+    assert all(r["prediction"].replace(" ", "") == r["answer"].replace(" ", "") for r in constrained[:2])
+    for r in constrained[2:]:
+        assert r["prediction"] == "无" or parse_entities(r["prediction"])
+        # (an answer cut by its token budget may end inside a character: its last name is cut, still a span)
+        assert all(name.rstrip("\ufffd") in r["prompt"] for _, name in parse_entities(r["prediction"]))
+    assert {t: m["n"] for t, m in result["constrained"].items()} == {"segmentation": 2, "entities": 2}
+    assert "segmentation (constrained)" in printed and "entities (constrained)" in printed
 
 
 def test_eval_split_dev_reads_the_development_files(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:

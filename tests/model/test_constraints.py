@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matelike.model.constraints import SpacedCopy, TokenTrie
+from matelike.model.constraints import EntityList, SpacedCopy, TokenTrie
 from matelike.model.generation import GenerationRequest, generate_requests
 from matelike.model.transformer import ModelConfig, Transformer
 from matelike.sampling import GREEDY, SamplingParams
@@ -28,7 +28,7 @@ def test_allowed_tokens_by_hand() -> None:
     after_a = c.advance(s, 0)
     assert names(c.allowed(after_a, (STOP,))) == {b"b", b" "}  # "b " would leave a space after the last one
     after_space = c.advance(after_a, 4)
-    assert after_space == (1, True) and names(c.allowed(after_space, (STOP,))) == {b"b"}  # never two in a row
+    assert after_space == (("copy", 1, True),) and names(c.allowed(after_space, (STOP,))) == {b"b"}  # never two in a row
     assert c.allowed(c.advance(after_space, 1), (STOP,)) == [STOP]  # spelled: only a stop id may follow
     assert c.allowed(c.advance(s, 2), (STOP,)) == [STOP]
 
@@ -97,3 +97,60 @@ def test_the_constraint_changes_only_what_it_must(tokenizer, model_and_trie) -> 
             x = torch.cat([x, torch.tensor([[t]])], dim=1)
     got = generate_requests(model, [GenerationRequest(prompt, 40, GREEDY, stops, c)])[0]
     assert got == expected and tokenizer.decode(got).replace(" ", "") == text
+
+
+def accepts(c, tokenizer, answer: str) -> bool:
+    """Whether constrained decoding can produce exactly `answer` (by the tokenizer's own tokens) and stop."""
+    state, stops = c.start(), tuple(tokenizer.stop_ids)
+    for t in tokenizer.encode(answer):
+        if t not in c.allowed(state, stops):
+            return False
+        state = c.advance(state, t)
+    return stops[0] in c.allowed(state, stops)
+
+
+ENTITY_TEXT = "江泽民在北京会见新华社社长，随后前往上海。"
+
+
+@pytest.mark.parametrize("answer", ["无", "人名：江泽民", "人名：江泽民；地名：北京、上海；机构名：新华社", "地名：上海、北京",
+                                    "机构名：新华社社长"])
+def test_entity_answers_of_the_format_naming_spans_are_accepted(tokenizer, answer: str) -> None:
+    assert accepts(EntityList(TokenTrie.for_tokenizer(tokenizer), ENTITY_TEXT), tokenizer, answer)
+
+
+@pytest.mark.parametrize("answer", [
+    "人名：李鹏",  # not in the text
+    "地名：北京；人名：江泽民",  # types out of order
+    "地名：北京、北京",  # named twice
+    "无；地名：北京",  # nothing after 无
+    "人名：",  # an empty part
+    "地名：北京、",  # a dangling separator
+    "人名：江泽民；人名：新华社",  # a type twice
+    "人名 江泽民",  # not the format
+])
+def test_entity_answers_outside_the_grammar_are_refused(tokenizer, answer: str) -> None:
+    assert not accepts(EntityList(TokenTrie.for_tokenizer(tokenizer), ENTITY_TEXT), tokenizer, answer)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 50))
+def test_a_random_model_lists_spans_of_the_text_in_the_format(tokenizer, model_and_trie, seed: int) -> None:
+    from matelike.eval.scoring import ENTITY_TYPES as NAMES
+    from matelike.eval.scoring import parse_entities
+
+    model, trie = model_and_trie
+    prompt = tokenizer.encode("找出句子中的人名、地名、机构名：" + ENTITY_TEXT)
+    stops = tuple(tokenizer.stop_ids)
+    c = EntityList(trie, ENTITY_TEXT)
+    for new in generate_requests(model, [GenerationRequest(prompt, 200, SamplingParams(temperature=2.0, seed=seed),
+                                                           stops, c)]):
+        assert len(new) < 200
+        answer = tokenizer.decode(new)
+        if answer == "无":
+            continue
+        parts = answer.split("；")
+        types = [p.split("：")[0] for p in parts]
+        assert types == [t for t in NAMES.values() if t in types]  # the format's order, each type once
+        names = [n for p in parts for n in p.split("：", 1)[1].split("、")]
+        assert len(names) == len(set(names)) and all(n and n in ENTITY_TEXT for n in names)
+        assert len(parse_entities(answer)) == len(names)
