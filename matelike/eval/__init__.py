@@ -143,22 +143,31 @@ def generate_answers(model: Any, tokenizer: "Tokenizer", prompts: Sequence[list[
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
-def answer_constraints(task: str, rows: Sequence[dict[str, str]],
-                       tokenizer: "Tokenizer") -> list["Constraint"] | None:
-    """The shape each item's answer must have under constrained decoding, or None when `task` has none (or an
-    item's text cannot be recovered from its prompt): segmentation answers spell the item's text with spaces
-    between words (`SpacedCopy`), entity answers list spans of it in the answer format (`EntityList`)."""
+def answer_constraint(task: str | None, row: dict[str, Any], tokenizer: "Tokenizer") -> "Constraint | None":
+    """The shape an item's answer must have under constrained decoding, or None when `task` has none or the
+    item's text is not known (its `input` field, else recovered from its `prompt` string): segmentation
+    answers spell the text with spaces between words (`SpacedCopy`), entity answers list spans of it in the
+    answer format (`EntityList`). `matelike rl --constrained` samples its rollouts under the same shapes."""
     if task not in CONSTRAINED_TASKS:
         return None
     from matelike.eval.scoring import prompt_input
     from matelike.model.constraints import EntityList, SpacedCopy, TokenTrie
 
-    texts = [r.get("input") or prompt_input(task, r["prompt"]) for r in rows]
-    if any(t is None for t in texts):
+    text = row.get("input")
+    if not isinstance(text, str):
+        prompt = row.get("prompt")
+        text = prompt_input(task, prompt) if isinstance(prompt, str) else None
+    if text is None:
         return None
-    trie = TokenTrie.for_tokenizer(tokenizer)
     grammar = SpacedCopy if task == "segmentation" else EntityList
-    return [grammar(trie, t) for t in texts]  # type: ignore[arg-type]
+    return grammar(TokenTrie.for_tokenizer(tokenizer), text)
+
+
+def answer_constraints(task: str, rows: Sequence[dict[str, str]],
+                       tokenizer: "Tokenizer") -> list["Constraint"] | None:
+    """`answer_constraint` of every item, or None when one has none (the task is then scored free only)."""
+    shapes = [answer_constraint(task, r, tokenizer) for r in rows]
+    return None if any(c is None for c in shapes) else shapes  # type: ignore[return-value]
 
 
 @dataclass

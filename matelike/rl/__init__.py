@@ -10,8 +10,10 @@ the clipped surrogate (matelike/rl/losses.py). `--updates-per-rollout U` replays
 steps: the first sees ratio exactly 1, the later ones the importance ratio against the log-probs the rollout
 was sampled with, which the clip bounds. `--dynamic-sampling ROUNDS` sets aside groups whose rewards are all
 equal (they carry no gradient) and samples more prompts in their place. `--baseline greedy` (ReMax) decodes
-each prompt greedily too and compares its samples with that answer's reward instead of the group's mean. Precision, accumulation, clipping,
-schedule, checkpoints, resume, DDP and metrics.jsonl are the engine's (matelike/train/).
+each prompt greedily too and compares its samples with that answer's reward instead of the group's mean.
+`--constrained` samples segmentation and entity answers under their answer shapes (matelike/model/constraints.py),
+and the loss reads the same masked distribution. Precision, accumulation, clipping, schedule, checkpoints,
+resume, DDP and metrics.jsonl are the engine's (matelike/train/).
 
 Resume is exact: a rollout's completions depend only on the weights and on the seeds of its prompts' positions
 in the data stream (rollout.sample_seed), and the cursor is the next rollout's stream position, so a run
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from matelike.cli import CommandTable
+    from matelike.model.constraints import Constraint
     from matelike.rl.rewards import RewardFn
     from matelike.rl.rollout import PromptSet
 
@@ -76,6 +79,7 @@ class GRPOTask:
         updates_per_rollout: int = 1, seed: int = 0, autocast: Callable[[], ContextManager] | None = None,
         generation_batch: int = 64, aux_loss_coef: float = 0.0, dynamic_sampling: int = 0,
         baseline: str = "mean", positive_only: bool = False,
+        constraint_for: "Callable[[int], Constraint | None] | None" = None,
     ) -> None:
         from matelike.rl.rewards import reward_name
         from matelike.sampling import SamplingParams
@@ -117,6 +121,7 @@ class GRPOTask:
             raise ValueError(f"--dynamic-sampling must be >= 0, got {dynamic_sampling}")
         self.dynamic_sampling = dynamic_sampling
         self.baseline, self.positive_only = baseline, positive_only
+        self.constraint_for = constraint_for
         self.tasks = prompts.tasks()
         # dapo is a mean over every token of the step: micro-batches and ranks weigh by their tokens. grpo and
         # dr_grpo are means over completions, and every micro-batch holds batch_size x group of them.
@@ -194,17 +199,19 @@ class GRPOTask:
         G = self.group
         idx = [self._prompt_at(p) for p in positions]
         seeds = [sample_seed(self.seed, p, g) for p in positions for g in range(G)]
+        shapes = [self.constraint_for(i) if self.constraint_for else None for i in idx]
         t0 = time.perf_counter()
         comps = sample_completions(
             self.policy, [self.prompts.ids[i] for i in idx for _ in range(G)], seeds,
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            stop_ids=self.stop_ids, max_batch=self.generation_batch,
+            stop_ids=self.stop_ids, max_batch=self.generation_batch, constraints=[c for c in shapes for _ in range(G)],
         )  # in the weights' dtype, not under autocast: the engine's KV cache holds the weights' dtype
         greedy: list = []
         if self.baseline == "greedy":  # each prompt's greedy answer, the baseline its samples must beat
             greedy = sample_completions(
                 self.policy, [self.prompts.ids[i] for i in idx], seeds[::G], max_new_tokens=self.max_new_tokens,
-                temperature=0.0, top_k=None, top_p=None, stop_ids=self.stop_ids, max_batch=self.generation_batch)
+                temperature=0.0, top_k=None, top_p=None, stop_ids=self.stop_ids, max_batch=self.generation_batch,
+                constraints=shapes)
         self.rollout_log.append((t0, time.perf_counter() - t0, sum(len(c.tokens) for c in comps + greedy)))
         every = comps + greedy
         answers = [c.tokens[:-1] if c.stopped else c.tokens for c in every]
@@ -214,7 +221,7 @@ class GRPOTask:
                                         [self.decode(a) for a in answers], [self.prompts.fields[i] for i in rows],
                                         answers)
         n = len(idx) * G
-        return [{"prompt": self.prompts.ids[i], "task": self.prompts.fields[i].get("task"),
+        return [{"prompt": self.prompts.ids[i], "task": self.prompts.fields[i].get("task"), "shape": shapes[k],
                  "comps": comps[k * G:(k + 1) * G], "rewards": total[k * G:(k + 1) * G],
                  "greedy": total[n + k] if greedy else None,
                  "per_fn": [vals[k * G:(k + 1) * G] for vals in per_fn]} for k, i in enumerate(idx)]
@@ -273,11 +280,16 @@ class GRPOTask:
     def _collate(self, groups: list[dict]) -> dict:
         """Training rows of these groups' completions, group after group (truncated ones untrained under
         --mask-truncated)."""
-        from matelike.rl.rollout import collate_rows
+        from matelike.rl.rollout import allowed_targets, collate_rows
 
         comps = [c for g in groups for c in g["comps"]]
-        return collate_rows([g["prompt"] for g in groups for _ in range(self.group)], [c.tokens for c in comps],
-                            [c.stopped or not self.mask_truncated for c in comps], self.pad_id)
+        trained = [c.stopped or not self.mask_truncated for c in comps]
+        batch = collate_rows([g["prompt"] for g in groups for _ in range(self.group)], [c.tokens for c in comps],
+                             trained, self.pad_id)
+        if self.constraint_for is not None:
+            batch.update(allowed_targets([g["shape"] for g in groups for _ in range(self.group)],
+                                         [c.tokens for c in comps], trained, self.stop_ids))
+        return batch
 
     def _score_rollout(self, micro: list[dict]) -> None:
         """Per-token log-probs of the sampling policy (for the ratio of later updates) and of the reference."""
@@ -290,10 +302,10 @@ class GRPOTask:
             for batch in micro:
                 ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
                 if self.updates > 1:
-                    batch["old_logps"] = self._logps(self.policy, ids, targets)[0].cpu()
+                    batch["old_logps"] = self._logps(self.policy, ids, targets, batch=batch)[0].cpu()
                 if self.beta:
                     assert self.ref_model is not None
-                    batch["ref_logps"] = self._logps(self.ref_model, ids, targets)[0].cpu()
+                    batch["ref_logps"] = self._logps(self.ref_model, ids, targets, batch=batch)[0].cpu()
 
     def _rollout_stats(self, drawn: list[dict], used: list[dict], consumed: int
                        ) -> tuple[dict[str, float], float, int]:
@@ -349,25 +361,33 @@ class GRPOTask:
 
     # ---- loss ----------------------------------------------------------------------------------------------
     def _logps(self, model: "nn.Module", ids: "torch.Tensor", targets: "torch.Tensor",
-               with_entropy: bool = False) -> tuple["torch.Tensor", "torch.Tensor | None", Any]:
+               with_entropy: bool = False, batch: dict | None = None
+               ) -> tuple["torch.Tensor", "torch.Tensor | None", Any]:
         """(B, T) log-probs of the targets under the sampling distribution (0 where no target), the entropies
-        of the target positions and the model output."""
+        of the target positions and the model output. `batch` carries the constraints' allowed tokens."""
         # The output projection runs on the completion positions only (prompts are most of a row); the logits
         # come back in row-major order of the mask. The model's own cross-entropy comes along and is not used.
         out = model(ids, targets, target_logits_only=True)
-        full, ent = self._target_logps(out.logits, targets, with_entropy)
+        full, ent = self._target_logps(out.logits, targets, with_entropy, batch)
         return full, ent, out
 
-    def _target_logps(self, logits: "torch.Tensor", targets: "torch.Tensor", with_entropy: bool = False
-                      ) -> tuple["torch.Tensor", "torch.Tensor | None"]:
-        """(B, T) log-probs under the sampling distribution from (N, V) logits of the target positions."""
+    def _target_logps(self, logits: "torch.Tensor", targets: "torch.Tensor", with_entropy: bool = False,
+                      batch: dict | None = None) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+        """(B, T) log-probs under the sampling distribution from (N, V) logits of the target positions: with
+        constrained rollouts (`batch["allowed_pairs"]`), the masked distribution the engine sampled from."""
         import torch
 
         from matelike.rl.losses import token_logps
 
         mask = targets != -100
+        allowed = None
+        if batch is not None and "allowed_pairs" in batch:
+            allowed = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+            allowed[batch["constrained"].to(logits.device)] = False
+            pairs = batch["allowed_pairs"].to(logits.device).view(-1, 2)
+            allowed[pairs[:, 0], pairs[:, 1]] = True
         lp, ent = token_logps(logits, targets[mask], temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, with_entropy=with_entropy)
+                              top_p=self.top_p, allowed=allowed, with_entropy=with_entropy)
         return torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp), ent
 
     def loss(self, model: "nn.Module", batch: dict) -> tuple["torch.Tensor", dict[str, float], int]:
@@ -375,7 +395,7 @@ class GRPOTask:
         from matelike.rl.losses import grpo_loss
 
         targets = batch["targets"]
-        logps, entropy, out = self._logps(model, batch["input_ids"], targets, with_entropy=True)
+        logps, entropy, out = self._logps(model, batch["input_ids"], targets, with_entropy=True, batch=batch)
         mask = targets != -100
         old = logps.detach() if batch["first_update"] else batch["old_logps"]
         res = grpo_loss(logps, old, batch["advantages"], mask, loss_type=self.loss_type, epsilon=self.epsilon,
@@ -408,6 +428,25 @@ def _max_over_ranks(value: int) -> int:
     return int(t.item())
 
 
+def _constraints_of(prompts: "PromptSet", tokenizer: Any) -> "Callable[[int], Constraint | None]":
+    """Prompt index -> the shape its answers are sampled in (`eval.answer_constraint`), built on first use."""
+    from matelike.eval import answer_constraint
+
+    made: dict[int, Constraint | None] = {}
+
+    def shape(i: int) -> "Constraint | None":
+        if i not in made:
+            prompt = prompts.prompts[i]
+            if not isinstance(prompt, str):  # messages: the last user turn asks the task
+                prompt = next((m.get("content") for m in reversed(prompt) if m.get("role") == "user"), None)
+            fields = prompts.fields[i]
+            made[i] = answer_constraint(fields.get("task"), {"prompt": prompt, "input": fields.get("input")},
+                                        tokenizer)
+        return made[i]
+
+    return shape
+
+
 def _to_plain(micro: list[dict]) -> list[dict]:
     """Micro-batches as lists and floats (a checkpoint cursor holds only plain values)."""
     out = []
@@ -421,7 +460,7 @@ def _from_plain(plain: list[dict]) -> list[dict]:
 
     dtypes = {"input_ids": torch.long, "targets": torch.long, "advantages": torch.float32,
               "old_logps": torch.float32, "ref_logps": torch.float32, "values": torch.float32,
-              "returns": torch.float32}
+              "returns": torch.float32, "allowed_pairs": torch.long, "constrained": torch.bool}
     return [{k: torch.tensor(v, dtype=dtypes[k]) if k in dtypes else v for k, v in b.items()} for b in plain]
 
 
@@ -465,7 +504,8 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     if ppo:
         from matelike.rl.ppo import grpo_only
 
-        wrong = grpo_only(args.beta, args.dynamic_sampling, args.scale_rewards, args.baseline, args.positive_only)
+        wrong = grpo_only(args.beta, args.dynamic_sampling, args.scale_rewards, args.baseline, args.positive_only,
+                          args.constrained)
         if wrong:
             return fail(wrong)
     specs = args.reward if args.reward is not None else ([] if ppo else ["task"])
@@ -520,7 +560,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, loss=args.loss, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
         beta=args.beta, scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated,
         updates_per_rollout=updates, dynamic_sampling=args.dynamic_sampling, baseline=args.baseline,
-        positive_only=args.positive_only,
+        positive_only=args.positive_only, constrained=args.constrained,
         **({"value_init": value_init, **ppo_settings} if ppo else {}))
     report = BadRecordReport() if info.is_main else BadRecordReport(max_shown=0)
     check = check_task_record if "task" in specs else None
@@ -568,7 +608,8 @@ def _cmd_rl(args: argparse.Namespace) -> int:
         scale_rewards=args.scale_rewards, mask_truncated=args.mask_truncated, updates_per_rollout=updates,
         seed=config.seed, autocast=precision.autocast, generation_batch=args.generation_batch,
         dynamic_sampling=args.dynamic_sampling, baseline=args.baseline, positive_only=args.positive_only,
-        aux_loss_coef=model.config.aux_loss_coef if model.config.is_moe else 0.0)
+        aux_loss_coef=model.config.aux_loss_coef if model.config.is_moe else 0.0,
+        constraint_for=_constraints_of(prompts, tokenizer) if args.constrained else None)
     trained: "nn.Module" = model
     export: Any = "default"
     try:
@@ -625,6 +666,10 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--baseline", choices=BASELINES, default="mean",
                    help="what a sample's reward is compared with: its group's mean (GRPO) or the reward of the "
                         "prompt's greedy answer (ReMax; one greedy answer more per prompt)")
+    p.add_argument("--constrained", action="store_true",
+                   help="sample the answers of tasks with a fixed shape held to it, as `matelike eval` scores them "
+                        "in its constrained rows: segmentation answers spell the prompt's sentence, entity answers "
+                        "name spans of it; the loss's log-probs are those of the constrained distribution")
     p.add_argument("--positive-only", action="store_true",
                    help="train only on samples with an advantage above 0 (reinforce, never push down)")
     p.add_argument("--epsilon", type=float, default=0.2, help="clip range below 1 (and above, unless --epsilon-high)")

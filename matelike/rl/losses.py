@@ -86,8 +86,10 @@ def group_advantages(rewards: "torch.Tensor", group: int, scale: str = "group",
 
 
 def sampling_logits(logits: "torch.Tensor", tokens: "torch.Tensor", *, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None) -> "torch.Tensor":
-    """(N, V) fp32 logits of the distribution `sample_next` draws from: divided by the temperature, tokens
+                    top_k: int | None = None, top_p: float | None = None,
+                    allowed: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """(N, V) fp32 logits of the distribution `sample_next` draws from: tokens a constraint refused (`allowed`,
+    (N, V) bool, as the engine masks them before sampling) at -inf, then divided by the temperature, tokens
     outside top-k / top-p at -inf.
 
     `tokens` (N,) are the tokens that were sampled; they always stay in the support. The training forward
@@ -100,6 +102,8 @@ def sampling_logits(logits: "torch.Tensor", tokens: "torch.Tensor", *, temperatu
         raise ValueError(f"RL samples: temperature must be > 0, got {temperature}")
     x = logits.float() / temperature
     keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, tokens[:, None], True)
+    if allowed is not None:
+        x = x.masked_fill(~(allowed | keep), float("-inf"))
     if top_k is not None and top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
         x = x.masked_fill((x < kth) & ~keep, float("-inf"))
@@ -113,13 +117,14 @@ def sampling_logits(logits: "torch.Tensor", tokens: "torch.Tensor", *, temperatu
 
 
 def token_logps(logits: "torch.Tensor", tokens: "torch.Tensor", *, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None,
+                top_k: int | None = None, top_p: float | None = None, allowed: "torch.Tensor | None" = None,
                 with_entropy: bool = False) -> tuple["torch.Tensor", "torch.Tensor | None"]:
-    """Log-probabilities (N,) of `tokens` under the sampling distribution of (N, V) `logits`, and its entropy
-    (N,) when asked (a diagnostic: computed without gradient)."""
+    """Log-probabilities (N,) of `tokens` under the sampling distribution of (N, V) `logits` (with a
+    constraint's `allowed` tokens, see `sampling_logits`), and its entropy (N,) when asked (a diagnostic:
+    computed without gradient)."""
     import torch
 
-    x = sampling_logits(logits, tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    x = sampling_logits(logits, tokens, temperature=temperature, top_k=top_k, top_p=top_p, allowed=allowed)
     logp_all = torch.log_softmax(x, dim=-1)
     logps = logp_all.gather(-1, tokens[:, None]).squeeze(-1)
     entropy = None

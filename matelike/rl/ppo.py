@@ -98,7 +98,7 @@ def policy_export(tokenizer: "Tokenizer") -> Callable[[nn.Module, Path], None]:
 
 
 def grpo_only(beta: float, dynamic_sampling: int, scale_rewards: str, baseline: str = "mean",
-              positive_only: bool = False) -> str | None:
+              positive_only: bool = False, constrained: bool = False) -> str | None:
     """What is wrong with GRPO's settings under PPO (None when they are off)."""
     if beta:
         return "--beta is GRPO's KL in the loss; PPO folds the KL into the reward: use --kl-coef"
@@ -108,6 +108,8 @@ def grpo_only(beta: float, dynamic_sampling: int, scale_rewards: str, baseline: 
         return "--scale-rewards is GRPO's; PPO whitens its GAE advantages"
     if baseline != "mean" or positive_only:
         return "--baseline and --positive-only are GRPO's; PPO's baseline is its value model"
+    if constrained:
+        return "--constrained is GRPO's for now; PPO samples free answers"
     return None
 
 
@@ -133,7 +135,7 @@ class PPOTask(GRPOTask):
                  group: int = 1, updates_per_rollout: int = 4, **kwargs: Any) -> None:
         wrong = grpo_only(kwargs.get("beta", 0.0), kwargs.get("dynamic_sampling", 0),
                           kwargs.get("scale_rewards", "group"), kwargs.get("baseline", "mean"),
-                          kwargs.get("positive_only", False))
+                          kwargs.get("positive_only", False), kwargs.get("constraint_for") is not None)
         if wrong:
             raise ValueError(wrong)
         if kl_coef < 0 or not 0 <= gamma <= 1 or not 0 <= lam <= 1 or cliprange_value <= 0 or vf_coef < 0:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from matelike.data.packed import PackedPrompts
     from matelike.data.records import BadRecordReport
+    from matelike.model.constraints import Constraint
     from matelike.tokenizer import Tokenizer
 
 
@@ -269,11 +270,30 @@ class Completion:
     stopped: bool
 
 
+@dataclass(frozen=True)
+class _StopsGiven:
+    """A constraint whose stop ids are given here: the rollout engine runs without any (`sample_completions`)."""
+
+    inner: "Constraint"
+    stops: tuple[int, ...]
+
+    def start(self) -> object:
+        return self.inner.start()
+
+    def allowed(self, state: object, stop_ids: Sequence[int]) -> list[int]:
+        return self.inner.allowed(state, self.stops)
+
+    def advance(self, state: object, token: int) -> object:
+        return self.inner.advance(state, token)
+
+
 def sample_completions(
     model: "torch.nn.Module", prompts: Sequence[Sequence[int]], seeds: Sequence[int], *, max_new_tokens: int,
     temperature: float, top_k: int | None, top_p: float | None, stop_ids: Sequence[int], max_batch: int,
+    constraints: Sequence["Constraint | None"] | None = None,
 ) -> list[Completion]:
-    """One completion per (prompt, seed), generated together through one BatchEngine.
+    """One completion per (prompt, seed), generated together through one BatchEngine, each held to its
+    constraint when `constraints` gives one (`matelike.model.constraints`).
 
     The engine runs without stop ids and a request is cancelled when it samples one: the engine reports a stop
     as "no token", and the stop token must be known to be trained on (which of `<|im_end|>` or `<|endoftext|>`
@@ -287,9 +307,11 @@ def sample_completions(
     engine = BatchEngine(model, max_batch=max(1, min(max_batch, len(prompts))),  # type: ignore[arg-type]
                          max_len=max(len(p) for p in prompts) + max_new_tokens)
     rows: dict[int, int] = {}
-    for i, (p, s) in enumerate(zip(prompts, seeds)):
+    shapes = constraints if constraints is not None else [None] * len(prompts)
+    for i, (p, s, c) in enumerate(zip(prompts, seeds, shapes)):
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=s)
-        rows[engine.add(GenerationRequest(list(p), max_new_tokens, sampling))] = i
+        shape = _StopsGiven(c, tuple(sorted(stops))) if c is not None else None
+        rows[engine.add(GenerationRequest(list(p), max_new_tokens, sampling, constraint=shape))] = i
     out = [Completion([], False) for _ in prompts]
     was_training = model.training
     model.eval()
@@ -326,3 +348,31 @@ def collate_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequenc
         if trained[i] and c:
             targets[i, len(p) - 1 : len(seq) - 1] = torch.tensor(list(c), dtype=torch.long)
     return {"input_ids": ids, "targets": targets}
+
+
+def allowed_targets(constraints: Sequence["Constraint | None"], completions: Sequence[Sequence[int]],
+                    trained: Sequence[bool], stop_ids: Sequence[int]) -> dict[str, "torch.Tensor"]:
+    """What the constraints allowed at each trained target of `collate_rows`' rows (targets in row-major order,
+    as `targets != -100` selects them): `allowed_pairs` (K, 2) of (target index, allowed token id) and
+    `constrained` (N,) whether a target's row had a constraint. The loss's log-probs are then those of the
+    masked distribution the engine sampled from. Replayed from each completion's tokens, so a stored rollout
+    needs nothing more."""
+    import torch
+
+    pairs: list[tuple[int, int]] = []
+    constrained: list[bool] = []
+    stops = tuple(sorted(set(int(s) for s in stop_ids)))
+    for c, tokens, keep in zip(constraints, completions, trained):
+        if not keep or not tokens:
+            continue
+        if c is None:
+            constrained += [False] * len(tokens)
+            continue
+        state = c.start()
+        for t in tokens:
+            k = len(constrained)
+            pairs += [(k, a) for a in c.allowed(state, stops)]
+            constrained.append(True)
+            state = c.advance(state, t)
+    return {"allowed_pairs": torch.tensor(pairs, dtype=torch.long).view(-1, 2),
+            "constrained": torch.tensor(constrained, dtype=torch.bool)}

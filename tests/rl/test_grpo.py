@@ -76,6 +76,60 @@ def test_later_updates_use_the_log_probs_the_rollout_was_sampled_with(make_chat_
     assert torch.equal(first["input_ids"], second["input_ids"])
 
 
+def test_constrained_rollouts_spell_the_sentence_and_the_loss_reads_their_distribution(make_chat_model) -> None:
+    """--constrained: every segmentation sample spells the prompt's sentence and every entity sample names spans
+    of it; the loss's log-probs are those of the masked distribution (recomputed here by replaying the
+    constraint), the stored rollout of a second update gives ratio 1, and it survives the checkpoint's plain
+    values."""
+    from matelike.eval import answer_constraint
+    from matelike.eval.scoring import parse_entities
+    from matelike.rl import _constraints_of, _from_plain
+    from matelike.rl.losses import token_logps
+
+    model, tok = _model(make_chat_model)
+    records = [r for r in TASK_RECORDS if r["task"] in ("segmentation", "entities")]
+    prompts = _prompts(tok, records)
+    task = GRPOTask(model, prompts, [lambda prompts, completions, **kw: [float(len(c)) for c in completions]],
+                    decode=tok.decode, stop_ids=tok.stop_ids, pad_id=tok.pad_id, batch_size=2, group=4,
+                    max_new_tokens=40, updates_per_rollout=2, temperature=1.5, seed=2,
+                    constraint_for=_constraints_of(prompts, tok))
+    it = task.batches(0, 1, None)
+    first, cur = next(it)
+    groups = task._sample_groups([0, 1])  # the same rollout again: seeds come from the stream positions
+    for g in groups:
+        sentence = g["shape"].target.decode() if g["task"] == "segmentation" else g["shape"].text.decode()
+        for c in g["comps"]:
+            assert c.stopped
+            answer = tok.decode(c.tokens[:-1])
+            if g["task"] == "segmentation":
+                assert answer.replace(" ", "") == sentence
+            else:
+                assert all(name in sentence for _, name in parse_entities(answer))
+    # The loss's log-probs, against a replay of the constraint over the raw logits.
+    logps, _, out = task._logps(model, first["input_ids"], first["targets"], batch=first)
+    comps = [(g["shape"], c.tokens) for g in groups for c in g["comps"]]
+    expected = []
+    k = 0
+    for shape, tokens in comps:
+        state = shape.start()
+        for t in tokens:
+            allowed = torch.zeros(out.logits.shape[-1], dtype=torch.bool)
+            allowed[shape.allowed(state, tuple(tok.stop_ids))] = True
+            expected.append(token_logps(out.logits[k:k + 1], torch.tensor([t]), temperature=1.5,
+                                        allowed=allowed[None])[0])
+            state = shape.advance(state, t)
+            k += 1
+    got = logps[first["targets"] != -100]
+    assert torch.allclose(got, torch.cat(expected), atol=1e-5)
+    assert answer_constraint("sentiment", {"prompt": "x"}, tok) is None  # free tasks stay free
+    second, _ = next(it)
+    _, metrics, _ = task.loss(model, second)
+    assert metrics["ratio"] == pytest.approx(1.0, abs=1e-5)
+    restored = _from_plain(cur["saved"][0])[0]
+    for key in ("allowed_pairs", "constrained"):
+        assert torch.equal(restored[key], first[key].view_as(restored[key]))
+
+
 def test_dynamic_sampling_trains_only_on_groups_with_signal(make_chat_model) -> None:
     model, tok = _model(make_chat_model)
 

@@ -135,6 +135,32 @@ def test_logps_are_those_of_the_distribution_that_sampled(sampling: SamplingPara
         assert not torch.allclose(plain, lp, atol=1e-3)
 
 
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.3)])
+def test_constrained_logps_are_those_of_the_masked_distribution_that_sampled(sampling: SamplingParams,
+                                                                            monkeypatch) -> None:
+    """The engine masks the tokens a constraint refuses before sampling (then temperature, top-k): the loss's
+    log-probs with the same `allowed` mask are exactly what sample_next drew from."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    allowed = torch.rand(3, 50) < 0.2
+    seen: list[torch.Tensor] = []
+    real = torch.multinomial
+
+    def spy(probs, n, generator=None):
+        seen.append(probs.clone())
+        return real(probs, n, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    tokens = sample_next(logits.masked_fill(~allowed, float("-inf")), sampling=sampling,
+                         generator=torch.Generator().manual_seed(1))
+    (probs,) = seen
+    assert allowed.gather(-1, tokens[:, None]).all() and (probs[~allowed] == 0).all()
+    lp, _ = token_logps(logits, tokens, temperature=sampling.temperature, top_k=sampling.top_k, allowed=allowed)
+    assert torch.allclose(lp.exp(), probs.gather(-1, tokens[:, None]).squeeze(-1), atol=1e-6)
+    free, _ = token_logps(logits, tokens, temperature=sampling.temperature, top_k=sampling.top_k)
+    assert (free < lp - 1e-3).all()  # without the mask: another, wider distribution
+
+
 def test_a_sampled_token_just_outside_top_k_keeps_a_finite_logp() -> None:
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     lp, _ = token_logps(logits, torch.tensor([3]), top_k=2)

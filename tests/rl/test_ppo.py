@@ -197,6 +197,7 @@ def test_command_line_errors_are_one_line(make_chat_model, tmp_path: Path, capsy
         (("--reward", "task", "--value-init", "reward"), "--value-init reward needs --reward-model"),
         (("--reward", "task", "--beta", "0.1"), "use --kl-coef"),
         (("--reward", "task", "--dynamic-sampling", "2"), "--dynamic-sampling is GRPO's"),
+        (("--reward", "task", "--constrained"), "--constrained is GRPO's"),
     ]
     for extra, msg in cases:
         assert main(_ppo_args(init, data, tmp_path / "out", "--max-steps", "1", *extra)) == 2, extra
