@@ -101,14 +101,8 @@ def test_k3_kl_by_hand_and_added_with_beta() -> None:
         grpo_loss(logp, logp, torch.tensor([0.0]), mask, beta=0.1)
 
 
-@pytest.mark.parametrize("sampling", [
-    SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.3, top_p=0.8),
-    SamplingParams(temperature=0.5, top_k=20, top_p=0.9), SamplingParams(temperature=1.0),
-])
-def test_logps_are_those_of_the_distribution_that_sampled(sampling: SamplingParams, monkeypatch) -> None:
-    """The probabilities sample_next hands to torch.multinomial are exp of the loss's log-probs."""
-    torch.manual_seed(0)
-    logits = torch.randn(3, 50) * 3
+def _sampled(logits: torch.Tensor, sampling: SamplingParams, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_next's tokens and the probabilities it handed to torch.multinomial."""
     seen: list[torch.Tensor] = []
     real = torch.multinomial
 
@@ -119,6 +113,18 @@ def test_logps_are_those_of_the_distribution_that_sampled(sampling: SamplingPara
     monkeypatch.setattr(torch, "multinomial", spy)
     tokens = sample_next(logits, sampling=sampling, generator=torch.Generator().manual_seed(1))
     (probs,) = seen
+    return tokens, probs
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=0.5, top_k=20, top_p=0.9), SamplingParams(temperature=1.0),
+])
+def test_logps_are_those_of_the_distribution_that_sampled(sampling: SamplingParams, monkeypatch) -> None:
+    """The probabilities sample_next hands to torch.multinomial are exp of the loss's log-probs."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    tokens, probs = _sampled(logits, sampling, monkeypatch)
     for tok in range(50):
         lp, _ = token_logps(logits, torch.full((3,), tok), temperature=sampling.temperature, top_k=sampling.top_k,
                             top_p=sampling.top_p)
@@ -143,17 +149,7 @@ def test_constrained_logps_are_those_of_the_masked_distribution_that_sampled(sam
     torch.manual_seed(0)
     logits = torch.randn(3, 50) * 3
     allowed = torch.rand(3, 50) < 0.2
-    seen: list[torch.Tensor] = []
-    real = torch.multinomial
-
-    def spy(probs, n, generator=None):
-        seen.append(probs.clone())
-        return real(probs, n, generator=generator)
-
-    monkeypatch.setattr(torch, "multinomial", spy)
-    tokens = sample_next(logits.masked_fill(~allowed, float("-inf")), sampling=sampling,
-                         generator=torch.Generator().manual_seed(1))
-    (probs,) = seen
+    tokens, probs = _sampled(logits.masked_fill(~allowed, float("-inf")), sampling, monkeypatch)
     assert allowed.gather(-1, tokens[:, None]).all() and (probs[~allowed] == 0).all()
     lp, _ = token_logps(logits, tokens, temperature=sampling.temperature, top_k=sampling.top_k, allowed=allowed)
     assert torch.allclose(lp.exp(), probs.gather(-1, tokens[:, None]).squeeze(-1), atol=1e-6)
