@@ -7,8 +7,10 @@ together and a greedy answer does not depend on its batch mates. A request that 
 and a waiting one is prefilled into it, so a batch never runs until its longest member stops. Requests with
 the same prompt share one prefill (the prefilled cache row is copied). Each request has its own sampling
 parameters, stop ids, token budget and torch.Generator, so a seeded request draws the same text alone or
-batched. Prompts are prefilled in chunks of `prefill_chunk` tokens at fixed offsets (the same chunks alone or
-batched); the server lets one chunk run per step, so a long prompt never stalls the others for longer.
+batched; a request with a constraint (`matelike.model.constraints`) samples only the tokens it allows, so its
+answer keeps a required shape. Prompts are prefilled in chunks of `prefill_chunk` tokens at fixed offsets (the
+same chunks alone or batched); the server lets one chunk run per step, so a long prompt never stalls the
+others for longer.
 
 `generate` / `iter_generate` run a list of prompts through an engine; `BatchStreams` gives the server one
 token iterator per request over one shared engine. Nothing is stored on the model: each engine allocates its
