@@ -327,9 +327,11 @@ class DemoConfig:
     dev_per_task: int = 200
     sft_per_task: int = 2000
     # Tasks given a multiple of sft_per_task, chosen on the development split: segmentation, which needs the
-    # model to learn to copy the sentence back, gains most from more items; sentiment and entities gain from
-    # twice theirs; continuation (scored near its rule baseline whatever the share) keeps one.
-    sft_multiples: tuple[tuple[str, int], ...] = (("segmentation", 3), ("sentiment", 2), ("entities", 2))
+    # model to learn to copy the sentence back, and entities (the model names mostly entities it saw named in
+    # training) gain most from more items (entities: nearly every sentence of the corpus that can be one, the
+    # train_per_task items left for preference pairs and RL); sentiment gains from twice its; continuation
+    # (scored near its rule baseline whatever the share) keeps one.
+    sft_multiples: tuple[tuple[str, int], ...] = (("segmentation", 4), ("sentiment", 2), ("entities", 6))
     train_per_task: int = 500  # tasks_train.jsonl: fresh prompts for preference pairs
     # Conversation: chatterbot exchanges, identity and out-of-scope answers are repeated (there are few);
     # multi-turn conversations ask a task after small talk (taken from each task's SFT share).
@@ -488,7 +490,9 @@ def split_items(docs: list[Document], cfg: DemoConfig) -> Split:
             used = {id(x) for x in sft_pairs}
             train_pairs = _balanced_reviews([x for x in pool if id(x) not in used], cfg.train_per_task)
         else:
-            sft_pairs, train_pairs = pool[:n_sft], pool[n_sft:want]
+            # A pool short of both shares keeps the train items whole: preference pairs and RL need them.
+            n_sft = min(n_sft, max(0, len(pool) - cfg.train_per_task))
+            sft_pairs, train_pairs = pool[:n_sft], pool[n_sft:n_sft + cfg.train_per_task]
         sft[task] = [it for _, it in sft_pairs]
         train[task] = [it for _, it in train_pairs]
     return Split(test, sft, train, heldout, val, dev)
@@ -744,7 +748,8 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--dev-per-task", type=_non_negative, default=d.dev_per_task,
                    help="development items per task (tasks_dev.jsonl), for tuning without the test items")
     p.add_argument("--sft-per-task", type=_non_negative, default=d.sft_per_task,
-                   help="SFT examples per task (segmentation gets three times as many, sentiment and entities twice)")
+                   help="SFT examples per task (segmentation gets four times as many, sentiment twice, entities six "
+                        "times)")
     p.add_argument("--train-per-task", type=_non_negative, default=d.train_per_task,
                    help="tasks_train.jsonl items per task (preference pairs)")
     p.add_argument("--model-size", default=d.model_size,

@@ -18,6 +18,7 @@ from matelike.data.demo import (
     extract_entities,
     load_documents,
     parse_tagged_line,
+    split_items,
     split_sentences,
     tagged_to_text,
 )
@@ -99,6 +100,21 @@ def test_empty_and_duplicate_lines_are_dropped_and_counted() -> None:
     assert (counts["pos.txt"].kept, counts["pos.txt"].empty, counts["pos.txt"].duplicate) == (1, 1, 2)
     assert counts["neg.txt"].duplicate == 1
     assert docs[2].label == "正面"
+
+
+def test_a_short_pool_keeps_the_train_items_whole() -> None:
+    """When a task has fewer items than its SFT share and its train share ask for, SFT gives way: preference
+    pairs and RL prompts still get train_per_task items, none shared with SFT."""
+    news = ("news.txt", "".join(f"第{i}次/m  会议/n  在/p  北京/ns  召开/v  了/u  。/w\n" for i in range(40)))
+    reviews = [("pos.txt", "".join(f"这个东西真的很好用第{i}次\n" for i in range(30)), "正面"),
+               ("neg.txt", "".join(f"这个东西真的很难用第{i}次\n" for i in range(30)), "负面")]
+    docs = load_documents(news, reviews, {})
+    cfg = DemoConfig(test_per_task=3, dev_per_task=3, val_fraction=0.0, sft_per_task=10, train_per_task=5)
+    split = split_items(docs, cfg)
+    assert cfg.sft_count("entities") == 60 and len(split.train["entities"]) == 5
+    trainable = [d for i, d in enumerate(docs) if d.source == "news" and i not in split.heldout_docs]
+    assert len(split.sft["entities"]) == len(trainable) - 5  # every other news document gives SFT an item
+    assert not {i.source for i in split.sft["entities"]} & {i.source for i in split.train["entities"]}
 
 
 # ---------------------------------------------------------------------------------------------- full build
