@@ -67,8 +67,9 @@ class Budget:
 # were measured.
 REF_TOK_S = 15000.0
 
-# The tiny budget's steps fit in 15 minutes on the reference machine (its expected_s are one whole run's stage
-# times there); on slower CPUs its time budget shortens them. 26m and 0.2b are the original Matelike project's
+# The tiny budget's steps fit in 15 minutes on the reference machine (its expected_s are a whole run's stage
+# times there; a run on a day the machine ran faster is scaled by its pretraining's pace); on slower CPUs its
+# time budget shortens them. 26m and 0.2b are the original Matelike project's
 # sizes with budgets meant for one GPU.
 BUDGETS: dict[str, Budget] = {
     "micro": Budget(model_size="约100万",
@@ -82,7 +83,7 @@ BUDGETS: dict[str, Budget] = {
                    sft_batch=16, sft_per_task=2000, pair_prompts=200, dpo_steps=60, dpo_batch=8, eval_limit=300,
                    rl_steps=100, rl_batch=4, rl_group=16, rl_max_new_tokens=64,
                    dtype="auto", optimizer="muon", tokenizer_chars=8_000_000, eval_tokens=1 << 16,
-                   expected_s=(5, 13, 1, 390, 263, 19, 22, 69, 39, 3), minutes=15.0, reference_tok_s=REF_TOK_S),
+                   expected_s=(5, 13, 1, 390, 260, 19, 22, 69, 65, 3), minutes=15.0, reference_tok_s=REF_TOK_S),
     "26m": Budget(model_size="约2700万",
                   vocab_size=6400, pretrain_steps=20000, pretrain_batch=32, seq_len=512, sft_steps=4000,
                   sft_batch=32, sft_per_task=4000, pair_prompts=2000, dpo_steps=1000, dpo_batch=16,

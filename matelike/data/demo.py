@@ -329,13 +329,13 @@ class DemoConfig:
     # Tasks given a multiple of sft_per_task, chosen on the development split: segmentation, which needs the
     # model to learn to copy the sentence back, and entities (the model names mostly entities it saw named in
     # training) gain most from more items (entities: nearly every sentence of the corpus that can be one, the
-    # train_per_task items left for preference pairs and RL); sentiment gains from twice its; continuation
-    # (scored near its rule baseline whatever the share) keeps one.
-    sft_multiples: tuple[tuple[str, int], ...] = (("segmentation", 4), ("sentiment", 2), ("entities", 6))
+    # train_per_task items left for preference pairs and RL); sentiment gains from three times its (it keeps
+    # its share of the mix); continuation (scored near its rule baseline whatever the share) keeps one.
+    sft_multiples: tuple[tuple[str, int], ...] = (("segmentation", 4), ("sentiment", 3), ("entities", 6))
     train_per_task: int = 500  # tasks_train.jsonl: fresh prompts for preference pairs
     # Conversation: chatterbot exchanges, identity and out-of-scope answers are repeated (there are few);
     # multi-turn conversations ask a task after small talk (taken from each task's SFT share).
-    chat_repeats: int = 3
+    chat_repeats: int = 5
     dialogue_test_fraction: float = 0.2
     dialogue_dev_fraction: float = 0.15
     multiturn_fraction: float = 0.125  # of each task's SFT items, asked after small talk instead of alone
@@ -748,8 +748,8 @@ def add_cli(table: "CommandTable") -> None:
     p.add_argument("--dev-per-task", type=_non_negative, default=d.dev_per_task,
                    help="development items per task (tasks_dev.jsonl), for tuning without the test items")
     p.add_argument("--sft-per-task", type=_non_negative, default=d.sft_per_task,
-                   help="SFT examples per task (segmentation gets four times as many, sentiment twice, entities six "
-                        "times)")
+                   help="SFT examples per task (segmentation gets four times as many, sentiment three times, entities "
+                        "six times)")
     p.add_argument("--train-per-task", type=_non_negative, default=d.train_per_task,
                    help="tasks_train.jsonl items per task (preference pairs)")
     p.add_argument("--model-size", default=d.model_size,
