@@ -139,8 +139,6 @@ class SpacedCopy(ByteGrammar):
         return alt[1] == len(self.target) and not alt[2]
 
 
-
-
 class EntityList(ByteGrammar):
     """`无`, or the entity types present, in ENTITY_TYPES order, each `TYPE：name、name`, parts joined by `；`,
     every name a non-empty span of `text` made of whole characters, named once. Alternatives: ("lit", bytes
@@ -163,6 +161,8 @@ class EntityList(ByteGrammar):
         self.anywhere = tuple(p for p in sorted(self.starts) if p < self.limit[p])
 
     def _parts_from(self, k: int, used: frozenset[bytes]) -> list[tuple]:
+        if not self.anywhere:  # a text with nothing a name could be: only `无`
+            return []
         return [("lit", self.types[j], ("name", j, self.anywhere, 0, used)) for j in range(k, len(self.types))]
 
     def initial(self) -> Iterable[tuple]:
@@ -181,7 +181,7 @@ class EntityList(ByteGrammar):
     def _complete(self, alt: tuple) -> bytes | None:
         """The name of a ("name", ...) alternative when it may end here."""
         _, _, where, length, used = alt
-        return self._name(where[0], where[0] + length, used)
+        return self._name(where[0], where[0] + length, used) if length else None
 
     def _viable(self, where: tuple[int, ...], length: int, used: frozenset[bytes]) -> bool:
         """Whether a name begun at one of `where` with `length` bytes can still end as a name (so that decoding

@@ -28,7 +28,8 @@ def test_allowed_tokens_by_hand() -> None:
     after_a = c.advance(s, 0)
     assert names(c.allowed(after_a, (STOP,))) == {b"b", b" "}  # "b " would leave a space after the last one
     after_space = c.advance(after_a, 4)
-    assert after_space == (("copy", 1, True),) and names(c.allowed(after_space, (STOP,))) == {b"b"}  # never two in a row
+    # never two spaces in a row
+    assert after_space == (("copy", 1, True),) and names(c.allowed(after_space, (STOP,))) == {b"b"}
     assert c.allowed(c.advance(after_space, 1), (STOP,)) == [STOP]  # spelled: only a stop id may follow
     assert c.allowed(c.advance(s, 2), (STOP,)) == [STOP]
 
@@ -130,6 +131,11 @@ def test_entity_answers_of_the_format_naming_spans_are_accepted(tokenizer, answe
 ])
 def test_entity_answers_outside_the_grammar_are_refused(tokenizer, answer: str) -> None:
     assert not accepts(EntityList(TokenTrie.for_tokenizer(tokenizer), ENTITY_TEXT), tokenizer, answer)
+
+
+def test_a_text_with_nothing_to_name_allows_only_none(tokenizer) -> None:
+    c = EntityList(TokenTrie.for_tokenizer(tokenizer), "。，")
+    assert accepts(c, tokenizer, "无") and not accepts(c, tokenizer, "人名：。")
 
 
 @settings(max_examples=15, deadline=None)
