@@ -134,7 +134,7 @@ def test_demo_files_have_the_documented_layouts(demo_dir: Path) -> None:
     assert not any(re.search(r"/[A-Za-z]{1,3}\s+\S+/[A-Za-z]{1,3}(\s|$)", t) for t in texts)
     sft = _jsonl(demo_dir / "sft.jsonl")
     counts = [SMALL.sft_count(t) for t in TASKS]
-    assert counts == [120, 180, 120, 60]  # sentiment, segmentation, entities, continuation: the tuned shares
+    assert counts == [180, 240, 360, 60]  # sentiment, segmentation, entities, continuation: the tuned shares
     single = [r for r in sft if "conversations" in r]  # one task request, one answer
     later = sum(round(n * SMALL.multiturn_fraction) for n in counts)
     assert len(single) == sum(counts) - later
