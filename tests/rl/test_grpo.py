@@ -246,9 +246,11 @@ def even(prompts, completions, completion_ids, **fields):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(make_chat_model, tmp_path: Path, monkeypatch) -> None:
-    """Interrupted between the two updates of a rollout (the cursor holds the rollout) and resumed: the same
-    losses and rewards as the run that was not interrupted (bitwise in fp32 on CPU)."""
+@pytest.mark.parametrize("constrained", [(), ("--constrained",)], ids=["free", "constrained"])
+def test_resume_continues_exactly(make_chat_model, tmp_path: Path, monkeypatch, constrained: tuple) -> None:
+    """Interrupted between the two updates of a rollout (the cursor holds the rollout, with --constrained its
+    allowed tokens too) and resumed: the same losses and rewards as the run that was not interrupted (bitwise
+    in fp32 on CPU)."""
     from matelike.cli import main
 
     (tmp_path / "rl_test_rewards.py").write_text(EVEN_REWARD, encoding="utf-8")
@@ -256,7 +258,7 @@ def test_resume_continues_exactly(make_chat_model, tmp_path: Path, monkeypatch) 
     init = make_chat_model(max_seq_len=128)
     data = _write_jsonl(tmp_path / "p.jsonl", TASK_RECORDS * 2)
     extra = ("--updates-per-rollout", "2", "--save-every", "1", "--beta", "0.1", "--temperature", "0.9",
-             "--top-k", "100", "--reward", "task", "rl_test_rewards:even", "--reward-weights", "1", "2")
+             "--top-k", "100", "--reward", "task", "rl_test_rewards:even", "--reward-weights", "1", "2", *constrained)
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(_run_args(init, data, whole, "--max-steps", "5", *extra)) == 0
     assert main(_run_args(init, data, split, "--max-steps", "3", *extra)) == 0
