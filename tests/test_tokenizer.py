@@ -56,6 +56,22 @@ def test_token_bytes_spell_the_encoded_text(tokenizer: Tokenizer, text: str) -> 
     assert b"".join(table[i] for i in ids) == text.replace("<|", "<").encode("utf-8")
 
 
+def test_token_bytes_need_byte_level_tokens(tokenizer: Tokenizer) -> None:
+    """With a normalizer the ids no longer stand for the text's bytes: refused, and constrained decoding off."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from matelike.eval import answer_constraint
+
+    spec = json.loads(tokenizer.backend.to_str())
+    spec["normalizer"] = {"type": "NFKC"}
+    normalizing = Tokenizer(HFTokenizer.from_str(json.dumps(spec)))
+    with pytest.raises(ValueError, match="byte-level"):
+        normalizing.token_bytes()
+    row = {"prompt": "x", "input": "我们去公园"}
+    assert answer_constraint("segmentation", row, normalizing) is None
+    assert answer_constraint("segmentation", row, tokenizer) is not None
+
+
 def test_special_token_ids(tokenizer: Tokenizer) -> None:
     assert tokenizer.eos_id == 0 == tokenizer.token_to_id(ENDOFTEXT)
     assert tokenizer.pad_id == tokenizer.eos_id

@@ -159,8 +159,12 @@ def answer_constraint(task: str | None, row: dict[str, Any], tokenizer: "Tokeniz
         text = prompt_input(task, prompt) if isinstance(prompt, str) else None
     if text is None:
         return None
+    try:
+        trie = TokenTrie.for_tokenizer(tokenizer)
+    except ValueError:  # not byte-level BPE: its tokens' bytes are unknown, so nothing can be held to a shape
+        return None
     grammar = SpacedCopy if task == "segmentation" else EntityList
-    return grammar(TokenTrie.for_tokenizer(tokenizer), text)
+    return grammar(trie, text)
 
 
 def answer_constraints(task: str, rows: Sequence[dict[str, str]],

@@ -586,6 +586,13 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     if len(prompts) == 0:
         print("error: no usable prompts in " + ", ".join(map(str, args.data)), file=sys.stderr)
         return 1
+    if args.constrained:
+        from matelike.model.constraints import TokenTrie
+
+        try:
+            TokenTrie.for_tokenizer(tokenizer)
+        except ValueError as e:
+            return fail(f"--constrained: {args.init / 'tokenizer.json'}: {e}")
     hacks = hack_references(prompts.prompts, prompts.fields) if "task" in specs else {}
     if info.is_main:
         config.out.mkdir(parents=True, exist_ok=True)

@@ -213,6 +213,25 @@ def _run_args(init: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 
+def test_constrained_needs_a_byte_level_tokenizer(make_chat_model, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from matelike.cli import main
+
+    init = tmp_path / "init"
+    shutil.copytree(make_chat_model(max_seq_len=128), init)
+    spec = json.loads((init / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "NFKC"}
+    (init / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    data = _write_jsonl(tmp_path / "p.jsonl", TASK_RECORDS)
+    assert main(_run_args(init, data, tmp_path / "out", "--max-steps", "1", "--constrained")) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith(f"error: --constrained: {init / 'tokenizer.json'}: ") and "byte-level" in errors[0]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_bad_prompt_records_are_reported_with_file_and_line(make_chat_model, tmp_path: Path, capsys) -> None:
     from matelike.cli import main
 
