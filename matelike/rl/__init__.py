@@ -287,8 +287,7 @@ class GRPOTask:
         batch = collate_rows([g["prompt"] for g in groups for _ in range(self.group)], [c.tokens for c in comps],
                              trained, self.pad_id)
         if self.constraint_for is not None:
-            batch.update(allowed_targets([g["shape"] for g in groups for _ in range(self.group)],
-                                         [c.tokens for c in comps], trained, self.stop_ids))
+            batch.update(allowed_targets(comps, trained))
         return batch
 
     def _score_rollout(self, micro: list[dict]) -> None:
@@ -431,17 +430,15 @@ def _max_over_ranks(value: int) -> int:
 def _constraints_of(prompts: "PromptSet", tokenizer: Any) -> "Callable[[int], Constraint | None]":
     """Prompt index -> the shape its answers are sampled in (`eval.answer_constraint`), built on first use."""
     from matelike.eval import answer_constraint
+    from matelike.rl.rewards import prompt_text
 
     made: dict[int, Constraint | None] = {}
 
     def shape(i: int) -> "Constraint | None":
         if i not in made:
-            prompt = prompts.prompts[i]
-            if not isinstance(prompt, str):  # messages: the last user turn asks the task
-                prompt = next((m.get("content") for m in reversed(prompt) if m.get("role") == "user"), None)
             fields = prompts.fields[i]
-            made[i] = answer_constraint(fields.get("task"), {"prompt": prompt, "input": fields.get("input")},
-                                        tokenizer)
+            row = {"prompt": prompt_text(prompts.prompts[i]), "input": fields.get("input")}
+            made[i] = answer_constraint(fields.get("task"), row, tokenizer)
         return made[i]
 
     return shape

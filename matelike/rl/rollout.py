@@ -264,24 +264,32 @@ def sample_seed(seed: int, position: int, sample: int) -> int:
 
 @dataclass
 class Completion:
-    """One sampled answer: its tokens (the stop token included when it stopped) and whether it stopped."""
+    """One sampled answer: its tokens (the stop token included when it stopped), whether it stopped and, when
+    it was constrained, the token ids the constraint allowed before each of its tokens (None where it allowed
+    none and the engine sampled freely)."""
 
     tokens: list[int]
     stopped: bool
+    allowed: list[list[int] | None] | None = None
 
 
 @dataclass(frozen=True)
-class _StopsGiven:
-    """A constraint whose stop ids are given here: the rollout engine runs without any (`sample_completions`)."""
+class _Recorded:
+    """A constraint as one rollout request uses it: its stop ids are given here (the rollout engine runs without
+    any, `sample_completions`), and what it allowed at each step is kept in `log` for the loss (the engine asks
+    once per token it samples)."""
 
     inner: "Constraint"
     stops: tuple[int, ...]
+    log: list[list[int] | None]
 
     def start(self) -> object:
         return self.inner.start()
 
     def allowed(self, state: object, stop_ids: Sequence[int]) -> list[int]:
-        return self.inner.allowed(state, self.stops)
+        ids = self.inner.allowed(state, self.stops)
+        self.log.append(ids or None)
+        return ids
 
     def advance(self, state: object, token: int) -> object:
         return self.inner.advance(state, token)
@@ -293,7 +301,7 @@ def sample_completions(
     constraints: Sequence["Constraint | None"] | None = None,
 ) -> list[Completion]:
     """One completion per (prompt, seed), generated together through one BatchEngine, each held to its
-    constraint when `constraints` gives one (`matelike.model.constraints`).
+    constraint when `constraints` gives one (`matelike.model.constraints`; the completion keeps what it allowed).
 
     The engine runs without stop ids and a request is cancelled when it samples one: the engine reports a stop
     as "no token", and the stop token must be known to be trained on (which of `<|im_end|>` or `<|endoftext|>`
@@ -308,11 +316,11 @@ def sample_completions(
                          max_len=max(len(p) for p in prompts) + max_new_tokens)
     rows: dict[int, int] = {}
     shapes = constraints if constraints is not None else [None] * len(prompts)
+    out = [Completion([], False, [] if c is not None else None) for c in shapes]
     for i, (p, s, c) in enumerate(zip(prompts, seeds, shapes)):
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=s)
-        shape = _StopsGiven(c, tuple(sorted(stops))) if c is not None else None
+        shape = _Recorded(c, tuple(sorted(stops)), out[i].allowed) if c is not None else None  # type: ignore[arg-type]
         rows[engine.add(GenerationRequest(list(p), max_new_tokens, sampling, constraint=shape))] = i
-    out = [Completion([], False) for _ in prompts]
     was_training = model.training
     model.eval()
     try:
@@ -350,29 +358,23 @@ def collate_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequenc
     return {"input_ids": ids, "targets": targets}
 
 
-def allowed_targets(constraints: Sequence["Constraint | None"], completions: Sequence[Sequence[int]],
-                    trained: Sequence[bool], stop_ids: Sequence[int]) -> dict[str, "torch.Tensor"]:
+def allowed_targets(completions: Sequence[Completion], trained: Sequence[bool]) -> dict[str, "torch.Tensor"]:
     """What the constraints allowed at each trained target of `collate_rows`' rows (targets in row-major order,
     as `targets != -100` selects them): `allowed_pairs` (K, 2) of (target index, allowed token id) and
     `constrained` (N,) whether a target's row had a constraint. The loss's log-probs are then those of the
-    masked distribution the engine sampled from. Replayed from each completion's tokens, so a stored rollout
-    needs nothing more."""
+    masked distribution the engine sampled from; a stored rollout needs only these pairs."""
     import torch
 
     pairs: list[tuple[int, int]] = []
     constrained: list[bool] = []
-    stops = tuple(sorted(set(int(s) for s in stop_ids)))
-    for c, tokens, keep in zip(constraints, completions, trained):
-        if not keep or not tokens:
+    for c, keep in zip(completions, trained):
+        if not keep or not c.tokens:
             continue
-        if c is None:
-            constrained += [False] * len(tokens)
-            continue
-        state = c.start()
-        for t in tokens:
+        for t in range(len(c.tokens)):
+            allowed = c.allowed[t] if c.allowed is not None else None
             k = len(constrained)
-            pairs += [(k, a) for a in c.allowed(state, stops)]
-            constrained.append(True)
-            state = c.advance(state, t)
+            if allowed is not None:
+                pairs += [(k, a) for a in allowed]
+            constrained.append(allowed is not None)
     return {"allowed_pairs": torch.tensor(pairs, dtype=torch.long).view(-1, 2),
             "constrained": torch.tensor(constrained, dtype=torch.bool)}
