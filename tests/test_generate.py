@@ -195,14 +195,23 @@ def test_bench_generate_without_llama_cpp_says_why(monkeypatch: pytest.MonkeyPat
     assert "--llama-cpp q4: choose outtypes from" in capsys.readouterr().err
 
 
-def test_bench_decode_speed_too_short_to_time_is_none_not_absurd() -> None:
-    import time
+def test_bench_decode_speed_too_short_to_time_is_none_not_absurd(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
 
-    from matelike.bench.generate import _speeds
+    from matelike.bench import generate
+
+    # A clock that moves only when a run says so: the figures follow from the durations alone, not from how
+    # busy the machine is.
+    now = [0.0]
+    monkeypatch.setattr(generate, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
 
     # A decode that "takes" less than its prefill (timing noise) must not become a speed of 1e10 tokens/s.
-    res = _speeds(lambda b, n: time.sleep(0.01 if n == 1 else 0.0), [1], prompt_len=8, new=4, repeats=3)
-    assert res["decode_tok_s_b1"] is None and res["prefill_tok_s_b1"] > 0
-    res = _speeds(lambda b, n: time.sleep(0.002 * n), [1], prompt_len=8, new=4, repeats=3)
-    # 4 tokens take at least 8 ms of sleep: never faster than 500 tokens/s, however busy the machine.
-    assert res["decode_tok_s_b1"] is None or 0 < res["decode_tok_s_b1"] <= 500
+    res = generate._speeds(lambda b, n: advance(0.01 if n == 1 else 0.0), [1], prompt_len=8, new=4, repeats=3)
+    assert res["decode_tok_s_b1"] is None and res["prefill_tok_s_b1"] == 800.0
+    # Prefill 2 ms, each further token 2 ms: 4 new tokens in 8 ms are 500 tokens/s, batch 2 twice that.
+    res = generate._speeds(lambda b, n: advance(0.002 * n), [1, 2], prompt_len=8, new=4, repeats=3)
+    assert res["decode_tok_s_b1"] == pytest.approx(500.0) and res["decode_tok_s_b2"] == pytest.approx(1000.0)
+    assert res["prefill_tok_s_b1"] == pytest.approx(4000.0)
