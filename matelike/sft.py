@@ -110,15 +110,41 @@ def has_lora(model: "nn.Module") -> bool:
 
 # ---- the engine task -------------------------------------------------------------------------------------
 
+LOSS_MEANS = ("token", "sequence")
+
+
+def sample_weights(targets: "torch.Tensor", segment_ids: "torch.Tensor") -> tuple["torch.Tensor", int]:
+    """Per-position weights that make the weighted token mean a mean over samples: 1/(the sample's answer
+    tokens) at each answer token of a packed sample (a segment of a row), 0 elsewhere; and the number of
+    samples with an answer token (the sum of the weights)."""
+    import torch
+
+    valid = targets != IGNORE_INDEX
+    # One id per (row, segment): segments are numbered from 1 within each row, 0 on padding.
+    key = torch.arange(targets.shape[0], device=targets.device)[:, None] * (int(segment_ids.max()) + 1) + segment_ids
+    counts = torch.bincount(key[valid], minlength=int(key.max()) + 1)
+    weights = torch.where(valid, 1.0 / counts[key].clamp(min=1).float(), 0.0)
+    return weights, int((counts > 0).sum())
+
+
 class SFTTask:
-    """Engine Task for SFT: packed batches with a resumable cursor, token-mean masked cross-entropy."""
+    """Engine Task for SFT: packed batches with a resumable cursor, masked cross-entropy.
 
-    weight_by_tokens = True  # cross-entropy: micro-batches combine by the number of answer tokens
+    loss_mean "token": the mean over every answer token of the batch (each token weighs the same, so a long
+    answer weighs more than a short one). "sequence": the mean over samples of each sample's token mean (each
+    sample weighs the same: a one-word label counts as much as a paragraph).
+    """
 
-    def __init__(self, data: PackedSFTData, val: SFTSamples | None = None, val_batch_size: int = 8) -> None:
+    def __init__(self, data: PackedSFTData, val: SFTSamples | None = None, val_batch_size: int = 8,
+                 loss_mean: str = "token") -> None:
+        if loss_mean not in LOSS_MEANS:
+            raise ValueError(f"loss_mean must be one of {LOSS_MEANS}, got {loss_mean!r}")
         self.data = data
         self.val = val
         self.val_batch_size = val_batch_size
+        self.loss_mean = loss_mean
+        # Micro-batches combine by what the mean runs over: answer tokens, or samples (returned as the weight).
+        self.weight_by_tokens = loss_mean == "token"
         self._val_rows = None
         if val is None:
             # The engine evaluates only when the task has an `evaluate`; without held-out data there is none.
@@ -133,14 +159,19 @@ class SFTTask:
     def epoch_size(self, world_size: int) -> int:
         return self.data.batches_per_epoch(0, world_size)
 
-    def loss(self, model: "nn.Module", batch: dict) -> tuple["torch.Tensor", dict[str, Any], int]:
-        out = model(batch["input_ids"], batch["targets"], segment_ids=batch["segment_ids"],
-                    position_ids=batch["position_ids"], target_logits_only=True, return_logits=False)
-        n_tokens = int((batch["targets"] != IGNORE_INDEX).sum())
+    def loss(self, model: "nn.Module", batch: dict) -> tuple:
+        targets = batch["targets"]
+        weights, n_samples = (None, None) if self.loss_mean == "token" else sample_weights(targets, batch["segment_ids"])
+        out = model(batch["input_ids"], targets, segment_ids=batch["segment_ids"],
+                    position_ids=batch["position_ids"], target_logits_only=True, return_logits=False,
+                    loss_weights=weights)
+        n_tokens = int((targets != IGNORE_INDEX).sum())
         metrics: dict[str, Any] = {"padding": batch["padding_fraction"]}
         if out.aux_loss is not None:
             metrics["aux_loss"] = out.aux_loss.detach()
-        return out.loss, metrics, n_tokens
+        if n_samples is None:
+            return out.loss, metrics, n_tokens
+        return out.loss, metrics, n_tokens, n_samples
 
     def evaluate(self, model: "nn.Module", rank: int, world_size: int) -> dict[str, float]:  # noqa: F811
         """Token-mean cross-entropy on the held-out answers (no MoE aux term), rows split over ranks."""
@@ -244,12 +275,12 @@ def run_sft(args: argparse.Namespace) -> int:
 
     config = TrainConfig.from_args(args, stage="sft", init=str(args.init), data=[str(p) for p in args.data],
                                    format=args.format, freeze=args.freeze, lora_rank=args.lora_rank,
-                                   lora_alpha=args.lora_alpha)
+                                   lora_alpha=args.lora_alpha, loss_mean=args.loss_mean)
     if config.fsdp and args.lora_rank:
         print("matelike sft: --lora-rank with --fsdp is not supported; use DDP (the default)", file=sys.stderr)
         return 2
     data = PackedSFTData(samples, config.seq_len, config.batch_size, tokenizer.pad_id, seed=config.seed)
-    task = SFTTask(data, val, val_batch_size=config.batch_size)
+    task = SFTTask(data, val, val_batch_size=config.batch_size, loss_mean=args.loss_mean)
     if main_rank:
         rows = data.rows(0)
         fill = stats.tokens / max(1, len(rows) * config.seq_len)
@@ -281,6 +312,9 @@ def add_cli(table: "CommandTable") -> None:
                    help="record layout; auto detects prompt/response, alpaca or conversations per record")
     p.add_argument("--freeze", choices=FREEZE_MODES, default="embeddings",
                    help="weights kept fixed (ignored with --lora-rank, which freezes every base weight)")
+    p.add_argument("--loss-mean", choices=LOSS_MEANS, default="token",
+                   help="token: every answer token weighs the same; sequence: every sample weighs the same (a "
+                        "one-word answer counts as much as a long one in a mix of tasks)")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0 = off)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")

@@ -210,6 +210,68 @@ def test_trl_sft_trainer_runs_a_step_on_the_saved_directory(init_dir, tokenizer,
     assert result.training_loss == pytest.approx(float(ours), abs=1e-3)
 
 
+def test_sample_weights_by_hand() -> None:
+    from matelike.sft import sample_weights
+
+    # Row 0: sample 1 answers 2 tokens, sample 2 one, then padding; row 1: samples of 1 and 3 answer tokens.
+    targets = torch.tensor([[-100, 5, 6, -100, 7, -100], [3, -100, -100, 4, 4, 4]])
+    segments = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 2]])
+    weights, n = sample_weights(targets, segments)
+    third = 1 / 3
+    torch.testing.assert_close(weights, torch.tensor([[0, 0.5, 0.5, 0, 1, 0], [1, 0, 0, third, third, third]]))
+    assert n == 4
+
+
+def test_sequence_mean_weighs_each_packed_sample_the_same(init_dir) -> None:
+    """--loss-mean sequence on one packed row of a one-word answer and a longer one: the loss is the mean of the
+    two samples' own token means (the token mean leans to the longer answer's)."""
+    from matelike.data.sft import PackedSFTData, SFTSamples, fit_messages
+    from matelike.sft import SFTTask
+
+    model, tok = load_model(init_dir)
+    short = fit_messages(tok, [{"role": "user", "content": "判断评论情感：很好"},
+                               {"role": "assistant", "content": "正面"}], 128)
+    long = fit_messages(tok, CONV[1:3], 128)
+    assert len(short.ids) + len(long.ids) <= 128 and 3 * sum(short.mask) < sum(long.mask)
+
+    def loss(fits: list, mean: str) -> tuple:
+        samples = SFTSamples.from_lists([f.ids for f in fits], [f.mask for f in fits])
+        task = SFTTask(PackedSFTData(samples, 128, 1, tok.pad_id), loss_mean=mean)
+        batch, _ = next(task.batches(0, 1, None))
+        with torch.no_grad():
+            return task.loss(model, batch)
+
+    # A model that has learnt the short answer: the two samples' losses then differ (a random model's are equal).
+    samples = SFTSamples.from_lists([short.ids], [short.mask])
+    batch, _ = next(SFTTask(PackedSFTData(samples, 128, 1, tok.pad_id)).batches(0, 1, None))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(10):
+        opt.zero_grad()
+        model(batch["input_ids"], batch["targets"], segment_ids=batch["segment_ids"]).loss.backward()
+        opt.step()
+    own = [float(loss([f], "token")[0]) for f in (short, long)]
+    assert own[0] < own[1] - 1
+    both, _, n_tokens, n_samples = loss([short, long], "sequence")
+    assert n_samples == 2 and n_tokens == sum(short.mask[1:]) + sum(long.mask[1:])
+    assert float(both) == pytest.approx(sum(own) / 2, rel=1e-4)
+    token_mean, _, _ = loss([short, long], "token")
+    assert float(token_mean) > sum(own) / 2 + 0.1  # the token mean leans to the longer answer's loss
+    with pytest.raises(ValueError, match="loss_mean must be one of"):
+        SFTTask(PackedSFTData(SFTSamples.from_lists([short.ids], [short.mask]), 128, 1, tok.pad_id), loss_mean="x")
+
+
+def test_loss_mean_sequence_from_the_command_line(init_dir, sft_file, tmp_path):
+    # Batches mix one-word answers and a long conversation: the first step's loss (before any update) is
+    # another mean of the same per-token losses, and the runs part from there.
+    for mean in ("token", "sequence"):
+        assert _sft(init_dir, sft_file, tmp_path / mean, "--loss-mean", mean, "--max-steps", "2") == 0
+    token, sequence = ([json.loads(x)["loss"] for x in (tmp_path / m / "metrics.jsonl").read_text().splitlines()]
+                       for m in ("token", "sequence"))
+    assert abs(token[0] - sequence[0]) > 1e-3
+    with pytest.raises(SystemExit):
+        _sft(init_dir, sft_file, tmp_path / "bad", "--loss-mean", "sample")
+
+
 def test_resume_continues_exactly_with_lora(init_dir, sft_file, tmp_path, capsys):
     """A run resumed from its step-2 checkpoint ends with the same weights as one never stopped: the data
     cursor and the LoRA adapters are part of the engine's checkpoint."""

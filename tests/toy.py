@@ -63,9 +63,13 @@ class ToyTask:
     with batch B and 2 accumulation steps sees the same rows per update as two processes with batch B."""
 
     def __init__(self, *, batch_size: int, seq_len: int, vocab_size: int, seed: int, sleep: float = 0.0,
-                 nan_steps: Sequence[int] = (), ignore_tail: bool = False, epoch_batches: int = 16) -> None:
+                 nan_steps: Sequence[int] = (), ignore_tail: bool = False, epoch_batches: int = 16,
+                 row_mean: bool = False) -> None:
         self.batch_size, self.seq_len, self.vocab_size, self.seed = batch_size, seq_len, vocab_size, seed
         self.sleep, self.nan_steps, self.ignore_tail = sleep, set(nan_steps), ignore_tail
+        # row_mean: the loss is the mean over rows of each row's token mean, returned with the row count as its
+        # weight (the engine's fourth loss value), like SFT's per-sample mean.
+        self.row_mean = row_mean
         self.epoch_batches = epoch_batches
 
     def rows(self, first: int, n: int) -> torch.Tensor:
@@ -102,7 +106,13 @@ class ToyTask:
         if int(batch["index"]) in self.nan_steps:
             loss = loss * float("nan")
         n = int((batch["targets"] != -100).sum())
-        return loss, {"acc": float((out.logits.argmax(-1) == batch["targets"]).float().mean())}, n
+        metrics = {"acc": float((out.logits.argmax(-1) == batch["targets"]).float().mean())}
+        if self.row_mean:
+            targets = batch["targets"]
+            per_token = F.cross_entropy(out.logits.transpose(1, 2), targets, reduction="none")
+            counts = (targets != -100).sum(1)
+            return (per_token.sum(1) / counts).mean(), metrics, n, len(targets)
+        return loss, metrics, n
 
     def evaluate(self, model: nn.Module, rank: int, world_size: int) -> dict[str, float]:
         batch = self.rows(10**9, 8)  # fixed held-out rows, the same on every rank

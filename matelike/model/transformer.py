@@ -555,6 +555,7 @@ class Transformer(nn.Module):
         target_logits_only: bool = False,
         return_logits: bool = True,
         hidden_only: bool = False,
+        loss_weights: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for every position (or only the last with last_only), and the loss when targets are given.
 
@@ -567,6 +568,7 @@ class Transformer(nn.Module):
         (matelike.train.losses; faster and lighter for training); the output's logits are then None.
         hidden_only: skip the output projection and return the final-norm hidden states in `hidden` (logits
         None): what a scalar head (the reward model in matelike.reward) reads, without a vocabulary-sized product.
+        loss_weights: (B, T) weights of the targets in the loss's mean (None: each target weighs 1).
 
         input_ids, targets: (B, T). targets are aligned with input_ids (targets[:, t] is the token that
         should follow input_ids[:, t]); -100 is ignored. attention_mask: (B, past+T), 1 = real token
@@ -619,7 +621,7 @@ class Transformer(nn.Module):
             logits = self.lm_head(x)
         else:
             loss, logits = causal_lm_loss(x, self.lm_head, targets, skip_ignored=target_logits_only,
-                                          fused=not return_logits)
+                                          fused=not return_logits, weights=loss_weights)
             if aux_loss is not None:
                 loss = loss + self.config.aux_loss_coef * aux_loss
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, expert_load=expert_load)

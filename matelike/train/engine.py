@@ -20,12 +20,14 @@ A Task is any object with these members (see `Task` below for the typing):
     forever (over epochs) or stop: a finished iterator ends the run.
     ``batch`` is a tensor or a dict/list/tuple of CPU tensors; the engine moves tensors to the device.
 
-``loss(model, batch) -> tuple[loss, metrics, n_tokens]``
+``loss(model, batch) -> tuple[loss, metrics, n_tokens]`` or ``tuple[loss, metrics, n_tokens, weight]``
     Called under autocast in train mode. ``model`` is the wrapped module (DDP / FSDP2 / compiled): call it,
     do not reach for attributes on it (keep what you need, like a frozen reference model, on the Task).
     ``loss`` is a scalar tensor, the *mean* over the micro-batch; ``metrics`` maps names to floats (or 0-d
     tensors) averaged the same way as the loss and logged with it (e.g. ``{"aux_loss": ...}``);
-    ``n_tokens`` is the number of tokens the loss covers (targets that are not ignored).
+    ``n_tokens`` is the number of tokens the loss covers (targets that are not ignored). ``weight`` (optional):
+    what the micro-batch's mean runs over when that is not what ``weight_by_tokens`` says (SFT's per-sample
+    mean: its number of samples); micro-batches and ranks then combine weighted by it.
 
 ``weight_by_tokens: bool`` (optional, default True)
     True: micro-batches and ranks are combined weighted by ``n_tokens``, so accumulation and data parallelism
@@ -336,8 +338,8 @@ class Trainer:
             batch = to_device(batch, dev)
             with self._sync_context(i == len(micro) - 1):
                 with prec.autocast():
-                    loss, metrics, n_tokens = self.task.loss(self.model, batch)
-                w = float(n_tokens) if by_tokens else 1.0
+                    loss, metrics, n_tokens, *weight = self.task.loss(self.model, batch)
+                w = float(weight[0]) if weight else float(n_tokens) if by_tokens else 1.0
                 scaled = loss.float() * (w / ref)
                 if prec.scaler is not None:
                     scaled = prec.scaler.scale(scaled)

@@ -72,15 +72,18 @@ def _linear_cross_entropy_fn() -> Any:
     class _LinearCrossEntropy(torch.autograd.Function):
         @staticmethod
         def forward(  # type: ignore[override]
-            ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, grad_mode: bool
+            ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, grad_mode: bool,
+            row_weights: torch.Tensor | None,
         ) -> torch.Tensor:
             # needs_input_grad is set under torch.no_grad() too: grad_mode (read by the caller, since forward itself
             # runs with gradients off) keeps evaluation from paying for gradients nobody asked for.
             need_h, need_w = grad_mode and ctx.needs_input_grad[0], grad_mode and ctx.needs_input_grad[1]
             valid = targets != IGNORE_INDEX
-            count = valid.sum()
             safe = torch.where(valid, targets, 0)
             acc = torch.promote_types(h.dtype, torch.float32)  # at least fp32 (fp64 stays fp64)
+            # Each row's weight in the mean: 1 for a target, 0 for an ignored row, or the caller's weights.
+            valid = valid.to(acc) if row_weights is None else torch.where(valid, row_weights.to(acc), 0.0)
+            count = valid.sum()
             total = torch.zeros((), dtype=acc, device=h.device)
             # Unscaled gradients (softmax minus one-hot, entries in [-1, 1]): dividing by the token count before the
             # backward pass would underflow in fp16 before a GradScaler could scale it up.
@@ -97,7 +100,7 @@ def _linear_cross_entropy_fn() -> Any:
                     continue
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 grad.scatter_add_(1, tc[:, None], -torch.ones_like(lse)[:, None])
-                grad.mul_(vc[:, None])  # ignored rows contribute nothing
+                grad.mul_(vc[:, None])  # ignored rows contribute nothing, the others by their weight
                 grad = grad.to(hc.dtype)
                 if grad_h is not None:
                     grad_h[start : start + rows] = grad @ w
@@ -113,29 +116,34 @@ def _linear_cross_entropy_fn() -> Any:
             scale = grad_out / count
             gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
             gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-            return gh, gw, None, None, None
+            return gh, gw, None, None, None, None
 
     return _LinearCrossEntropy
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int | None = None
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `h @ weight.T` against `targets` (-100 ignored), as `F.cross_entropy` gives.
 
     h: (N, D) hidden states; weight: (V, D); targets: (N,). rows: rows per chunk (default: sized for the
-    device). NaN when every target is ignored, like `F.cross_entropy`.
+    device). row_weights: (N,) weights of a weighted mean, sum(w·loss) / sum(w) over the rows with a target
+    (None: every target weighs 1). NaN when every target is ignored, like `F.cross_entropy`.
     """
     import torch
 
     if h.dim() != 2 or targets.shape != h.shape[:1]:
         raise ValueError(f"expected h (N, D) and targets (N,), got {tuple(h.shape)} and {tuple(targets.shape)}")
+    if row_weights is not None and row_weights.shape != targets.shape:
+        raise ValueError(f"expected row_weights {tuple(targets.shape)}, got {tuple(row_weights.shape)}")
     rows = rows or chunk_rows(weight.shape[0], h.device)
-    return _linear_cross_entropy_fn().apply(h, weight, targets, rows, torch.is_grad_enabled())
+    return _linear_cross_entropy_fn().apply(h, weight, targets, rows, torch.is_grad_enabled(), row_weights)
 
 
 def causal_lm_loss(
-    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *, skip_ignored: bool = False, fused: bool = True
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *, skip_ignored: bool = False, fused: bool = True,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean next-token cross-entropy of `head(hidden)` against `targets` (IGNORE_INDEX ignored), and the logits.
 
@@ -143,20 +151,28 @@ def causal_lm_loss(
     rows with a target (SFT batches, where prompt tokens carry no loss, skip most of the projection); the
     logits returned are then those rows', in row-major order. fused: the chunked projection + loss without
     logits (returned logits are None) when `head` is a plain Linear; a LoRA-wrapped or other head always
-    goes through its own forward.
+    goes through its own forward. weights: the targets' shape; the loss is then the weighted mean
+    sum(w·loss) / sum(w) over the targets (SFT's per-sequence mean gives each token 1/its answer's length).
     """
+    import torch
     import torch.nn.functional as F
     from torch import nn
 
     if skip_ignored:
         keep = targets != IGNORE_INDEX
         hidden, targets = hidden[keep], targets[keep]
+        weights = weights[keep] if weights is not None else None
     if fused and type(head) is nn.Linear:
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1)), None
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
+                                    row_weights=weights.reshape(-1) if weights is not None else None), None
     logits = head(hidden)
     # fp32 cross-entropy: bf16 log-softmax over thousands of classes is too coarse for the loss.
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-    return loss, logits
+    flat, flat_targets = logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if weights is None:
+        return F.cross_entropy(flat, flat_targets, ignore_index=IGNORE_INDEX), logits
+    per_token = F.cross_entropy(flat, flat_targets, ignore_index=IGNORE_INDEX, reduction="none")
+    w = torch.where(flat_targets != IGNORE_INDEX, weights.reshape(-1).float(), 0.0)
+    return (per_token * w).sum() / w.sum(), logits
 
 
 # 2. Preference losses

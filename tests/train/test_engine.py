@@ -20,7 +20,7 @@ from matelike.train.schedule import WarmupCosine, lr_at
 
 
 def make(out: Path, **kw) -> tuple[TrainConfig, ToyModel, ToyTask]:
-    task_kw = {k: kw.pop(k) for k in ("nan_steps", "ignore_tail") if k in kw}
+    task_kw = {k: kw.pop(k) for k in ("nan_steps", "ignore_tail", "row_mean") if k in kw}
     defaults = dict(out=out, max_steps=6, batch_size=4, seq_len=8, lr=1e-2, min_lr=1e-3, warmup_steps=2,
                     dtype="fp32", log_every=1, save_every=100, progress=False)
     config = TrainConfig(**{**defaults, **kw})
@@ -125,6 +125,21 @@ def test_grad_accumulation_equals_large_batch(tmp_path: Path, ignore_tail: bool)
     lb = [m["loss"] for m in read_metrics(tmp_path / "acc")]
     assert la == pytest.approx(lb, rel=1e-5)
     assert r1.tokens == r2.tokens
+
+
+def test_a_loss_weight_from_the_task_combines_micro_batches_by_it(tmp_path: Path) -> None:
+    # A mean over rows returned with its row count: accumulation over micro-batches of rows of different
+    # lengths gives the large batch's mean over rows, not the token-weighted mix of the micro-batch means.
+    _, r1, big = fit(tmp_path / "big", batch_size=8, grad_accum=1, max_steps=3, ignore_tail=True, row_mean=True)
+    _, r2, acc = fit(tmp_path / "acc", batch_size=2, grad_accum=4, max_steps=3, ignore_tail=True, row_mean=True)
+    for a, b in zip(big.parameters(), acc.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    la = [m["loss"] for m in read_metrics(tmp_path / "big")]
+    assert la == pytest.approx([m["loss"] for m in read_metrics(tmp_path / "acc")], rel=1e-5)
+    assert r1.tokens == r2.tokens  # still the tokens the loss covered
+    # ... and a different update from the token mean's on the same rows.
+    _, _, by_tokens = fit(tmp_path / "tok", batch_size=8, grad_accum=1, max_steps=3, ignore_tail=True)
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(big.parameters(), by_tokens.parameters()))
 
 
 def test_clipping_bounds_the_gradient_the_optimizer_sees(tmp_path: Path) -> None:

@@ -41,6 +41,39 @@ def test_loss_and_gradients_match_cross_entropy_for_any_chunking(rows: int) -> N
     assert gh[[3, 4, 20]].abs().max() == 0
 
 
+@pytest.mark.parametrize("rows", [1, 8, 1000])
+def test_row_weights_give_the_weighted_mean_and_its_gradients(rows: int) -> None:
+    from matelike.train.losses import causal_lm_loss
+
+    h, w, t = leaves()
+    t[[3, 20]] = -100
+    weights = torch.rand(len(t), generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
+    ours = linear_cross_entropy(h, w, t, rows=rows, row_weights=weights)
+    ours.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    per_row = F.cross_entropy(h @ w.t(), t, ignore_index=-100, reduction="none")
+    kept = torch.where(t != -100, weights, 0.0)  # an ignored row's weight counts for nothing
+    ref = (per_row * kept).sum() / kept.sum()
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-10, atol=1e-12)
+    # Weights all 1 are the plain mean; the unfused path (a head that is not a plain Linear) weighs the same.
+    torch.testing.assert_close(linear_cross_entropy(h, w, t, row_weights=torch.ones_like(weights)),
+                               reference(h, w, t), rtol=1e-10, atol=1e-12)
+    head = torch.nn.Linear(h.shape[1], VOCAB, bias=False, dtype=torch.float64)
+    head.weight.data.copy_(w.detach())
+    with torch.no_grad():
+        fused, _ = causal_lm_loss(h[None], head, t[None], weights=weights[None], skip_ignored=True)
+        unfused, logits = causal_lm_loss(h[None], head, t[None], weights=weights[None], fused=False)
+    assert logits is not None
+    torch.testing.assert_close(fused, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(unfused.double(), ref.detach(), rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match=r"row_weights \(37,\), got \(36,\)"):
+        linear_cross_entropy(h, w, t, row_weights=weights[:-1])
+
+
 def test_only_the_needed_gradients_and_no_grad_mode() -> None:
     h, w, t = leaves()
     frozen = w.detach()  # a frozen head (SFT --freeze embeddings with tied weights)
