@@ -159,9 +159,13 @@ class SFTTask:
     def epoch_size(self, world_size: int) -> int:
         return self.data.batches_per_epoch(0, world_size)
 
-    def loss(self, model: "nn.Module", batch: dict) -> tuple:
+    def loss(self, model: "nn.Module", batch: dict) -> tuple[Any, ...]:
+        """(loss, metrics, answer tokens), plus the number of samples under loss_mean "sequence" (the weight the
+        engine combines micro-batches by)."""
         targets = batch["targets"]
-        weights, n_samples = (None, None) if self.loss_mean == "token" else sample_weights(targets, batch["segment_ids"])
+        weights, n_samples = None, None
+        if self.loss_mean == "sequence":
+            weights, n_samples = sample_weights(targets, batch["segment_ids"])
         out = model(batch["input_ids"], targets, segment_ids=batch["segment_ids"],
                     position_ids=batch["position_ids"], target_logits_only=True, return_logits=False,
                     loss_weights=weights)
